@@ -1,0 +1,239 @@
+"""The one config tree: every field jaxlm reads, its default, and what it means.
+
+Presets in `configs/` start from `base_config()` and override fields; the CLI overrides any field
+with `--config.<section>.<field>=value`. `validate(config)` runs once at start-up and raises
+`ConfigError` naming the field and the fix. A field that is not defined here is an error, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config field holds a value jaxlm cannot run with; the message names the field."""
+
+
+def _model() -> ConfigDict:
+  m = ConfigDict()
+  m.vocab_size = 4096  # must equal the tokenizer's vocabulary size
+  m.d_model = 256  # residual stream width ("embed")
+  m.num_layers = 4
+  m.num_heads = 4  # query heads
+  m.num_kv_heads = 4  # = num_heads: MHA; 1: MQA; in between: GQA (must divide num_heads)
+  m.head_dim = 0  # 0: d_model // num_heads
+  m.mlp_dim = 768  # hidden width of the MLP ("mlp")
+  m.mlp_kind = "swiglu"  # swiglu | geglu | gelu
+  m.norm_kind = "rmsnorm"  # rmsnorm | layernorm
+  m.norm_eps = 1e-5
+  m.position_kind = "rope"  # rope | learned (absolute, GPT-2 style)
+  m.rope_theta = 10000.0
+  m.rope_scaling = "none"  # none | linear | llama3 | yarn (context extension of a pretrained model)
+  m.rope_scaling_factor = 1.0  # how many times the original context is stretched
+  m.rope_original_max_len = 0  # llama3/yarn: the context the model was pretrained with (0: max_seq_len)
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths above original_len / low_freq_factor are scaled
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths below original_len / high_freq_factor are kept
+  m.yarn_beta_fast = 32.0  # yarn: rotations per context above which a dimension is not interpolated
+  m.yarn_beta_slow = 1.0  # yarn: rotations per context below which a dimension is fully interpolated
+  m.max_seq_len = 256  # longest sequence the model accepts (size of learned positions, KV cache)
+  m.tie_embeddings = True  # output projection reuses the token embedding
+  m.qk_norm = False  # RMSNorm on queries and keys per head (Gemma-3, OLMo-2 style)
+  m.attention_bias = False  # bias on q/k/v projections (Qwen2 style); the output projection has none
+  m.mlp_bias = False
+  m.sliding_window = 0  # 0: full causal attention; w > 0: each query sees the last w keys
+  m.attn_logit_softcap = 0.0  # 0: off; c > 0: scores become c * tanh(scores / c) (Gemma-2)
+  m.final_logit_softcap = 0.0  # same, on the output logits
+  m.init_std = 0.02  # normal init of embeddings and projections; residual outputs scaled by depth
+  m.param_dtype = "float32"  # master weights and optimizer state
+  m.compute_dtype = "float32"  # float32 | bfloat16: matmul inputs and activations
+  m.scan_layers = True  # stack layers and run them with lax.scan: compile time independent of depth
+  m.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
+  m.attention = "xla"  # xla: plain einsum attention (the reference implementation)
+  return m
+
+
+def _tokenizer() -> ConfigDict:
+  t = ConfigDict()
+  t.path = ""  # an existing SentencePiece .model; empty: train one on the training split
+  t.model_type = "bpe"  # bpe | unigram (when training)
+  t.vocab_size = 4096  # when training; a loaded model must match model.vocab_size either way
+  t.byte_fallback = True  # unknown characters become UTF-8 bytes, never <unk>
+  t.train_max_bytes = 20_000_000  # cap on the text fed to SentencePiece training
+  t.cache_dir = ""  # where trained tokenizers are cached by content hash; empty: ~/.cache/jaxlm
+  return t
+
+
+def _data() -> ConfigDict:
+  d = ConfigDict()
+  d.source = "shakespeare"  # shakespeare (embedded, no download) | text | jsonl | tfds
+  d.train_paths = ""  # text/jsonl: comma-separated files or globs for training
+  d.eval_paths = ""  # text/jsonl: held-out files; empty: no evaluation split
+  d.jsonl_field = "text"  # jsonl: the field that holds each document
+  d.tfds_name = ""  # tfds: a prepared dataset, e.g. "lm1b" or "c4/en:3.1.0"
+  d.tfds_data_dir = ""  # tfds: the data_dir holding it (ArrayRecord format)
+  d.tfds_train_split = "train"
+  d.tfds_eval_split = "validation"
+  d.tfds_text_key = "text"
+  d.seq_len = 256  # tokens per packed row
+  d.shuffle = True  # training order is shuffled with train.seed; evaluation is never shuffled
+  d.prefetch_threads = 2  # grain read threads for tokenization
+  return d
+
+
+def _train() -> ConfigDict:
+  t = ConfigDict()
+  t.steps = 1000  # optimizer updates
+  t.batch_size = 16  # global rows per optimizer update (over all processes and microbatches)
+  t.grad_accum_steps = 1  # microbatches per update; batch_size must divide by it
+  t.seed = 0  # parameters, data order and dropout-free sampling all derive from it
+  t.learning_rate = 3e-3  # peak
+  t.schedule = "cosine"  # cosine | linear | wsd | constant (all after linear warmup)
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+  t.wsd_decay_fraction = 0.2  # wsd: the last fraction of steps that decays
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.weight_decay = 0.1  # decoupled (AdamW), on matrices only; see decay_embeddings
+  t.decay_embeddings = False  # also decay embedding tables (norm scales and biases never decay)
+  t.clip_norm = 1.0  # global gradient norm clip; 0: off
+  t.z_loss = 0.0  # weight of log(Z)^2 (PaLM); keeps output logits from drifting
+  t.eval_every = 0  # steps between evaluations; 0: only at the end
+  t.eval_batches = 0  # batches per evaluation; 0: the whole held-out split
+  t.log_every = 10  # steps between metric lines
+  t.peak_tflops = 0.0  # per-device peak for MFU; 0: a table by device kind, or a matmul measure on CPU
+  t.workdir = "runs/default"  # metrics.jsonl, TensorBoard events, checkpoints, tokenizer copy
+  t.progress_bar = True
+  return t
+
+
+def _checkpoint() -> ConfigDict:
+  c = ConfigDict()
+  c.every = 0  # steps between checkpoints; 0: only at the end
+  c.keep = 3  # newest checkpoints kept
+  c.async_save = True  # write in the background while training goes on
+  c.resume = "auto"  # auto: resume if the workdir holds a checkpoint | always: it must | never
+  return c
+
+
+def _sample() -> ConfigDict:
+  s = ConfigDict()
+  s.prompt = "ROMEO:"  # printed at the end of training
+  s.max_new_tokens = 64
+  s.temperature = 0.8  # 0: greedy
+  s.top_k = 0  # 0: off
+  s.top_p = 1.0  # 1: off
+  s.min_p = 0.0  # 0: off; keep tokens with prob >= min_p * max prob
+  return s
+
+
+def base_config() -> ConfigDict:
+  """Every field jaxlm reads, with defaults; presets override."""
+  c = ConfigDict()
+  c.model = _model()
+  c.tokenizer = _tokenizer()
+  c.data = _data()
+  c.train = _train()
+  c.checkpoint = _checkpoint()
+  c.sample = _sample()
+  return c
+
+
+_CHOICES = {
+    "model.mlp_kind": ("swiglu", "geglu", "gelu"),
+    "model.norm_kind": ("rmsnorm", "layernorm"),
+    "model.position_kind": ("rope", "learned"),
+    "model.rope_scaling": ("none", "linear", "llama3", "yarn"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention": ("xla",),
+    "tokenizer.model_type": ("bpe", "unigram"),
+    "data.source": ("shakespeare", "text", "jsonl", "tfds"),
+    "train.schedule": ("cosine", "linear", "wsd", "constant"),
+    "checkpoint.resume": ("auto", "always", "never"),
+}
+
+_POSITIVE = (
+    "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
+    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "data.seq_len", "train.steps",
+    "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
+)
+_NON_NEGATIVE = (
+    "model.head_dim", "model.sliding_window", "model.attn_logit_softcap",
+    "model.final_logit_softcap", "train.warmup_steps", "train.weight_decay", "train.clip_norm",
+    "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
+    "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
+)
+
+
+def _flat(cfg: ConfigDict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in cfg.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, ConfigDict):
+      out.update(_flat(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+  """Checks every field once; returns the config so callers can chain. Raises ConfigError."""
+  known, given = _flat(base_config()), _flat(config)
+  for name in given:
+    if name not in known:
+      section = name.rsplit(".", 1)[0]
+      options = sorted(k.rsplit(".", 1)[1] for k in known if k.startswith(section + "."))
+      raise ConfigError(f"unknown config field '{name}'; fields of '{section}' are: {options}")
+  for name in known:
+    if name not in given:
+      raise ConfigError(f"config field '{name}' is missing; build configs from jaxlm.config.base_config()")
+  for name, choices in _CHOICES.items():
+    if given[name] not in choices:
+      raise ConfigError(f"config field '{name}' is {given[name]!r}; choose one of {choices}")
+  for name in _POSITIVE:
+    if not given[name] > 0:
+      raise ConfigError(f"config field '{name}' must be > 0, got {given[name]!r}")
+  for name in _NON_NEGATIVE:
+    if not given[name] >= 0:
+      raise ConfigError(f"config field '{name}' must be >= 0, got {given[name]!r}")
+
+  m, d, t = config.model, config.data, config.train
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+        f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(
+        f"model.d_model ({m.d_model}) is not divisible by model.num_heads ({m.num_heads}); "
+        "set model.head_dim explicitly")
+  if d.seq_len > m.max_seq_len:
+    raise ConfigError(
+        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "
+        "shorten data.seq_len or raise model.max_seq_len")
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(
+        f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum_steps "
+        f"({t.grad_accum_steps})")
+  if t.warmup_steps > t.steps:
+    raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+  if not 0 <= t.min_lr_ratio <= 1:
+    raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+  if not 0 < t.wsd_decay_fraction <= 1:
+    raise ConfigError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
+  if m.rope_scaling != "none" and m.rope_scaling_factor < 1:
+    raise ConfigError(f"model.rope_scaling_factor must be >= 1, got {m.rope_scaling_factor}")
+  if not 0 < config.sample.top_p <= 1:
+    raise ConfigError(f"sample.top_p must be in (0, 1], got {config.sample.top_p}")
+  if d.source in ("text", "jsonl") and not d.train_paths:
+    raise ConfigError(f"data.source is '{d.source}' but data.train_paths is empty; give file paths or globs")
+  if d.source == "tfds" and not d.tfds_name:
+    raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset, e.g. 'lm1b'")
+  if config.tokenizer.path == "" and config.tokenizer.vocab_size != m.vocab_size:
+    raise ConfigError(
+        f"tokenizer.vocab_size ({config.tokenizer.vocab_size}) differs from model.vocab_size "
+        f"({m.vocab_size}); set both to the same value")
+  return config

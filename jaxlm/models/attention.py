@@ -1,0 +1,96 @@
+"""Multi-head attention with grouped KV heads (MHA / GQA / MQA), RoPE and an optional KV cache.
+
+`dot_product_attention` is the plain XLA reference every kernel is checked against. Masking is by
+*slot* (the index of a token in its row or in the KV cache) for causality and sliding windows, and
+by segment id for packed documents, so a query never sees a future token or another document.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.models import rope
+from jaxlm.models.layers import Norm, dtype, param
+from jaxlm.parallel.rules import constrain
+
+_MASKED = -1e30  # finite, so a row with every key masked gives uniform weights, never NaN
+
+
+def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments=None,
+                          window: int = 0, softcap: float = 0.0):
+  """q: [batch, t, heads, head_dim]; k, v: [batch, s, kv_heads, head_dim]; slots: [batch, t|s].
+
+  Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
+  Returns [batch, t, heads, head_dim].
+  """
+  b, t, h, d = q.shape
+  kvh = k.shape[2]
+  q = q.reshape(b, t, kvh, h // kvh, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
+  delta = q_slots[:, :, None] - k_slots[:, None, :]  # [batch, t, s]
+  mask = delta >= 0
+  if window:
+    mask &= delta < window
+  if q_segments is not None:
+    mask &= q_segments[:, :, None] == k_segments[:, None, :]
+  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
+    self.cfg = cfg
+    d, h, kvh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
+    hd = cfg.head_dim or d // h
+    p, std = cfg.param_dtype, cfg.init_std
+    self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, p)
+    self.k = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, p)
+    self.v = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, p)
+    self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, p)
+    if cfg.attention_bias:
+      self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), 0, p)
+      self.k_bias = param(rngs, (kvh, hd), ("kv_heads", "head_dim"), 0, p)
+      self.v_bias = param(rngs, (kvh, hd), ("kv_heads", "head_dim"), 0, p)
+    if cfg.qk_norm:
+      self.q_norm = Norm(cfg, hd, rngs, axis_name="head_dim")
+      self.k_norm = Norm(cfg, hd, rngs, axis_name="head_dim")
+    if cfg.position_kind == "rope":
+      inv_freq, scale = rope.inverse_frequencies(cfg, hd)
+      self.rope = (tuple(inv_freq.tolist()), scale)  # static: hashable, not a parameter
+
+  def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None):
+    """x: [batch, t, embed]; positions, slots: [batch, t]; cache: {"k","v": [batch, S, kv_heads, head_dim]}."""
+    cfg, c = self.cfg, dtype(self.cfg.compute_dtype)
+    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(c))
+    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(c))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(c))
+    if cfg.attention_bias:
+      q, k, v = q + self.q_bias[...].astype(c), k + self.k_bias[...].astype(c), v + self.v_bias[...].astype(c)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if cfg.position_kind == "rope":
+      inv_freq, scale = jnp.asarray(self.rope[0], jnp.float32), self.rope[1]
+      q, k = rope.apply_rope(q, positions, inv_freq, scale), rope.apply_rope(k, positions, inv_freq, scale)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+
+    if cache is None:
+      k_slots, k_segments = slots, segment_ids
+    else:  # write this step's keys/values at [cache_index, cache_index + t) and attend to the cache
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+      cache = {"k": k, "v": v}
+      k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
+      k_segments = None
+      k, v = k.astype(c), v.astype(c)
+    out = dot_product_attention(
+        q, k, v, slots, k_slots, segment_ids if cache is None else None, k_segments,
+        window=cfg.sliding_window, softcap=cfg.attn_logit_softcap)
+    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(c))
+    return out, cache

@@ -1,0 +1,55 @@
+"""Rotary position embeddings (RoPE) and their context-extension scalings.
+
+RoPE rotates each (i, i + head_dim/2) pair of query/key features by angle position * inv_freq[i], so
+the dot product of a query and a key depends only on their position difference. The scalings change
+inv_freq (and, for YaRN, the magnitude) so a model pretrained on `original_max_len` tokens can be
+run on `factor` times longer sequences:
+  linear: every frequency divided by factor (position interpolation).
+  llama3: high frequencies kept, low frequencies divided by factor, a smooth ramp in between.
+  yarn:   the same idea with the ramp placed by rotation counts (beta_fast/beta_slow), plus a
+          logit temperature 0.1 * ln(factor) + 1 folded into cos/sin.
+The half-split pairing (not interleaved) matches the Hugging Face Llama layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def inverse_frequencies(cfg, head_dim: int) -> tuple[np.ndarray, float]:
+  """Returns (inv_freq [head_dim // 2], magnitude scale) for the model config `cfg`."""
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  factor = cfg.rope_scaling_factor
+  original = cfg.rope_original_max_len or cfg.max_seq_len
+  if cfg.rope_scaling == "linear":
+    inv = inv / factor
+  elif cfg.rope_scaling == "llama3":
+    wavelen = 2 * np.pi / inv
+    low_wavelen = original / cfg.rope_low_freq_factor  # longer than this: fully scaled
+    high_wavelen = original / cfg.rope_high_freq_factor  # shorter than this: untouched
+    smooth = (original / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    inv = np.where(wavelen > low_wavelen, inv / factor, np.where(wavelen < high_wavelen, inv, blended))
+  elif cfg.rope_scaling == "yarn":
+    def dim_for(rotations):  # the feature index that makes `rotations` turns over the original context
+      return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+    low = max(math.floor(dim_for(cfg.yarn_beta_fast)), 0)
+    high = min(math.ceil(dim_for(cfg.yarn_beta_slow)), head_dim - 1)
+    ramp = np.clip((np.arange(head_dim // 2) - low) / max(high - low, 1e-3), 0, 1)
+    inv = inv / factor * ramp + inv * (1 - ramp)  # ramp 0: keep (extrapolate), 1: interpolate
+    return inv.astype(np.float32), 0.1 * math.log(factor) + 1.0
+  return inv.astype(np.float32), 1.0
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray, scale: float = 1.0):
+  """Rotates x: [batch, length, heads, head_dim] by positions: [batch, length]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, head_dim/2]
+  cos = (jnp.cos(angles) * scale)[:, :, None, :]
+  sin = (jnp.sin(angles) * scale)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
