@@ -1,0 +1,1 @@
+"""Training: optimizer, loss, the pure train step, checkpoints, metrics and the loop."""

@@ -1,0 +1,102 @@
+"""The training loop: every side effect of a run (data, logging, eval, checkpoints, the sample).
+
+The math it calls is pure: `train_step(state, batch)` and `eval_step(params, batch)`, each jitted
+once. Resume restores params, optimizer state, step, RNG and the data iterator, so a run stopped at
+step k and resumed produces exactly the losses and parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxlm.config import validate
+from jaxlm.data.pipeline import eval_batches, make_train_iterator
+from jaxlm.data.tokenizer import get_tokenizer
+from jaxlm.models import Transformer
+from jaxlm.train import flops
+from jaxlm.train.checkpoint import Checkpointer, write_run_files
+from jaxlm.train.metrics import MetricsLogger
+from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.step import init_state, make_eval_step, make_train_step, summarize_eval
+
+
+def evaluate(eval_step, params, config, tokenizer) -> dict | None:
+  """Loss, perplexity and bits per byte over the held-out split (None if there is none)."""
+  batches = eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
+  if batches is None:
+    return None
+  sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+  for i, batch in enumerate(batches):
+    if config.train.eval_batches and i >= config.train.eval_batches:
+      break
+    out = jax.device_get(eval_step(params, batch))
+    sums = {k: sums[k] + float(out[k]) for k in sums}
+  return summarize_eval(sums)
+
+
+def train(config) -> dict:
+  """Runs config.train.steps updates (resuming if a checkpoint exists); returns the last metrics."""
+  validate(config)
+  t = config.train
+  tokenizer = get_tokenizer(config)
+  write_run_files(t.workdir, config, tokenizer.path)
+
+  model = Transformer(config.model, nnx.Rngs(t.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(t)
+  state = init_state(graphdef, params, tx, t.seed)
+  train_iter = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
+
+  checkpointer = Checkpointer(t.workdir, config.checkpoint)
+  resume = config.checkpoint.resume
+  if resume == "always" or (resume == "auto" and checkpointer.latest_step() is not None):
+    state = checkpointer.restore(state, train_iter)
+  start = int(state.step)
+
+  train_step = jax.jit(make_train_step(graphdef, tx, t), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef, tokenizer.token_bytes))
+  flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
+  peak = flops.peak_tflops_per_device(t.peak_tflops) * jax.device_count()
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+
+  log = MetricsLogger(t.workdir, t.steps, start, t.progress_bar)
+  log.print(f"jaxlm: {n_params / 1e6:.2f}M parameters, {config.data.seq_len} x {t.batch_size} tokens "
+            f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s; "
+            f"starting at step {start} of {t.steps}")
+  last, window_tokens, window_start = {}, 0.0, time.perf_counter()
+  for step in range(start + 1, t.steps + 1):
+    batch = next(train_iter)
+    state, metrics = train_step(state, batch)
+    log.advance()
+    window_tokens += batch["weights"].size
+    if step % t.log_every == 0 or step == t.steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      elapsed = time.perf_counter() - window_start
+      tokens_per_sec = window_tokens / elapsed
+      metrics.update(tokens_per_sec=tokens_per_sec,
+                     tflops_per_sec=tokens_per_sec * flops_per_token / 1e12,
+                     mfu=tokens_per_sec * flops_per_token / 1e12 / peak)
+      log.write(step, metrics)
+      last, window_tokens, window_start = metrics, 0.0, time.perf_counter()
+    if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+      result = evaluate(eval_step, state.params, config, tokenizer)
+      if result:
+        log.write(step, result, prefix="eval")
+    if config.checkpoint.every and step % config.checkpoint.every == 0:
+      checkpointer.save(step, state, train_iter)
+
+  final_step = int(state.step)
+  if checkpointer.latest_step() != final_step:
+    checkpointer.save(final_step, state, train_iter)
+  result = evaluate(eval_step, state.params, config, tokenizer)
+  if result:
+    log.write(final_step, result, prefix="eval")
+    last = {**last, **{f"eval_{k}": v for k, v in result.items()}}
+  log.close()
+  checkpointer.wait()
+  checkpointer.close()
+  return {"state": state, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last}

@@ -1,0 +1,98 @@
+"""The pure train and eval steps: (state, batch) -> (state, metrics), jitted by the loop.
+
+A batch is a dict of int32 arrays [rows, seq_len]: inputs, targets, segment_ids, positions, weights
+(see jaxlm/data/pipeline.py). With train.grad_accum_steps = k the rows are split into k
+micro-batches run by a lax.scan; gradients and losses are summed and divided once by the total
+token count, so the update equals the one-big-batch update exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlm.train.loss import cross_entropy
+from jaxlm.train.optimizer import schedule
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: optimizer updates done
+  params: nnx.State  # the model's nnx.Param state
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32[2] key: the stream for stochastic ops; advanced every step
+
+
+def init_state(graphdef, params, tx, seed: int) -> TrainState:
+  del graphdef
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+
+
+def _sums(graphdef, params, batch, z_loss):
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  return cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
+  """Returns train_step(state, batch) -> (state, metrics); pure, for jax.jit with donated state."""
+  accum, z_loss, lr_at = train_cfg.grad_accum_steps, train_cfg.z_loss, schedule(train_cfg)
+
+  def objective(params, batch):
+    nll, z, count = _sums(graphdef, params, batch, z_loss)
+    return nll + z, (nll, count)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    if accum == 1:
+      (_, (nll, count)), grads = grad_fn(state.params, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+      def add(carry, mb):
+        (_, (nll, count)), grads = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, carry, (grads, nll, count)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+      (grads, nll, count), _ = jax.lax.scan(add, zeros, micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": nll / denom,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": lr_at(state.step),
+        "tokens": count,
+    }
+    new_state = TrainState(state.step + 1, params, opt_state, jax.random.fold_in(state.rng, state.step))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, token_bytes):
+  """Returns eval_step(params, batch) -> sums of nll (nats), tokens and UTF-8 bytes of the targets.
+
+  Bits per byte = nll_sum / ln 2 / bytes is comparable across tokenizers, unlike perplexity.
+  """
+  token_bytes = jnp.asarray(token_bytes, jnp.float32)
+
+  def eval_step(params, batch):
+    nll, _, count = _sums(graphdef, params, batch, 0.0)
+    nbytes = jnp.sum(token_bytes[batch["targets"]] * batch["weights"])
+    return {"nll": nll, "tokens": count, "bytes": nbytes}
+
+  return eval_step
+
+
+def summarize_eval(sums: dict) -> dict:
+  """Turns summed eval numbers into loss (nats/token), perplexity and bits per byte."""
+  loss = sums["nll"] / max(sums["tokens"], 1)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50)),
+          "bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1)}
