@@ -181,14 +181,30 @@ def _flat(cfg: ConfigDict, prefix: str = "") -> dict:
   return out
 
 
+def _unknown_field_error(name: str, known: dict) -> ConfigError:
+  section = name.rsplit(".", 1)[0]
+  options = sorted(k.rsplit(".", 1)[1] for k in known if k.startswith(section + "."))
+  if not options:
+    options = sorted({k.split(".", 1)[0] for k in known})
+  return ConfigError(f"unknown config field '{name}'; known fields there are: {options}")
+
+
+def check_overrides(argv) -> None:
+  """Rejects `--config.<field>=...` flags that name no field, before absl parses them."""
+  known = _flat(base_config())
+  for arg in argv:
+    if arg.startswith("--config."):
+      name = arg[len("--config."):].split("=", 1)[0]
+      if name not in known:
+        raise _unknown_field_error(name, known)
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks every field once; returns the config so callers can chain. Raises ConfigError."""
   known, given = _flat(base_config()), _flat(config)
   for name in given:
     if name not in known:
-      section = name.rsplit(".", 1)[0]
-      options = sorted(k.rsplit(".", 1)[1] for k in known if k.startswith(section + "."))
-      raise ConfigError(f"unknown config field '{name}'; fields of '{section}' are: {options}")
+      raise _unknown_field_error(name, known)
   for name in known:
     if name not in given:
       raise ConfigError(f"config field '{name}' is missing; build configs from jaxlm.config.base_config()")

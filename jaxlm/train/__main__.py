@@ -4,9 +4,13 @@ Trains (resuming from train.workdir if it holds a checkpoint), evaluates on the 
 and prints a sample from the trained model.
 """
 
+import sys
+
 import jax
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
+
+from jaxlm.config import ConfigError, check_overrides
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a jaxlm config file.")
 
@@ -19,8 +23,13 @@ def main(argv):
   from jaxlm.inference.generate import generate_text
   from jaxlm.train.loop import train
 
+  from jaxlm.train.checkpoint import CheckpointError
+
   config = _CONFIG.value
-  result = train(config)
+  try:
+    result = train(config)
+  except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: a message, not a trace
+    sys.exit(f"jaxlm: {e}")
   metrics = result["metrics"]
   if "eval_bits_per_byte" in metrics:
     print(f"validation: loss {metrics['eval_loss']:.4f} nats/token, perplexity "
@@ -31,10 +40,18 @@ def main(argv):
   print(f"sample:\n{config.sample.prompt}{text}")
 
 
-if __name__ == "__main__":
-  app.run(main)
+def _parse_flags(argv):
+  try:
+    check_overrides(argv)
+  except ConfigError as e:
+    sys.exit(f"jaxlm: {e}")
+  return flags.FLAGS(argv)
 
 
 def run():
-  """Console-script entry point (`jaxlm-train`)."""
-  app.run(main)
+  """Entry point of `python -m jaxlm.train` and the `jaxlm-train` console script."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

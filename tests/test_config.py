@@ -1,0 +1,70 @@
+"""Bad configs fail early with a message that names the field and the fix."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxlm.config import ConfigError, base_config, check_overrides, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_base_config_is_valid():
+  validate(base_config())
+
+
+def test_presets_are_valid():
+  import importlib.util
+  for name in ("shakespeare", "tiny"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    validate(module.get_config())
+
+
+def test_unknown_field_in_a_config_file_is_named():
+  c = base_config()
+  c.model.num_layer = 3  # typo of num_layers
+  with pytest.raises(ConfigError, match=r"unknown config field 'model.num_layer'.*num_layers"):
+    validate(c)
+
+
+def test_unknown_override_flag_is_named():
+  with pytest.raises(ConfigError, match="unknown config field 'train.stpes'"):
+    check_overrides(["prog", "--config=x.py", "--config.train.stpes=3"])
+  check_overrides(["prog", "--config.train.steps=3"])  # a real field passes
+
+
+def test_cli_reports_unknown_override_without_a_traceback():
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py", "--config.model.foo=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "unknown config field 'model.foo'" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.seq_len", 512, r"data.seq_len \(512\) exceeds model.max_seq_len \(256\)"),
+    ("model.num_kv_heads", 3, r"model.num_heads \(4\) must be a multiple of model.num_kv_heads \(3\)"),
+    ("model.mlp_kind", "relu", r"model.mlp_kind.*swiglu"),
+    ("train.grad_accum_steps", 3, r"train.batch_size \(16\) must be divisible by train.grad_accum_steps"),
+    ("train.steps", 0, r"train.steps' must be > 0"),
+    ("tokenizer.vocab_size", 1000, r"tokenizer.vocab_size \(1000\) differs from model.vocab_size"),
+    ("checkpoint.resume", "yes", r"checkpoint.resume"),
+])
+def test_bad_values_name_the_field(field, value, message):
+  c = base_config()
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(c)
+
+
+def test_file_sources_need_paths():
+  c = base_config()
+  c.data.source = "jsonl"
+  with pytest.raises(ConfigError, match="data.train_paths is empty"):
+    validate(c)
