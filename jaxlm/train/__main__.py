@@ -7,7 +7,7 @@ and prints a sample from the trained model.
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxlm.config import ConfigError, check_overrides
@@ -18,6 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a jaxlm confi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   from flax import nnx
 
   from jaxlm.inference.generate import generate_text

@@ -38,8 +38,13 @@ def evaluate(eval_step, params, config, tokenizer) -> dict | None:
   return summarize_eval(sums)
 
 
-def train(config) -> dict:
-  """Runs config.train.steps updates (resuming if a checkpoint exists); returns the last metrics."""
+def train(config, stop_at_step: int | None = None) -> dict:
+  """Runs config.train.steps updates (resuming if a checkpoint exists).
+
+  stop_at_step ends the run early, as a preemption would, after checkpointing that step; the
+  schedule is still the one for train.steps, so resuming continues the same run.
+  Returns {"state", "graphdef", "tokenizer", "metrics"}; metrics holds the last train and eval values.
+  """
   validate(config)
   t = config.train
   tokenizer = get_tokenizer(config)
@@ -68,7 +73,8 @@ def train(config) -> dict:
             f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s; "
             f"starting at step {start} of {t.steps}")
   last, window_tokens, window_start = {}, 0.0, time.perf_counter()
-  for step in range(start + 1, t.steps + 1):
+  end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
+  for step in range(start + 1, end + 1):
     batch = next(train_iter)
     state, metrics = train_step(state, batch)
     log.advance()
@@ -92,7 +98,7 @@ def train(config) -> dict:
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:
     checkpointer.save(final_step, state, train_iter)
-  result = evaluate(eval_step, state.params, config, tokenizer)
+  result = evaluate(eval_step, state.params, config, tokenizer) if final_step == t.steps else None
   if result:
     log.write(final_step, result, prefix="eval")
     last = {**last, **{f"eval_{k}": v for k, v in result.items()}}

@@ -32,7 +32,7 @@ def schedule(t) -> optax.Schedule:
 def decay_mask(params, decay_embeddings: bool):
   """True for the parameters that weight decay applies to, from each leaf's name."""
   def decays(path, _):
-    name = str(getattr(path[-1], "key", path[-1]))
+    name = [str(k.key) for k in path if hasattr(k, "key")][-1]  # the leaf's own name
     if name in _NEVER_DECAY or name.endswith("_bias"):
       return False
     return decay_embeddings or name not in _EMBEDDINGS
