@@ -33,9 +33,12 @@ class MetricsLogger:
     for k, v in metrics.items():
       self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
     if prefix == "train":
-      self._bar.set_postfix_str(
-          f"loss {metrics['loss']:.3f} | {metrics['tokens_per_sec']:,.0f} tok/s | "
-          f"{metrics['tflops_per_sec']:.3f} TFLOP/s | MFU {100 * metrics['mfu']:.1f}%", refresh=False)
+      summary = (f"loss {metrics['loss']:.3f} | {metrics['tokens_per_sec']:,.0f} tok/s | "
+                 f"{metrics['tflops_per_sec']:.3f} TFLOP/s | MFU {100 * metrics['mfu']:.1f}%")
+      if self._bar.disable:  # no bar to carry it: one line per log step instead
+        self.print(f"step {step}: {summary}")
+      else:
+        self._bar.set_postfix_str(summary, refresh=False)
     else:
       self.print(f"step {step} {prefix}: " + ", ".join(f"{k} {float(v):.4f}" for k, v in metrics.items()))
 
