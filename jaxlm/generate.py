@@ -1,0 +1,62 @@
+"""`python -m jaxlm.generate --workdir=runs/x [--prompt=...] [--max_new_tokens=...] [--temperature=...]
+[--top_k=...] [--top_p=...] [--min_p=...] [--seed=...]`
+
+Samples from the latest checkpoint of a training run. Sampling defaults come from the run's saved
+config (its `sample` section); any flag given overrides them, so a run reproduces its end-of-training
+sample with no flags and can be explored without editing files.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "train.workdir of a jaxlm run (holds checkpoints).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue; default: the run's sample.prompt.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate; default: sample.max_new_tokens.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "0: greedy; default: sample.temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "0: off; default: sample.top_k.")
+_TOP_P = flags.DEFINE_float("top_p", None, "1: off; default: sample.top_p.")
+_MIN_P = flags.DEFINE_float("min_p", None, "0: off; default: sample.min_p.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+
+_OVERRIDES = {"prompt": _PROMPT, "max_new_tokens": _MAX_NEW_TOKENS, "temperature": _TEMPERATURE,
+              "top_k": _TOP_K, "top_p": _TOP_P, "min_p": _MIN_P}
+
+
+def sample_settings(saved_sample_cfg):
+  """The run's `sample` section with every flag that was given applied on top (a copy)."""
+  cfg = saved_sample_cfg.copy_and_resolve_references()
+  for name, flag in _OVERRIDES.items():
+    if flag.value is not None:
+      cfg[name] = flag.value
+  return cfg
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required: the train.workdir of a jaxlm run")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keep checkpoint-library INFO lines off the terminal
+  import jax  # heavy imports after flag parsing, so --help stays fast
+
+  from jaxlm.inference.generate import generate_text
+  from jaxlm.train.checkpoint import load_for_inference
+
+  model, tokenizer, config = load_for_inference(_WORKDIR.value)
+  sample_cfg = sample_settings(config.sample)
+  try:
+    text = generate_text(model, tokenizer, sample_cfg.prompt, sample_cfg, jax.random.key(_SEED.value))
+  except ValueError as e:  # bad sampling setting or too long a generation: the message says which
+    raise app.UsageError(str(e)) from e
+  print(f"{sample_cfg.prompt}{text}")
+
+
+def run():
+  """Console-script entry point (`jaxlm-generate`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  app.run(main)
