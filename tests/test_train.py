@@ -131,3 +131,38 @@ def test_resume_always_without_a_checkpoint_is_a_clear_error(tmp_path):
   c.checkpoint.resume = "always"
   with pytest.raises(CheckpointError, match="no checkpoint in .*checkpoints"):
     train(c)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  c = loop_config(workdir)
+  c.train.update(steps=2, warmup_steps=1)
+  train(c)
+  return workdir
+
+
+def test_resume_with_another_model_shape_names_the_problem(finished_run, tmp_path):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run, workdir)
+  c = loop_config(workdir)
+  c.train.update(steps=3, warmup_steps=1)
+  c.model.d_model = 32  # the checkpoint holds d_model 64
+  with pytest.raises(CheckpointError, match="could not be read.*fresh train.workdir"):
+    train(c)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run, workdir)
+  for root, _, files in os.walk(workdir / "checkpoints" / "2" / "state"):
+    for name in files:
+      if "commit_success" not in name:
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  c = loop_config(workdir)
+  c.train.update(steps=3, warmup_steps=1)
+  with pytest.raises(CheckpointError, match=r"checkpoint .*2 could not be read"):
+    train(c)
