@@ -4,6 +4,7 @@ Trains (resuming from train.workdir if it holds a checkpoint), evaluates on the 
 and prints a sample from the trained model.
 """
 
+import os
 import sys
 
 import jax
@@ -29,8 +30,14 @@ def main(argv):
   config = _CONFIG.value
   try:
     result = train(config)
-  except (ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: a message, not a trace
+  except (ConfigError, FileNotFoundError) as e:  # bad input: a message, not a trace
     sys.exit(f"jaxlm: {e}")
+  except CheckpointError as e:
+    # After a failed restore, orbax's I/O threads print "Event loop is closed" traces at interpreter
+    # shutdown that would bury the message; nothing is left to flush, so leave at once.
+    print(f"jaxlm: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
   metrics = result["metrics"]
   if "eval_bits_per_byte" in metrics:
     print(f"validation: loss {metrics['eval_loss']:.4f} nats/token, perplexity "

@@ -58,8 +58,9 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for truncated or foreign files
       raise CheckpointError(
           f"checkpoint {os.path.join(self.directory, str(step))} could not be read ({type(e).__name__}: "
-          f"{str(e)[:300]}); delete that step's folder to fall back to an earlier one, or use "
-          "checkpoint.resume=never with a fresh train.workdir") from e
+          f"{str(e)[:300]}). If the model or optimizer config changed since it was written, it must match "
+          f"the run's config.json again; if the files are damaged, delete that step's folder to fall "
+          "back to an earlier one; or start over with a fresh train.workdir") from e
     return restored["state"]
 
   def wait(self):

@@ -48,7 +48,6 @@ def train(config, stop_at_step: int | None = None) -> dict:
   validate(config)
   t = config.train
   tokenizer = get_tokenizer(config)
-  write_run_files(t.workdir, config, tokenizer.path)
 
   model = Transformer(config.model, nnx.Rngs(t.seed))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -59,8 +58,13 @@ def train(config, stop_at_step: int | None = None) -> dict:
   checkpointer = Checkpointer(t.workdir, config.checkpoint)
   resume = config.checkpoint.resume
   if resume == "always" or (resume == "auto" and checkpointer.latest_step() is not None):
-    state = checkpointer.restore(state, train_iter)
+    try:
+      state = checkpointer.restore(state, train_iter)
+    except Exception:
+      checkpointer.close()  # let orbax's background threads end before the error surfaces
+      raise
   start = int(state.step)
+  write_run_files(t.workdir, config, tokenizer.path)  # after a restore, so a failed one keeps the old files
 
   train_step = jax.jit(make_train_step(graphdef, tx, t), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, tokenizer.token_bytes))
