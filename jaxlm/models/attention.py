@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.models import rope
-from jaxlm.models.layers import Norm, dtype, param
+from jaxlm.models.layers import Norm, dense, dtype, param
 from jaxlm.parallel.rules import constrain
 
 _MASKED = -1e30  # finite, so a row with every key masked gives uniform weights, never NaN
@@ -68,9 +68,9 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None):
     """x: [batch, t, embed]; positions, slots: [batch, t]; cache: {"k","v": [batch, S, kv_heads, head_dim]}."""
     cfg, c = self.cfg, dtype(self.cfg.compute_dtype)
-    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(c))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(c))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(c))
+    q = dense(x, self.q[...].astype(c))  # [batch, t, heads, head_dim]
+    k = dense(x, self.k[...].astype(c))  # [batch, t, kv_heads, head_dim]
+    v = dense(x, self.v[...].astype(c))
     if cfg.attention_bias:
       q, k, v = q + self.q_bias[...].astype(c), k + self.k_bias[...].astype(c), v + self.v_bias[...].astype(c)
     if cfg.qk_norm:
@@ -92,5 +92,5 @@ class Attention(nnx.Module):
     out = dot_product_attention(
         q, k, v, slots, k_slots, segment_ids if cache is None else None, k_segments,
         window=cfg.sliding_window, softcap=cfg.attn_logit_softcap)
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(c))
+    out = dense(out, self.o[...].astype(c), contract=2)  # [batch, t, embed]
     return out, cache

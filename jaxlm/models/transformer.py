@@ -20,7 +20,7 @@ import ml_collections
 from flax import nnx
 
 from jaxlm.models.attention import Attention
-from jaxlm.models.layers import MLP, Norm, dtype, param
+from jaxlm.models.layers import MLP, Norm, dense, dtype, param
 from jaxlm.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -110,7 +110,7 @@ class Transformer(nnx.Module):
 
     x = self.final_norm(x)
     w = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-    logits = jnp.einsum("btd,dv->btv", x, w.astype(c), preferred_element_type=jnp.float32)
+    logits = dense(x, w.astype(c), out_dtype=jnp.float32)  # [batch, t, vocab]
     if cfg.final_logit_softcap:
       logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     logits = constrain(logits, ("batch", "length", "vocab"))
