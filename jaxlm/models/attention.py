@@ -80,17 +80,17 @@ class Attention(nnx.Module):
       q, k = rope.apply_rope(q, positions, inv_freq, scale), rope.apply_rope(k, positions, inv_freq, scale)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
-    if cache is None:
-      k_slots, k_segments = slots, segment_ids
-    else:  # write this step's keys/values at [cache_index, cache_index + t) and attend to the cache
+    q_segments = k_segments = segment_ids
+    k_slots = slots
+    if cache is not None:  # write this step's keys/values at [cache_index, cache_index + t) and attend to the cache
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
       cache = {"k": k, "v": v}
       k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
-      k_segments = None
+      q_segments = k_segments = None  # decoding continues one document
       k, v = k.astype(c), v.astype(c)
     out = dot_product_attention(
-        q, k, v, slots, k_slots, segment_ids if cache is None else None, k_segments,
+        q, k, v, slots, k_slots, q_segments, k_segments,
         window=cfg.sliding_window, softcap=cfg.attn_logit_softcap)
     out = dense(out, self.o[...].astype(c), contract=2)  # [batch, t, embed]
     return out, cache
