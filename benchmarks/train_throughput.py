@@ -159,7 +159,7 @@ class JaxlmRunner:
     graphdef, params = nnx.split(model, nnx.Param)
     self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     tx = make_optimizer(c.train)
-    self.state = init_state(graphdef, params, tx, 0)
+    self.state = init_state(params, tx, 0)
     b, l = tokens.shape
     self.batch = jax.device_put({
         "inputs": tokens.astype(np.int32), "targets": targets.astype(np.int32),

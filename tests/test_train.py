@@ -43,7 +43,7 @@ def fixed_batch(c, seed=0):
 def run_steps(c, batch, steps, tx=None):
   graphdef, params = nnx.split(Transformer(c.model, nnx.Rngs(0)), nnx.Param)
   tx = tx or optimizer.make_optimizer(c.train)
-  state = init_state(graphdef, params, tx, 0)
+  state = init_state(params, tx, 0)
   step = jax.jit(make_train_step(graphdef, tx, c.train))
   losses = []
   for _ in range(steps):

@@ -100,7 +100,7 @@ def load_for_inference(workdir: str):
   abstract_model = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   template = jax.eval_shape(
-      lambda p: init_state(graphdef, p, make_optimizer(config.train), 0), abstract_params)
+      lambda p: init_state(p, make_optimizer(config.train), 0), abstract_params)
   checkpointer = Checkpointer(workdir, config.checkpoint)
   state = checkpointer.restore(template)
   checkpointer.close()

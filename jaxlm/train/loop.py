@@ -52,7 +52,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
   model = Transformer(config.model, nnx.Rngs(t.seed))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(t)
-  state = init_state(graphdef, params, tx, t.seed)
+  state = init_state(params, tx, t.seed)
   train_iter = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
 
   checkpointer = Checkpointer(t.workdir, config.checkpoint)

@@ -27,8 +27,7 @@ class TrainState(NamedTuple):
   rng: jax.Array  # uint32[2] key: the stream for stochastic ops; advanced every step
 
 
-def init_state(graphdef, params, tx, seed: int) -> TrainState:
-  del graphdef
+def init_state(params, tx, seed: int) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
 
 
