@@ -48,10 +48,17 @@ def _model() -> ConfigDict:
   m.final_logit_softcap = 0.0  # same, on the output logits
   m.init_std = 0.02  # normal init of embeddings and projections; residual outputs scaled by depth
   m.param_dtype = "float32"  # master weights and optimizer state
-  m.compute_dtype = "float32"  # float32 | bfloat16: matmul inputs and activations
+  m.compute_dtype = "float32"  # float32 | bfloat16: activations (and matmul operands, by default)
+  # "" (same as compute_dtype) | float32 | bfloat16: operands of every matmul, always accumulated in
+  # float32. bfloat16 with float32 activations is mixed precision for the matmuls only; on CPU it
+  # also doubles XLA's matmul rate (oneDNN bf16 kernels).
+  m.matmul_dtype = ""
   m.scan_layers = True  # stack layers and run them with lax.scan: compile time independent of depth
   m.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
   m.attention = "xla"  # xla: plain einsum attention (the reference implementation)
+  # xla attention in training/prefill: split the queries into this many blocks, each attending only
+  # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
+  m.attention_blocks = 1
   return m
 
 
@@ -149,6 +156,7 @@ _CHOICES = {
     "model.rope_scaling": ("none", "linear", "llama3", "yarn"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.matmul_dtype": ("", "float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("xla",),
     "tokenizer.model_type": ("bpe", "unigram"),
@@ -159,7 +167,8 @@ _CHOICES = {
 
 _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "data.seq_len", "train.steps",
+    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "model.attention_blocks", "data.seq_len",
+    "train.steps",
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
 )
 _NON_NEGATIVE = (

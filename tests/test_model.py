@@ -9,6 +9,8 @@ from flax import nnx
 from jaxlm.config import base_config
 from jaxlm.models import Transformer
 from jaxlm.models import rope
+from jaxlm.models.attention import causal_blocked_attention, dot_product_attention
+from jaxlm.models.layers import dense
 
 
 def tiny(**overrides):
@@ -136,6 +138,7 @@ def test_scan_and_unrolled_layers_agree():
     dict(mlp_kind="gelu", qk_norm=True, attention_bias=True, mlp_bias=True,
          attn_logit_softcap=20.0, final_logit_softcap=10.0, remat_policy="dots"),
     dict(compute_dtype="bfloat16", remat_policy="full"),
+    dict(matmul_dtype="bfloat16", attention_blocks=3, scan_layers=False),
 ])
 def test_variants_run_and_keep_float32_params(overrides):
   m = Transformer(tiny(**overrides), nnx.Rngs(0))
@@ -154,3 +157,43 @@ def test_every_parameter_has_logical_axes_for_each_dimension(model):
     axes = var.get_metadata()["out_sharding"]
     assert len(axes) == var[...].ndim, path
     assert set(axes) <= names, path
+
+
+@pytest.mark.parametrize("blocks,window,seq", [(4, 0, 16), (3, 0, 13), (5, 4, 13), (2, 0, 1)])
+def test_blocked_attention_equals_the_reference(blocks, window, seq):
+  ks = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(ks[0], (2, seq, 4, 8))
+  k, v = (jax.random.normal(kk, (2, seq, 2, 8)) for kk in ks[1:])
+  segments = jnp.asarray(np.repeat([[1, 2], [1, 1]], [seq - seq // 3, seq // 3], axis=1))
+  slots = jnp.broadcast_to(jnp.arange(seq), (2, seq))
+
+  def ref(q, k, v):
+    return dot_product_attention(q, k, v, slots, slots, segments, segments, window=window, softcap=5.0)
+
+  def blocked(q, k, v):
+    return causal_blocked_attention(q, k, v, segments, blocks, window=window, softcap=5.0)
+
+  np.testing.assert_allclose(blocked(q, k, v), ref(q, k, v), atol=1e-6)
+  loss = lambda f: lambda *a: (f(*a) * jnp.cos(jnp.arange(8.0))).sum()
+  for got, want in zip(jax.grad(loss(blocked), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose_w,x_dtype", [(False, jnp.float32), (True, jnp.float32), (False, jnp.bfloat16)])
+def test_bf16_matmul_matches_float32_in_value_and_gradient(transpose_w, x_dtype):
+  x = jax.random.normal(jax.random.key(8), (3, 32, 64)).astype(x_dtype)
+  w = jax.random.normal(jax.random.key(9), (48, 64) if transpose_w else (64, 48))
+
+  probe = jax.random.normal(jax.random.key(10), (3, 32, 48))
+
+  def loss(x, w, dot_dtype):
+    out = dense(x, w, out_dtype=jnp.float32, dot_dtype=dot_dtype, transpose_w=transpose_w)
+    return (out * probe).sum(), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(x, w, jnp.bfloat16)
+  (_, ref_out), ref_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x.astype(jnp.float32), w, None)
+  assert out.dtype == jnp.float32 and grads[0].dtype == x_dtype and grads[1].dtype == jnp.float32
+  scale = lambda a: float(jnp.abs(a).max())
+  assert scale(out - ref_out) <= 2e-2 * scale(ref_out)
+  for got, want in zip(grads, ref_grads):
+    assert 0 < scale(got.astype(jnp.float32) - want) <= 3e-2 * scale(want)  # bf16 operands: close, not equal

@@ -20,7 +20,7 @@ import ml_collections
 from flax import nnx
 
 from jaxlm.models.attention import Attention
-from jaxlm.models.layers import MLP, Norm, dense, dtype, param
+from jaxlm.models.layers import MLP, Norm, dense, dtype, matmul_dtype, param
 from jaxlm.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -109,8 +109,9 @@ class Transformer(nnx.Module):
       kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     x = self.final_norm(x)
-    w = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-    logits = dense(x, w.astype(c), out_dtype=jnp.float32)  # [batch, t, vocab]
+    w = self.embed[...] if cfg.tie_embeddings else self.unembed[...]  # [vocab, embed] | [embed, vocab]
+    logits = dense(x, w.astype(c), out_dtype=jnp.float32, dot_dtype=matmul_dtype(cfg),
+                   transpose_w=cfg.tie_embeddings)  # [batch, t, vocab]
     if cfg.final_logit_softcap:
       logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     logits = constrain(logits, ("batch", "length", "vocab"))

@@ -36,10 +36,11 @@ def train_flops_per_token(m, seq_len: int) -> float:
   return 3 * (2 * matmul_params(m) + attention)
 
 
-def _measured_cpu_tflops(n: int = 1024, repeats: int = 5) -> float:
-  """XLA float32 matmul rate on this host: the practical roof for CPU training."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def _measured_cpu_tflops(dot_dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
+  """XLA's matmul rate on this host for the model's matmul dtype (float32 accumulation): the
+  practical roof for CPU training."""
+  a = jnp.ones((n, n), dot_dtype)
+  f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):
@@ -47,12 +48,13 @@ def _measured_cpu_tflops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def peak_tflops_per_device(override: float = 0.0) -> float:
-  """train.peak_tflops if set; else the table entry for this device kind; else a CPU measurement."""
+def peak_tflops_per_device(override: float = 0.0, dot_dtype: str = "float32") -> float:
+  """train.peak_tflops if set; else the table entry for this device kind (dense bf16); else a CPU
+  measurement in `dot_dtype`."""
   if override:
     return override
   kind = jax.devices()[0].device_kind
   for name, tflops in PEAK_TFLOPS.items():
     if kind.startswith(name):
       return tflops
-  return _measured_cpu_tflops()
+  return _measured_cpu_tflops(dot_dtype)

@@ -69,7 +69,8 @@ def train(config, stop_at_step: int | None = None) -> dict:
   train_step = jax.jit(make_train_step(graphdef, tx, t), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, tokenizer.token_bytes))
   flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
-  peak = flops.peak_tflops_per_device(t.peak_tflops) * jax.device_count()
+  m = config.model
+  peak = flops.peak_tflops_per_device(t.peak_tflops, m.matmul_dtype or m.compute_dtype) * jax.device_count()
   n_params = sum(x.size for x in jax.tree.leaves(params))
 
   log = MetricsLogger(t.workdir, t.steps, start, t.progress_bar)
