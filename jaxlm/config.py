@@ -126,6 +126,33 @@ def _checkpoint() -> ConfigDict:
   return c
 
 
+def _mesh() -> ConfigDict:
+  """Device mesh and sharding rules; see jaxlm/parallel/mesh.py and README "Sharding"."""
+  m = ConfigDict()
+  # In-slice size of each mesh axis (devices joined by the fast interconnect: ICI, NVLink, one host).
+  # One of them may be -1: it takes every device the others leave. Product = devices per slice.
+  m.data = -1  # data parallel: parameters replicated, batch rows split
+  m.stage = 1  # pipeline stages (the "layers" axis); must be 1 until pipeline parallelism lands
+  m.fsdp = 1  # fully sharded data parallel (ZeRO-3): batch rows AND parameters/optimizer state split
+  m.sequence = 1  # sequence parallel: activations split along length; attention gathers keys/values
+  m.tensor = 1  # Megatron tensor parallel: attention heads and the MLP hidden dim split
+  # Cross-slice (DCN) size of each axis; the mesh axis is in-slice x cross-slice. One may be -1: it
+  # takes the slices left (1 on a single slice). Without TPU slice ids, each process is a slice.
+  m.dcn_data = -1
+  m.dcn_stage = 1
+  m.dcn_fsdp = 1
+  m.dcn_sequence = 1
+  m.dcn_tensor = 1
+  # Logical axis name -> mesh axes ("+" joins several), comma-separated; unlisted names are
+  # replicated. One table for parameters, optimizer state, the batch and activations: within one
+  # array a mesh axis is used once, by the first dimension that names it, so "embed:fsdp" shards
+  # parameters (ZeRO-3) while activations [batch, length, embed] already spend fsdp on batch.
+  # A parameter dimension the mesh axes do not divide (a tiny vocab) is replicated instead.
+  m.rules = ("batch:data+fsdp, length:sequence, embed:fsdp, heads:tensor, kv_heads:tensor, "
+             "mlp:tensor, vocab:tensor")
+  return m
+
+
 def _sample() -> ConfigDict:
   s = ConfigDict()
   s.prompt = "ROMEO:"  # printed at the end of training
@@ -145,6 +172,7 @@ def base_config() -> ConfigDict:
   c.data = _data()
   c.train = _train()
   c.checkpoint = _checkpoint()
+  c.mesh = _mesh()
   c.sample = _sample()
   return c
 
@@ -208,6 +236,55 @@ def check_overrides(argv) -> None:
         raise _unknown_field_error(name, known)
 
 
+# Mesh axes, outermost (slowest links) to innermost (fastest); see jaxlm/parallel/mesh.py.
+MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
+# The names model code gives array dimensions; see jaxlm/parallel/rules.py.
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+
+
+def parse_rules(text: str) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+  """mesh.rules text -> ((logical name, mesh axes or None), ...); raises ConfigError naming the entry."""
+  rules, seen = [], set()
+  for entry in (e.strip() for e in text.split(",")):
+    if not entry:
+      continue
+    name, sep, axes = (p.strip() for p in entry.partition(":"))
+    if not sep:
+      raise ConfigError(f"config field 'mesh.rules': entry {entry!r} is not 'logical:mesh_axis[+axis]'")
+    if name not in LOGICAL_AXES:
+      raise ConfigError(f"config field 'mesh.rules': {name!r} is not a logical axis; use one of {LOGICAL_AXES}")
+    if name in seen:
+      raise ConfigError(f"config field 'mesh.rules': {name!r} is listed twice; give it one entry")
+    seen.add(name)
+    mesh_axes = tuple(a.strip() for a in axes.split("+") if a.strip())
+    for a in mesh_axes:
+      if a not in MESH_AXES:
+        raise ConfigError(f"config field 'mesh.rules': {name!r} maps to {a!r}, not a mesh axis; use {MESH_AXES}")
+    if len(set(mesh_axes)) != len(mesh_axes):
+      raise ConfigError(f"config field 'mesh.rules': {name!r} names a mesh axis twice")
+    rules.append((name, mesh_axes or None))
+  return tuple(rules)
+
+
+def _validate_mesh(mesh: ConfigDict) -> None:
+  for prefix in ("", "dcn_"):
+    free = []
+    for axis in MESH_AXES:
+      name, value = f"mesh.{prefix}{axis}", mesh[prefix + axis]
+      if not isinstance(value, int) or not (value >= 1 or value == -1):
+        raise ConfigError(f"config field '{name}' must be a positive size or -1 (the rest), got {value!r}")
+      if value == -1:
+        free.append(name)
+    if len(free) > 1:
+      raise ConfigError(f"config fields {free} are all -1; at most one mesh axis may absorb the rest")
+  for prefix in ("", "dcn_"):
+    if mesh[prefix + "stage"] not in (1, -1):
+      raise ConfigError(
+          f"config field 'mesh.{prefix}stage' is {mesh[prefix + 'stage']}, but pipeline parallelism is "
+          "not implemented yet; set it to 1 and use mesh.fsdp or mesh.tensor for large models")
+  parse_rules(mesh.rules)
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks every field once; returns the config so callers can chain. Raises ConfigError."""
   known, given = _flat(base_config()), _flat(config)
@@ -261,4 +338,5 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError(
         f"tokenizer.vocab_size ({config.tokenizer.vocab_size}) differs from model.vocab_size "
         f"({m.vocab_size}); set both to the same value")
+  _validate_mesh(config.mesh)
   return config

@@ -254,17 +254,24 @@ def test_orbax_checkpoint_round_trip(tok, config, tmp_path):
   assert all(_same(x, y) for x, y in zip(expected, _take(resumed, 3)))
 
 
-def test_processes_get_disjoint_halves_of_the_global_batch(tok, config):
-  one = _take(make_train_iterator(config, tok), 16)  # more than one epoch
-  p0 = _take(make_train_iterator(config, tok, 0, 2), 16)
-  p1 = _take(make_train_iterator(config, tok, 1, 2), 16)
-  for whole, a, b in zip(one, p0, p1):
-    assert a["inputs"].shape == (BATCH // 2, SEQ_LEN)
-    assert _same(whole, {k: np.concatenate([a[k], b[k]]) for k in whole})
-    rows_a = {r.tobytes() for r in a["inputs"]}
-    assert not rows_a & {r.tobytes() for r in b["inputs"]}
+def test_processes_read_disjoint_shares_of_the_documents(tok, config):
+  p0, p1 = (_take(make_train_iterator(config, tok, p, 2), 16) for p in (0, 1))  # > one epoch each
+  for a, b in zip(p0, p1):
+    assert a["inputs"].shape == b["inputs"].shape == (BATCH // 2, SEQ_LEN)
+  words = [{w for batch in p for w in _row_words(tok, batch)} - {None} for p in (p0, p1)]
+  # Process p reads documents p, p + 2, ...: the even- and odd-numbered files.
+  assert words[0] <= set(WORDS[0::2]) and words[1] <= set(WORDS[1::2]), words
+  assert len(words[0]) >= 3 and len(words[1]) >= 3, words
+  # One process is the unsharded stream, batch for batch.
+  whole = make_train_iterator(config, tok)
+  sharded = make_train_iterator(config, tok, 0, 1)
+  assert all(_same(x, y) for x, y in zip(_take(whole, 4), _take(sharded, 4)))
   with pytest.raises(ConfigError, match=r"train\.batch_size"):
     make_train_iterator(config, tok, 0, 3)
+  with pytest.raises(ConfigError, match="fewer than the 9 processes"):
+    c = copy.deepcopy(config)
+    c.train.batch_size = 9
+    make_train_iterator(c, tok, 0, 9)
 
 
 # ---------------------------------------------------------------------------------------------

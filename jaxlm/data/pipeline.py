@@ -10,7 +10,8 @@ One grain pipeline serves every source and both splits:
       -> ConcatThenSplitIterDataset(seq_len)             (grain's packer: concatenates documents
                                                           and cuts rows; segment ids, positions)
       -> train: WindowShuffleIterDataset                 (row-level shuffle, see below)
-      -> batch(train.batch_size) -> this process's rows
+      -> train: batch(train.batch_size / processes) of this process's documents
+         eval: batch(train.batch_size) -> this process's rows
 
 Why pairs before packing: a document cut across two rows keeps every (input, target) pair, so
 within an epoch every token except the final eos appears exactly once as an input and every
@@ -23,11 +24,18 @@ tokens / 8192 rows (all ~1.6M training tokens of Shakespeare at vocab 4096 and s
 never more than one epoch's rows (estimated from a sample for tfds), so an in-memory corpus gets a
 (near-)global row shuffle while a huge tfds corpus keeps bounded memory and restore time.
 
-Why shard after batching: every process runs the same pipeline and keeps rows
-[p * B/P, (p+1) * B/P) of each global batch of B rows. The global batch is then identical for any
-number of processes (a run resumes unchanged on another topology, and every process yields the
-same number of batches -- evaluation needs that). The cost is that each process packs, and for
-tfds tokenizes, the global batch rather than its share.
+Why training shards documents, per process: process p of P reads, tokenizes and packs only
+documents p, p + P, p + 2P, ... (its shard of the source, taken before the document shuffle) and
+batches train.batch_size / P rows of its own; the loop assembles the global batch from every
+process's rows with jax.make_array_from_process_local_data. No process touches another's data, so
+input cost does not grow with the number of processes. The price: the global batch depends on the
+process count (with one process it is exactly the unsharded stream), so a run resumed on another
+number of processes continues with different data, not the same batches.
+
+Why evaluation shards after batching: every process runs the same (small, unshuffled) eval pipeline
+and keeps rows [p * B/P, (p+1) * B/P) of each global batch of B rows, so every process yields the
+same number of batches without talking to the others -- the eval step is a collective and needs
+that.
 
 Batch format (numpy int32, all [rows, seq_len], rows = train.batch_size // process_count):
   inputs, targets  token ids; targets[i] is the next token after inputs[i]
@@ -74,8 +82,11 @@ _SHUFFLE_WINDOW_ROWS = 8192
 _EPOCH_SAMPLE_DOCS = 64  # documents tokenized to estimate a lazy source's epoch size
 
 
-def _tokens(config, tokenizer: Tokenizer, split: str) -> tuple[grain.MapDataset, int] | None:
+def _tokens(config, tokenizer: Tokenizer, split: str, shard: tuple[int, int] = (0, 1)
+            ) -> tuple[grain.MapDataset, int] | None:
   """Each document as int32 [bos, *ids, eos], and the tokens in one epoch (estimated if lazy).
+
+  shard (index, count): only documents index, index + count, ... are read and tokenized.
 
   In-memory sources are tokenized now, in one threaded SentencePiece call (~1 s for 5 MB); tfds
   is tokenized lazily, as records are read, so its size does not matter. Its epoch size is
@@ -84,6 +95,13 @@ def _tokens(config, tokenizer: Tokenizer, split: str) -> tuple[grain.MapDataset,
   docs = sources.documents(config.data, split)
   if docs is None:
     return None
+  index, count = shard
+  if count > 1:
+    if len(docs) < count:
+      raise ConfigError(
+          f"the {split} split of data.source '{config.data.source}' has {len(docs)} documents, fewer "
+          f"than the {count} processes that each read a share of them; use more (or split) documents")
+    docs = docs[index::count]
   bos, eos = tokenizer.bos_id, tokenizer.eos_id
 
   def wrap(ids) -> np.ndarray:
@@ -119,13 +137,14 @@ def _seed(seed: int, purpose: str) -> int:
 
 
 def packed_rows(config, tokenizer: Tokenizer, split: str, *, shuffle_seed: int | None = None,
-                num_epochs: int | None = 1) -> grain.IterDataset | None:
+                num_epochs: int | None = 1, shard: tuple[int, int] = (0, 1)) -> grain.IterDataset | None:
   """Single packed rows (dicts of int32 [seq_len], keys FEATURES) of `split`; None: no such split.
 
   shuffle_seed: None keeps document and row order (evaluation); an int shuffles documents per
     epoch and rows within a window. num_epochs: None repeats forever.
+  shard: (process index, process count): the rows of that process's share of the documents.
   """
-  made = _tokens(config, tokenizer, split)
+  made = _tokens(config, tokenizer, split, shard)
   if made is None:
     return None
   ds, epoch_tokens = made
@@ -172,16 +191,17 @@ def _pad_rows(rows: int):
 
 def make_train_iterator(config, tokenizer: Tokenizer, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite iterator of this process's training batches (see the module docstring).
+  """Infinite iterator of this process's training batches, [train.batch_size / process_count,
+  seq_len] rows of its own documents (see the module docstring).
 
   Deterministic for train.seed; get_state()/set_state() resume exactly, also through
   grain.checkpoint.CheckpointSave/CheckpointRestore.
   """
   rows = _rows_per_process(config, process_index, process_count)
   seed = config.train.seed if config.data.shuffle else None
-  ds = packed_rows(config, tokenizer, "train", shuffle_seed=seed, num_epochs=None)
-  ds = ds.batch(config.train.batch_size, drop_remainder=True).map(_shard(rows, process_index))
-  return iter(_JsonStateDataset(ds))
+  ds = packed_rows(config, tokenizer, "train", shuffle_seed=seed, num_epochs=None,
+                   shard=(process_index, process_count))
+  return iter(_JsonStateDataset(ds.batch(rows, drop_remainder=True)))
 
 
 def eval_batches(config, tokenizer: Tokenizer, process_index: int = 0,

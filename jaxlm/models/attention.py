@@ -105,6 +105,11 @@ class Attention(nnx.Module):
       inv_freq, scale = jnp.asarray(self.rope[0], jnp.float32), self.rope[1]
       q, k = rope.apply_rope(q, positions, inv_freq, scale), rope.apply_rope(k, positions, inv_freq, scale)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    # Sequence parallelism: queries stay split along length, but every query shard needs every
+    # earlier key, so keys and values are whole along length here (XLA all-gathers them). Simple
+    # and exact; a ring/blockwise kernel would overlap that gather with the score computation.
+    k = constrain(k, ("batch", None, "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
 
     q_segments = k_segments = segment_ids
     k_slots = slots

@@ -1,22 +1,32 @@
 """Logical axis names and the rules table that maps them to mesh axes.
 
 Model code names every parameter and activation dimension with a logical name (`batch`, `length`,
-`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`). Which mesh axis (if any) a
-logical name is sharded over is decided in one place: the rules table active in `axis_rules(...)`.
-With no rules active (one device) every name maps to None, i.e. replicated, and `constrain` is a
-no-op, so the model runs unchanged on a laptop.
+`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`). Which mesh axes (if any) a
+logical name is sharded over is decided in one place: the rules table (`config.mesh.rules`, parsed
+by `jaxlm.config.parse_rules`) active in `axis_rules(...)`. With no rules active (one device) every
+name maps to None, i.e. replicated, and `constrain` is a no-op, so the model runs unchanged on a
+laptop.
+
+Two rules make one table serve parameters and activations alike:
+  * within one array a mesh axis is used once, by the first dimension that asks for it: with
+    "batch:data+fsdp, embed:fsdp", a parameter [vocab, embed] is sharded over fsdp along embed
+    (ZeRO-3), while an activation [batch, length, embed] spends fsdp on batch and keeps embed whole;
+  * given the array's shape, a dimension the mesh axes do not divide is replicated (e.g. a vocab of
+    100 over tensor=8). Dimensions where that would silently waste the mesh (heads, kv_heads, layers,
+    batch, length) are rejected up front by `jaxlm.parallel.mesh.resolve_mesh` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Sequence
 
 import jax
 from jax.sharding import PartitionSpec
 
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+from jaxlm.config import LOGICAL_AXES  # noqa: F401  (re-exported: the names models may use)
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 _ACTIVE: contextvars.ContextVar[tuple[Rules, jax.sharding.Mesh] | None] = contextvars.ContextVar(
@@ -33,13 +43,26 @@ def axis_rules(rules: Rules, mesh: jax.sharding.Mesh):
     _ACTIVE.reset(token)
 
 
-def spec(logical: Sequence[str | None], rules: Rules | None = None) -> PartitionSpec:
-  """PartitionSpec for a tuple of logical names under `rules` (default: the active table)."""
+def spec(logical: Sequence[str | None], rules: Rules | None = None, shape: Sequence[int] | None = None,
+         mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
+  """PartitionSpec for a tuple of logical names under `rules` (default: the active table).
+
+  A mesh axis already taken by an earlier dimension is skipped. With `shape` and `mesh`, a
+  dimension whose size the product of its mesh axes does not divide is replicated.
+  """
   if rules is None:
     active = _ACTIVE.get()
-    rules = active[0] if active else ()
-  table = dict(rules)
-  return PartitionSpec(*(table.get(name) if name else None for name in logical))
+    rules, mesh = (active if active else ((), mesh))
+  table = {name: (axes,) if isinstance(axes, str) else axes for name, axes in rules}
+  used, out = set(), []
+  for i, name in enumerate(logical):
+    axes = tuple(a for a in (table.get(name) or ()) if a not in used)
+    if axes and shape is not None and mesh is not None:
+      if shape[i] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*out)
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
@@ -48,4 +71,5 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   if active is None:
     return x
   rules, mesh = active
-  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec(logical, rules)))
+  sharding = jax.sharding.NamedSharding(mesh, spec(logical, rules, x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, sharding)

@@ -11,20 +11,26 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxlm.config import validate
 from jaxlm.data.pipeline import eval_batches, make_train_iterator
 from jaxlm.data.tokenizer import get_tokenizer
-from jaxlm.models import Transformer
+from jaxlm.parallel.sharding import global_batch
 from jaxlm.train import flops
 from jaxlm.train.checkpoint import Checkpointer, write_run_files
 from jaxlm.train.metrics import MetricsLogger
 from jaxlm.train.optimizer import make_optimizer
-from jaxlm.train.step import init_state, make_eval_step, make_train_step, summarize_eval
+from jaxlm.train.sharded import (graphdef_of, init_sharded_state, jit_eval_step, jit_train_step,
+                                 make_layout)
+from jaxlm.train.step import summarize_eval
 
 
-def evaluate(eval_step, params, config, tokenizer) -> dict | None:
+def _mesh_text(mesh) -> str:
+  sizes = [f"{name}={n}" for name, n in mesh.shape.items() if n > 1]
+  return " x ".join(sizes) if sizes else "1 device"
+
+
+def evaluate(eval_step, params, config, tokenizer, sharding) -> dict | None:
   """Loss, perplexity and bits per byte over the held-out split (None if there is none)."""
   batches = eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
   if batches is None:
@@ -33,7 +39,7 @@ def evaluate(eval_step, params, config, tokenizer) -> dict | None:
   for i, batch in enumerate(batches):
     if config.train.eval_batches and i >= config.train.eval_batches:
       break
-    out = jax.device_get(eval_step(params, batch))
+    out = jax.device_get(eval_step(params, global_batch(batch, sharding)))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   return summarize_eval(sums)
 
@@ -49,10 +55,10 @@ def train(config, stop_at_step: int | None = None) -> dict:
   t = config.train
   tokenizer = get_tokenizer(config)
 
-  model = Transformer(config.model, nnx.Rngs(t.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(t)
-  state = init_state(params, tx, t.seed)
+  layout = make_layout(config, tx)  # the mesh; bad mesh configs fail here, before any compile
+  graphdef = graphdef_of(config)
+  state = init_sharded_state(config, tx, layout)
   train_iter = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
 
   checkpointer = Checkpointer(t.workdir, config.checkpoint)
@@ -66,21 +72,21 @@ def train(config, stop_at_step: int | None = None) -> dict:
   start = int(state.step)
   write_run_files(t.workdir, config, tokenizer.path)  # after a restore, so a failed one keeps the old files
 
-  train_step = jax.jit(make_train_step(graphdef, tx, t), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef, tokenizer.token_bytes))
+  train_step = jit_train_step(config, graphdef, tx, layout)
+  eval_step = jit_eval_step(graphdef, tokenizer.token_bytes, layout)
   flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
   m = config.model
   peak = flops.peak_tflops_per_device(t.peak_tflops, m.matmul_dtype or m.compute_dtype) * jax.device_count()
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   log = MetricsLogger(t.workdir, t.steps, start, t.progress_bar)
   log.print(f"jaxlm: {n_params / 1e6:.2f}M parameters, {config.data.seq_len} x {t.batch_size} tokens "
             f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s; "
-            f"starting at step {start} of {t.steps}")
+            f"starting at step {start} of {t.steps}; mesh {_mesh_text(layout.mesh)}")
   last, window_tokens, window_start = {}, 0.0, time.perf_counter()
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   for step in range(start + 1, end + 1):
-    batch = next(train_iter)
+    batch = global_batch(next(train_iter), layout.batch)  # this process's rows -> global arrays
     state, metrics = train_step(state, batch)
     log.advance()
     window_tokens += batch["weights"].size
@@ -94,7 +100,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
       log.write(step, metrics)
       last, window_tokens, window_start = metrics, 0.0, time.perf_counter()
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-      result = evaluate(eval_step, state.params, config, tokenizer)
+      result = evaluate(eval_step, state.params, config, tokenizer, layout.batch)
       if result:
         log.write(step, result, prefix="eval")
     if config.checkpoint.every and step % config.checkpoint.every == 0:
@@ -103,7 +109,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:
     checkpointer.save(final_step, state, train_iter)
-  result = evaluate(eval_step, state.params, config, tokenizer) if final_step == t.steps else None
+  result = evaluate(eval_step, state.params, config, tokenizer, layout.batch) if final_step == t.steps else None
   if result:
     log.write(final_step, result, prefix="eval")
     last = {**last, **{f"eval_{k}": v for k, v in result.items()}}

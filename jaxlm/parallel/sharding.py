@@ -1,0 +1,63 @@
+"""NamedShardings for the train state and the batch, from the parameters' logical axis names.
+
+Every nnx.Param carries its logical axes as `out_sharding` metadata (["layers"] is prepended for
+scanned layers). Optax keeps the Param wrappers (and so the metadata) in its param-shaped state
+(Adam's mu and nu), so one walk over any tree gives parameters, gradients-shaped optimizer state
+and everything else (step counts, the RNG key: replicated) their shardings. With "embed:fsdp" in
+the rules, that is ZeRO-3: parameters and optimizer state are split over fsdp, and the jitted step
+all-gathers a layer's weights where they are used and reduce-scatters their gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlm.parallel.rules import Rules, axis_rules, spec
+
+BATCH_AXES = ("batch", "length")  # every batch feature is int32 [rows, seq_len]
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules):
+  """A tree like `tree` (arrays or ShapeDtypeStructs) of NamedShardings.
+
+  nnx.Variables with `out_sharding` metadata get the spec of their logical axes (dimensions the
+  mesh does not divide replicated, see rules.spec); every other leaf is replicated.
+  """
+  def one(x):
+    if _is_variable(x):
+      value = x.get_value()
+      axes = x.get_metadata().get("out_sharding")
+      logical = axes if axes else (None,) * value.ndim
+      return x.replace(NamedSharding(mesh, spec(logical, rules, value.shape, mesh)))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+  """Rows over the data-like axes, positions over sequence (int32 [rows, seq_len])."""
+  return NamedSharding(mesh, spec(BATCH_AXES, rules))
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+  """This process's rows (numpy [rows / processes, seq_len]) -> global jax.Arrays [rows, seq_len]."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def with_rules(fn, rules: Rules, mesh: jax.sharding.Mesh):
+  """fn with the rules table active while it is traced, so the model's `constrain` calls apply."""
+  def wrapped(*args):
+    with axis_rules(rules, mesh):
+      return fn(*args)
+  return wrapped
+
+
+def jit_sharded(fn, mesh, rules, in_shardings, out_shardings, donate_argnums=()):
+  """jax.jit of `fn` traced under the rules, with explicit in/out shardings."""
+  return jax.jit(with_rules(fn, rules, mesh), in_shardings=in_shardings,
+                 out_shardings=out_shardings, donate_argnums=donate_argnums)
