@@ -83,7 +83,10 @@ class Transformer(nnx.Module):
     slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))  # index in row or cache
     if positions is None:
       positions = slots
-    x = self.embed[...].astype(c)[tokens]  # [batch, t, embed]
+    # The lookup reads whole rows: gather the table's embed shards first (ZeRO-3 does this for every
+    # weight), so the looked-up rows can be split by batch instead of along embed.
+    table = constrain(self.embed[...], ("vocab", None))  # [vocab, embed]
+    x = table.astype(c)[tokens]  # [batch, t, embed]
     if cfg.position_kind == "learned":
       x = x + self.pos_embed[...].astype(c)[positions]
     x = constrain(x, ("batch", "length", "embed"))

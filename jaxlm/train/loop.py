@@ -53,10 +53,10 @@ def train(config, stop_at_step: int | None = None) -> dict:
   """
   validate(config)
   t = config.train
+  tx = make_optimizer(t)
+  layout = make_layout(config, tx)  # the mesh: a config that does not fit the devices fails here
   tokenizer = get_tokenizer(config)
 
-  tx = make_optimizer(t)
-  layout = make_layout(config, tx)  # the mesh; bad mesh configs fail here, before any compile
   graphdef = graphdef_of(config)
   state = init_sharded_state(config, tx, layout)
   train_iter = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())

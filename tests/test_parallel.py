@@ -1,0 +1,251 @@
+"""Sharded training on 8 simulated CPU devices: every layout gives the single-device numbers, the
+arrays really are split as the rules say, FSDP divides parameter+optimizer memory by 8, and mesh
+configs that cannot work fail before compiling with a message naming the field.
+
+(tests/conftest.py makes the 8 devices.) Each layout's step is compiled once, in a module fixture.
+"""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm.config import ConfigError, base_config, parse_rules, validate
+from jaxlm.parallel.mesh import resolve_mesh
+from jaxlm.parallel.sharding import global_batch
+from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.sharded import graphdef_of, init_sharded_state, jit_train_step, make_layout
+
+STEPS = 3
+LAYOUTS = {  # name: mesh sizes (the rest 1)
+    "dp8": dict(data=8),
+    "fsdp8": dict(data=1, fsdp=8),
+    "dp2_fsdp2_tp2": dict(data=2, fsdp=2, tensor=2),
+    "fsdp2_tp4": dict(data=1, fsdp=2, tensor=4),
+    "dp2_tp2_sp2": dict(data=2, tensor=2, sequence=2),
+}
+
+
+def tiny_config(**mesh):
+  c = base_config()
+  c.model.update(vocab_size=128, d_model=32, num_layers=2, num_heads=8, num_kv_heads=4, mlp_dim=64,
+                 max_seq_len=16)
+  c.tokenizer.vocab_size = 128
+  c.data.seq_len = 16
+  c.train.update(batch_size=8, steps=10, warmup_steps=0, learning_rate=1e-2)
+  c.mesh.update(**mesh)
+  return validate(c)
+
+
+def packed_batch(c, seed=0):
+  """Rows of two or three documents each (a cut inside every sequence shard), some padding."""
+  rng = np.random.default_rng(seed)
+  b, t = c.train.batch_size, c.data.seq_len
+  tokens = rng.integers(0, c.model.vocab_size, (b, t + 1)).astype(np.int32)
+  segment_ids = np.ones((b, t), np.int32)
+  positions = np.zeros((b, t), np.int32)
+  for r in range(b):
+    cuts = sorted(rng.choice(np.arange(2, t - 2), size=1 + r % 2, replace=False))
+    starts = [0, *cuts]
+    for s, (lo, hi) in enumerate(zip(starts, [*cuts, t])):
+      segment_ids[r, lo:hi] = s + 1
+      positions[r, lo:hi] = np.arange(hi - lo)
+  segment_ids[::3, -3:] = 0  # padding at the end of every third row
+  positions[segment_ids == 0] = 0
+  weights = (segment_ids > 0).astype(np.int32)
+  return {"inputs": tokens[:, :-1] * weights, "targets": tokens[:, 1:] * weights,
+          "segment_ids": segment_ids, "positions": positions, "weights": weights}
+
+
+def run(c, devices=None):
+  """STEPS steps on `devices` (default all 8): losses, final state (host), the compiled step."""
+  tx = make_optimizer(c.train)
+  layout = make_layout(c, tx, devices)
+  state = init_sharded_state(c, tx, layout)
+  step = jit_train_step(c, graphdef_of(c), tx, layout)
+  batch = global_batch(packed_batch(c), layout.batch)
+  compiled = step.lower(state, batch).compile()
+  init_params = jax.device_get(state.params)  # the steps donate (delete) the state they are given
+  losses = []
+  for _ in range(STEPS):
+    state, metrics = compiled(state, batch)
+    losses.append(float(metrics["loss"]))
+  return {"losses": np.array(losses), "state": state, "init": init_params, "batch": batch,
+          "compiled": compiled, "layout": layout}
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return run(tiny_config(), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def runs():
+  return {}
+
+
+@pytest.fixture
+def layout_run(runs, request):
+  name = request.param
+  if name not in runs:
+    runs[name] = run(tiny_config(**LAYOUTS[name]))
+  return name, runs[name]
+
+
+def _rel_err(a, b) -> float:
+  """||a - b|| / ||b|| over an array (b the reference).
+
+  Norm-wise, not element-wise: the sharded runs sum gradients in another order, and Adam divides
+  each gradient by its own magnitude, so an element whose gradient is nearly zero can move by
+  ~1e-5 of the largest weight while the array as a whole agrees to ~1e-6 (printed: worst element).
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _worst_element(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.mark.parametrize("layout_run", list(LAYOUTS), indirect=True)
+def test_layout_matches_single_device(reference, layout_run):
+  name, got = layout_run
+  assert jax.device_count() == 8 and got["layout"].mesh.size == 8
+  np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
+  errors, elements = {}, []
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got["state"].params),
+                          jax.tree.leaves(reference["state"].params)):
+    a, b = jax.device_get(a), jax.device_get(b)
+    errors[jax.tree_util.keystr(path)] = _rel_err(a, b)
+    elements.append(_worst_element(a, b))
+  worst = max(errors, key=errors.get)
+  loss_err = np.abs(got["losses"] - reference["losses"]).max() / np.abs(reference["losses"]).max()
+  print(f"\n{name}: loss rel error {loss_err:.1e}, max param rel error {errors[worst]:.1e} ({worst}), "
+        f"worst element {max(elements):.1e} of its array's max")
+  assert errors[worst] <= 1e-5, (worst, errors[worst])
+  assert not np.array_equal(jax.device_get(got["state"].params["embed"].value),
+                            got["init"]["embed"].value)  # really trained
+
+
+def _expected_shard(shape, logical, mesh_shape, rules):
+  """The shard shape the rules promise (first use of a mesh axis wins; indivisible: whole)."""
+  table, used, out = dict(rules), set(), []
+  for size, name in zip(shape, logical):
+    axes = tuple(a for a in (table.get(name) or ()) if a not in used)
+    split = math.prod(mesh_shape[a] for a in axes)
+    if size % split:
+      split, axes = 1, ()
+    used.update(axes)
+    out.append(size // split)
+  return tuple(out)
+
+
+@pytest.mark.parametrize("layout_run", list(LAYOUTS), indirect=True)
+def test_arrays_are_sharded_as_the_rules_say(layout_run):
+  name, got = layout_run
+  layout, state = got["layout"], got["state"]
+  mesh_shape, rules = dict(layout.mesh.shape), layout.rules
+  is_var = lambda x: hasattr(x, "get_metadata")  # noqa: E731
+  params = jax.tree.leaves(state.params, is_leaf=is_var)
+  mu = jax.tree.leaves(state.opt_state[1][0].mu, is_leaf=is_var)  # (clip, adamw(adam, ...))
+  for tree in (params, mu):
+    for var in tree:
+      x, logical = var.get_value(), var.get_metadata()["out_sharding"]
+      want = _expected_shard(x.shape, logical, mesh_shape, rules)
+      assert {s.data.shape for s in x.addressable_shards} == {want}, (name, logical, x.shape)
+  # The strategies themselves, spelled out on named parameters:
+  p = state.params
+  fsdp, tp = mesh_shape["fsdp"], mesh_shape["tensor"]
+  assert p["embed"].value.addressable_shards[0].data.shape == (128 // tp, 32 // fsdp)  # [vocab, embed]
+  q = p["blocks"]["attn"]["q"].value  # [layers, embed, heads, head_dim]
+  assert q.addressable_shards[0].data.shape == (2, 32 // fsdp, 8 // tp, 4)
+  up = p["blocks"]["mlp"]["up"].value  # [layers, embed, mlp]: column parallel
+  down = p["blocks"]["mlp"]["down"].value  # [layers, mlp, embed]: row parallel
+  assert up.addressable_shards[0].data.shape == (2, 32 // fsdp, 64 // tp)
+  assert down.addressable_shards[0].data.shape == (2, 64 // tp, 32 // fsdp)
+  rows = 8 // (mesh_shape["data"] * fsdp)
+  for x in got["batch"].values():
+    assert x.addressable_shards[0].data.shape == (rows, 16 // mesh_shape["sequence"])
+  if name == "fsdp8":  # ZeRO-3: not one parameter or moment left whole
+    for var in params + mu:
+      assert var.get_value().sharding.spec != jax.sharding.PartitionSpec(), var.get_metadata()
+
+
+def _state_bytes_per_device(compiled, batch) -> int:
+  """Argument bytes of one device's program, less its rows of the batch = params + optimizer state."""
+  batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in batch.values())
+  return compiled.memory_analysis().argument_size_in_bytes - batch_bytes
+
+
+def test_fsdp8_holds_an_eighth_of_the_replicated_state(runs):
+  for name in ("dp8", "fsdp8"):
+    if name not in runs:
+      runs[name] = run(tiny_config(**LAYOUTS[name]))
+  replicated = _state_bytes_per_device(runs["dp8"]["compiled"], runs["dp8"]["batch"])
+  fsdp = _state_bytes_per_device(runs["fsdp8"]["compiled"], runs["fsdp8"]["batch"])
+  whole = sum(x.nbytes for x in jax.tree.leaves(runs["dp8"]["state"][1:3]))
+  assert replicated >= whole  # dp8: every device holds all of it
+  assert fsdp <= replicated / 8 * 1.1, (fsdp, replicated)
+
+
+# ---------------------------------------------------------------------------------------------
+# mesh configs that cannot work: a ConfigError naming the field, before anything compiles
+
+
+@pytest.mark.parametrize("mesh,model,train,message", [
+    (dict(data=3), {}, {}, r"multiply to 3 but there are 8 devices.*-1"),
+    (dict(data=-1, tensor=3), {}, {}, r"'mesh.data' is -1.*multiply to 3.*does not divide the 8"),
+    (dict(data=1, tensor=8), {}, {}, r"model.num_heads \(8\)|model.num_kv_heads \(4\) is not divisible by the tensor axis \(8"),
+    (dict(data=2, tensor=4), dict(num_kv_heads=2), {}, r"model.num_kv_heads \(2\) is not divisible by the tensor axis \(4"),
+    (dict(data=1, fsdp=8), {}, dict(grad_accum_steps=2), r"4 rows per micro-batch is not divisible by the data-like axes \(data x fsdp = 8\)"),
+    (dict(data=1, fsdp=4, sequence=2), {}, {}, None),  # fits
+    (dict(data=4, sequence=2), dict(max_seq_len=24), {}, None),
+])
+def test_mesh_errors_name_the_axis_and_the_fix(mesh, model, train, message):
+  c = tiny_config()
+  c.mesh.update(**mesh)
+  c.model.update(**model)
+  c.train.update(**train)
+  validate(c)
+  tx = make_optimizer(c.train)
+  if message is None:
+    make_layout(c, tx)
+  else:
+    with pytest.raises(ConfigError, match=message):
+      make_layout(c, tx)
+
+
+def test_sequence_and_stage_errors():
+  c = tiny_config(data=4, sequence=2)
+  c.data.seq_len = 15
+  with pytest.raises(ConfigError, match=r"data.seq_len \(15\) is not divisible by the sequence axis \(2\)"):
+    resolve_mesh(c, 8)
+  c = tiny_config(data=4)
+  c.model.num_layers = 3
+  c.mesh.stage = 2
+  with pytest.raises(ConfigError, match=r"model.num_layers \(3\) is not divisible by the stage axis \(2\)"):
+    resolve_mesh(c, 8)
+  with pytest.raises(ConfigError, match=r"'mesh.stage' is 2, but pipeline parallelism is not implemented"):
+    validate(c)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("fsdp", -1, r"\['mesh.data', 'mesh.fsdp'\] are all -1"),
+    ("tensor", 0, r"'mesh.tensor' must be a positive size or -1"),
+    ("dcn_fsdp", -1, r"\['mesh.dcn_data', 'mesh.dcn_fsdp'\] are all -1"),
+    ("rules", "batch:data, embd:fsdp", r"'mesh.rules': 'embd' is not a logical axis"),
+    ("rules", "batch:data+model", r"'mesh.rules': 'batch' maps to 'model', not a mesh axis"),
+    ("rules", "batch:data, batch:fsdp", r"'batch' is listed twice"),
+])
+def test_bad_mesh_fields_fail_validation(field, value, message):
+  c = tiny_config()
+  c.mesh[field] = value
+  with pytest.raises(ConfigError, match=message):
+    validate(c)
+
+
+def test_default_rules_parse():
+  rules = dict(parse_rules(base_config().mesh.rules))
+  assert rules["batch"] == ("data", "fsdp") and rules["embed"] == ("fsdp",) and "layers" not in rules
