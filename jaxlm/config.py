@@ -59,6 +59,10 @@ def _model() -> ConfigDict:
   # xla attention in training/prefill: split the queries into this many blocks, each attending only
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
   m.attention_blocks = 1
+  # Pipeline parallelism (mesh.stage > 1, needs scan_layers): micro-batches each step's rows are
+  # split into. The schedule idles (stages - 1) / (microbatches + stages - 1) of the time, so more
+  # is faster but keeps more activations. 0: 2 x stages.
+  m.pipeline_microbatches = 0
   return m
 
 
@@ -132,7 +136,7 @@ def _mesh() -> ConfigDict:
   # In-slice size of each mesh axis (devices joined by the fast interconnect: ICI, NVLink, one host).
   # One of them may be -1: it takes every device the others leave. Product = devices per slice.
   m.data = -1  # data parallel: parameters replicated, batch rows split
-  m.stage = 1  # pipeline stages (the "layers" axis); must be 1 until pipeline parallelism lands
+  m.stage = 1  # pipeline stages: the layer stack split over devices (GPipe, see model.pipeline_microbatches)
   m.fsdp = 1  # fully sharded data parallel (ZeRO-3): batch rows AND parameters/optimizer state split
   m.sequence = 1  # sequence parallel: activations split along length; attention gathers keys/values
   m.tensor = 1  # Megatron tensor parallel: attention heads and the MLP hidden dim split
@@ -149,7 +153,7 @@ def _mesh() -> ConfigDict:
   # parameters (ZeRO-3) while activations [batch, length, embed] already spend fsdp on batch.
   # A parameter dimension the mesh axes do not divide (a tiny vocab) is replicated instead.
   m.rules = ("batch:data+fsdp, length:sequence, embed:fsdp, heads:tensor, kv_heads:tensor, "
-             "mlp:tensor, vocab:tensor")
+             "mlp:tensor, vocab:tensor, layers:stage, stage:stage")
   return m
 
 
@@ -201,7 +205,8 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "model.head_dim", "model.sliding_window", "model.attn_logit_softcap",
-    "model.final_logit_softcap", "train.warmup_steps", "train.weight_decay", "train.clip_norm",
+    "model.final_logit_softcap", "model.pipeline_microbatches", "train.warmup_steps",
+    "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
 )
@@ -239,7 +244,9 @@ def check_overrides(argv) -> None:
 # Mesh axes, outermost (slowest links) to innermost (fastest); see jaxlm/parallel/mesh.py.
 MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
 # The names model code gives array dimensions; see jaxlm/parallel/rules.py.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+# "stage" is the pipeline's stage dimension (jaxlm/parallel/pipeline.py).
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
+                "stage")
 
 
 def parse_rules(text: str) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
@@ -277,11 +284,6 @@ def _validate_mesh(mesh: ConfigDict) -> None:
         free.append(name)
     if len(free) > 1:
       raise ConfigError(f"config fields {free} are all -1; at most one mesh axis may absorb the rest")
-  for prefix in ("", "dcn_"):
-    if mesh[prefix + "stage"] not in (1, -1):
-      raise ConfigError(
-          f"config field 'mesh.{prefix}stage' is {mesh[prefix + 'stage']}, but pipeline parallelism is "
-          "not implemented yet; set it to 1 and use mesh.fsdp or mesh.tensor for large models")
   parse_rules(mesh.rules)
 
 

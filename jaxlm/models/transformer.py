@@ -21,7 +21,8 @@ from flax import nnx
 
 from jaxlm.models.attention import Attention
 from jaxlm.models.layers import MLP, Norm, dense, dtype, matmul_dtype, param
-from jaxlm.parallel.rules import constrain
+from jaxlm.parallel.pipeline import gpipe, pipeline_microbatches
+from jaxlm.parallel.rules import constrain, mesh_axis_size
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -91,23 +92,32 @@ class Transformer(nnx.Module):
       x = x + self.pos_embed[...].astype(c)[positions]
     x = constrain(x, ("batch", "length", "embed"))
 
-    def layer(block, x, layer_cache):
-      return block(x, positions, slots, segment_ids, layer_cache, start)
+    def layer(block, x, layer_cache, rows):  # rows: (positions, slots, segment_ids) of x's rows
+      return block(x, *rows, layer_cache, start)
 
     if cfg.remat_policy != "none":
       layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    rows = (positions, slots, segment_ids)
+    stages = mesh_axis_size("stage")
     if cfg.scan_layers:
       graphdef, layer_params = nnx.split(self.blocks)
 
-      def body(x, xs):  # one layer: xs = (this layer's parameters, this layer's cache slice)
-        return layer(nnx.merge(graphdef, xs[0]), x, xs[1])
+      def run_layers(params, x, kv, rows):  # params, kv: leaves [layers, ...]
+        def body(x, xs):  # one layer: xs = (this layer's parameters, this layer's cache slice)
+          return layer(nnx.merge(graphdef, xs[0]), x, xs[1], rows)
+        return jax.lax.scan(body, x, (params, kv))
 
-      x, kv = jax.lax.scan(body, x, (layer_params, kv))
+      if stages > 1 and cache is None:  # pipeline: [layers] -> [stages, layers / stages]
+        staged = jax.tree.map(lambda a: a.reshape(stages, -1, *a.shape[1:]), layer_params)
+        x = gpipe(lambda p, x, rows: run_layers(p, x, None, rows)[0], staged, x, rows,
+                  pipeline_microbatches(cfg, stages))
+      else:
+        x, kv = run_layers(layer_params, x, kv, rows)
     else:
       outs = []
       for i, block in enumerate(self.blocks):
-        x, layer_kv = layer(block, x, None if kv is None else jax.tree.map(lambda a: a[i], kv))
+        x, layer_kv = layer(block, x, None if kv is None else jax.tree.map(lambda a: a[i], kv), rows)
         outs.append(layer_kv)
       kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 

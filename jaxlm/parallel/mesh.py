@@ -10,8 +10,8 @@ parallelism talks every layer, so it is innermost and lands on neighbouring devi
 parallelism talks once per step, so it is outermost and is the natural axis to put across slices.
 One in-slice size (and one DCN size) may be -1: it absorbs whatever devices (slices) are left.
 
-`stage` (pipeline parallelism) is declared so configs and checks already carry it, but must be 1
-until the pipeline schedule lands. `expert` will be added the same way.
+`stage` splits the layer stack into pipeline stages (jaxlm/parallel/pipeline.py). `expert` will be
+added the same way.
 
 `resolve_mesh(config, num_devices, num_slices)` does all the arithmetic and every check that needs
 the device count, raising ConfigError naming the field and the fix; `make_mesh` builds the mesh. Both
@@ -27,6 +27,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 
 from jaxlm.config import MESH_AXES, ConfigError
+from jaxlm.parallel.pipeline import pipeline_microbatches
 
 BATCH_AXES = ("data", "fsdp")  # the axes the batch rows are split over (the "data-like" axes)
 
@@ -75,10 +76,6 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
     raise ConfigError(
         f"model.num_layers ({model.num_layers}) is not divisible by the stage axis ({size['stage']}); "
         "each pipeline stage holds the same number of layers")
-  if size["stage"] != 1:
-    raise ConfigError(
-        f"the stage axis is {size['stage']}, but pipeline parallelism is not implemented yet; set "
-        "mesh.stage and mesh.dcn_stage to 1 and use mesh.fsdp or mesh.tensor for large models")
   rows = math.prod(size[a] for a in BATCH_AXES)
   micro = t.batch_size // t.grad_accum_steps
   if micro % rows:
@@ -86,6 +83,17 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
         f"train.batch_size ({t.batch_size}) / train.grad_accum_steps ({t.grad_accum_steps}) = {micro} rows "
         f"per micro-batch is not divisible by the data-like axes (data x fsdp = {rows}); make the "
         f"batch a multiple of {rows * t.grad_accum_steps} or shrink mesh.data / mesh.fsdp")
+  if size["stage"] > 1:
+    if not model.scan_layers:
+      raise ConfigError(
+          f"the stage axis is {size['stage']} but model.scan_layers is False; pipeline stages split "
+          "the stacked layers, so set model.scan_layers=True (or mesh.stage=1)")
+    pipe = pipeline_microbatches(model, size["stage"])
+    if micro % (pipe * rows):
+      raise ConfigError(
+          f"{micro} rows per step do not split into model.pipeline_microbatches ({pipe}) pipeline "
+          f"micro-batches of a multiple of data x fsdp = {rows} rows; make train.batch_size a "
+          f"multiple of {pipe * rows * t.grad_accum_steps} or change model.pipeline_microbatches")
   if config.data.seq_len % size["sequence"]:
     raise ConfigError(
         f"data.seq_len ({config.data.seq_len}) is not divisible by the sequence axis "

@@ -73,3 +73,11 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   rules, mesh = active
   sharding = jax.sharding.NamedSharding(mesh, spec(logical, rules, x.shape, mesh))
   return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def mesh_axis_size(axis: str) -> int:
+  """Size of a mesh axis in the active mesh; 1 when no rules are active or the mesh lacks it."""
+  active = _ACTIVE.get()
+  if active is None:
+    return 1
+  return dict(active[1].shape).get(axis, 1)

@@ -1,0 +1,76 @@
+"""Pipeline parallelism: the layer stack split into stages over the mesh's `stage` axis (GPipe).
+
+The stacked layer parameters [layers, ...] are viewed as [stages, layers / stages, ...]; with the
+rule "layers:stage" each stage's slice already lives on its own devices. A step's rows are split
+into m micro-batches. At iteration i (of m + p - 1), stage s runs its layers on micro-batch i - s:
+every stage computes at once (a vmap over the stage dimension, which sharding over `stage` turns
+into each device group running only its own stage), then the activations shift one stage down
+(a roll along the stage dimension: a collective permute between neighbouring stage groups).
+
+Schedule: GPipe, all forwards then (by autodiff of the scan) all backwards. Bubble, the fraction
+of stage-iterations that do no useful work, is (p - 1) / (m + p - 1): 3/7 for p=4, m=4; 3/11 for
+m=8. Those idle iterations still compute on padding here (a vmap cannot skip one stage), so the
+bubble costs time, not correctness. Activation memory grows with m (autodiff keeps every
+iteration's stage inputs); remat policies apply inside each layer as without pipelining.
+
+Micro-batch j holds rows j, j + m, j + 2m, ... of the step's rows, so every micro-batch is spread
+over all data-parallel shards instead of living on a few of them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.parallel.rules import constrain
+
+
+def pipeline_microbatches(model_config, stages: int) -> int:
+  """model.pipeline_microbatches, or 2 x stages when it is 0."""
+  return model_config.pipeline_microbatches or 2 * stages
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+  """Idle share of the GPipe schedule: (p - 1) / (m + p - 1)."""
+  return (stages - 1) / (microbatches + stages - 1)
+
+
+def gpipe(stage_fn: Callable, stage_params, x, extras, microbatches: int):
+  """Runs `stage_fn` stage after stage over `microbatches` micro-batches, stages in parallel.
+
+  stage_fn(params, x, extras) -> x: one stage's layers on one micro-batch, where params are one
+  stage's slice of `stage_params` (leaves [stages, ...]), x: [rows / m, length, embed] and extras
+  the matching rows of `extras` (a pytree of per-row arrays such as positions and segment ids).
+  x: [rows, length, embed]. Returns stage_fn^stages(x): [rows, length, embed].
+  """
+  stages = jax.tree.leaves(stage_params)[0].shape[0]
+  rows, m = x.shape[0], microbatches
+  if rows % m:
+    raise ValueError(f"{rows} rows do not split into {m} pipeline micro-batches")
+
+  def split(a):  # [rows, ...] -> [m, rows / m, ...]; micro-batch j = rows j, j + m, ...
+    return a.reshape(rows // m, m, *a.shape[1:]).swapaxes(0, 1)
+
+  xs, es = split(x), jax.tree.map(split, extras)
+  stage_ids = jnp.arange(stages)
+  first_stage = (stage_ids == 0).reshape(stages, *([1] * (x.ndim)))
+  axes = ("stage", "batch", "length", "embed")
+
+  def iteration(carry, i):
+    state, outputs = carry  # state: [stages, rows / m, length, embed], each stage's last output
+    incoming = jnp.where(first_stage, xs[jnp.minimum(i, m - 1)][None], jnp.roll(state, 1, axis=0))
+    incoming = constrain(incoming, axes)
+    micro = jnp.clip(i - stage_ids, 0, m - 1)  # [stages]: the micro-batch each stage works on
+    out = jax.vmap(stage_fn)(stage_params, incoming, jax.tree.map(lambda a: a[micro], es))
+    out = constrain(out, axes)
+    # The last stage finished micro-batch i - (p - 1). Before that index exists (i < p - 1) this
+    # writes padding into slot 0, which iteration p - 1 overwrites with the real micro-batch 0.
+    done = jnp.maximum(i - (stages - 1), 0)
+    outputs = jax.lax.dynamic_update_index_in_dim(outputs, out[stages - 1], done, 0)
+    return (out, outputs), None
+
+  init = (jnp.zeros((stages, *xs.shape[1:]), x.dtype), jnp.zeros_like(xs))
+  (_, outputs), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
+  return outputs.swapaxes(0, 1).reshape(x.shape)  # back to row order
