@@ -1,0 +1,101 @@
+"""Pipeline step time on simulated CPU devices: GPipe (stage x data) against data parallel alone.
+
+  python benchmarks/pipeline_step_time.py                  # 8 simulated devices, ~2 min on 2 cores
+  python benchmarks/pipeline_step_time.py --stages 2 4 --microbatches 4 8
+
+Every row trains the same small model on the same global batch over 8 simulated devices. Simulated
+devices share the host's cores, so a step's time is the total work of all devices: the pipeline's
+overhead shows as the bubble's padded iterations ((p - 1) / (m + p - 1) of the stage-iterations
+compute on padding) plus the stage-to-stage copies. Rows are timed interleaved (median of --steps).
+On real accelerators the stages run concurrently and the bubble is idle time instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxlm.config import base_config, validate  # noqa: E402
+from jaxlm.parallel.pipeline import bubble_fraction  # noqa: E402
+from jaxlm.parallel.sharding import global_batch  # noqa: E402
+from jaxlm.train.optimizer import make_optimizer  # noqa: E402
+from jaxlm.train.sharded import graphdef_of, init_sharded_state, jit_train_step, make_layout  # noqa: E402
+
+
+def config(stage: int, microbatches: int, a) -> object:
+  c = base_config()
+  c.model.update(vocab_size=512, d_model=a.d_model, num_layers=a.layers, num_heads=4, num_kv_heads=4,
+                 mlp_dim=4 * a.d_model, max_seq_len=a.seq, pipeline_microbatches=microbatches)
+  c.tokenizer.vocab_size = 512
+  c.data.seq_len = a.seq
+  c.train.update(batch_size=a.batch, warmup_steps=0)
+  c.mesh.update(data=8 // stage, stage=stage)
+  return validate(c)
+
+
+class Row:
+  def __init__(self, c):
+    tx = make_optimizer(c.train)
+    layout = make_layout(c, tx)
+    self.state = init_sharded_state(c, tx, layout)
+    rng = np.random.default_rng(0)
+    b, t = c.train.batch_size, c.data.seq_len
+    tokens = rng.integers(0, c.model.vocab_size, (b, t)).astype(np.int32)
+    local = {"inputs": tokens, "targets": np.roll(tokens, -1, 1), "segment_ids": np.ones((b, t), np.int32),
+             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+             "weights": np.ones((b, t), np.int32)}
+    self.batch = global_batch(local, layout.batch)
+    self.step_fn = jit_train_step(c, graphdef_of(c), tx, layout).lower(self.state, self.batch).compile()
+
+  def step(self) -> float:
+    t = time.perf_counter()
+    self.state, metrics = self.step_fn(self.state, self.batch)
+    jax.block_until_ready(metrics["loss"])
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+  p.add_argument("--microbatches", type=int, nargs="+", default=[4, 8])
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--d_model", type=int, default=128)
+  p.add_argument("--seq", type=int, default=64)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--steps", type=int, default=6)
+  a = p.parse_args(argv)
+  rows = {"dp8 (no pipeline)": Row(config(1, 0, a))}
+  for s in a.stages:
+    for m in a.microbatches:
+      rows[f"pp{s} x dp{8 // s}, m={m}"] = (Row(config(s, m, a)), s, m)
+  times = {k: [] for k in rows}
+  for k, r in rows.items():  # warm-up
+    (r[0] if isinstance(r, tuple) else r).step()
+  for _ in range(a.steps):
+    for k, r in rows.items():
+      times[k].append((r[0] if isinstance(r, tuple) else r).step())
+  base = statistics.median(times["dp8 (no pipeline)"])
+  print(f"\n8 simulated CPU devices on {os.cpu_count()} cores; {a.layers} layers, d_model {a.d_model}, "
+        f"seq {a.seq}, batch {a.batch}; median of {a.steps} interleaved steps")
+  print(f"{'layout':28s} {'ms/step':>8s} {'vs dp8':>7s} {'bubble (paper)':>15s} {'(m+p-1)/m':>10s}")
+  for k, r in rows.items():
+    dt = statistics.median(times[k])
+    if isinstance(r, tuple):
+      _, s, m = r
+      paper, work = f"{bubble_fraction(s, m):.0%}", f"{(m + s - 1) / m:.2f}"
+    else:
+      paper, work = "-", "1.00"
+    print(f"{k:28s} {dt * 1e3:8.1f} {dt / base:6.2f}x {paper:>15s} {work:>10s}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
