@@ -19,9 +19,10 @@ _MASKED = -1e30  # finite, so a row with every key masked gives uniform weights,
 
 
 def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments=None,
-                          window: int = 0, softcap: float = 0.0):
+                          window: int = 0, softcap: float = 0.0, causal: bool = True):
   """q: [batch, t, heads, head_dim]; k, v: [batch, s, kv_heads, head_dim]; slots: [batch, t|s].
 
+  causal=False drops the k_slot <= q_slot condition (a window then limits |q_slot - k_slot|).
   Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
   Returns [batch, t, heads, head_dim].
   """
@@ -32,9 +33,9 @@ def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments
   if softcap:
     scores = softcap * jnp.tanh(scores / softcap)
   delta = q_slots[:, :, None] - k_slots[:, None, :]  # [batch, t, s]
-  mask = delta >= 0
+  mask = delta >= 0 if causal else jnp.ones(delta.shape, bool)
   if window:
-    mask &= delta < window
+    mask &= (delta < window) if causal else (jnp.abs(delta) < window)
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
   scores = jnp.where(mask[:, None, None], scores, _MASKED)
