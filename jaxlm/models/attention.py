@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models import rope
+from jaxlm.models import attention_kernels, rope
 from jaxlm.models.layers import Norm, dense, dtype, matmul_dtype, param
 from jaxlm.parallel.rules import constrain
 
@@ -116,7 +116,10 @@ class Attention(nnx.Module):
       k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
       q_segments = k_segments = None  # decoding continues one document
     q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
-    if cache is None and cfg.attention_blocks > 1:  # slots are 0..t-1: skip the hidden key blocks
+    kind = "xla" if cache is not None else attention_kernels.resolve(cfg.attention)
+    if kind != "xla":  # flash / cudnn: self-attention over whole rows, slots 0..t-1
+      out = attention_kernels.self_attention(cfg, kind, q, k, v, segment_ids)
+    elif cache is None and cfg.attention_blocks > 1:  # slots are 0..t-1: skip the hidden key blocks
       out = causal_blocked_attention(q, k, v, segment_ids, cfg.attention_blocks,
                                      cfg.sliding_window, cfg.attn_logit_softcap)
     else:
