@@ -56,3 +56,34 @@ def test_tpu_kernels_compile_ahead_of_time(topology):
     print(f"\n{topology} {name} t={t} head_dim={d}: per-device argument "
           f"{mem.argument_size_in_bytes / 2**20:.1f} MiB, output {mem.output_size_in_bytes / 2**20:.1f} MiB, "
           f"temp {mem.temp_size_in_bytes / 2**20:.1f} MiB")
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[test]' installs it)")
+def test_model_with_flash_compiles_for_a_sharded_tpu_mesh(monkeypatch):
+  """The model's flash path under axis rules (batch over data, heads over tensor), scan + remat."""
+  from flax import nnx
+  from jaxlm.config import base_config
+  from jaxlm.models import Transformer
+  from jaxlm.parallel.rules import axis_rules
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # this host is CPU; the target is TPU
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "tensor"))
+  rules = [("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor")]
+  m = base_config().model
+  m.update(vocab_size=256, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=512,
+           max_seq_len=1024, attention="flash", remat_policy="full", sliding_window=512,
+           compute_dtype="bfloat16")
+  abstract = nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  replicated = NamedSharding(mesh, P())
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+  tokens = jax.ShapeDtypeStruct((4, 1024), jnp.int32, sharding=NamedSharding(mesh, P("data", None)))
+
+  def loss(params, tokens):
+    with axis_rules(rules, mesh):
+      logits = nnx.merge(graphdef, params)(tokens, segment_ids=jnp.ones_like(tokens))
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  text = jax.jit(jax.grad(loss)).lower(params, tokens).compile().as_text()
+  assert "flash_fwd" in text and "flash_dq" in text and "flash_dkv" in text
