@@ -55,7 +55,14 @@ def _model() -> ConfigDict:
   m.matmul_dtype = ""
   m.scan_layers = True  # stack layers and run them with lax.scan: compile time independent of depth
   m.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
-  m.attention = "xla"  # xla: plain einsum attention (the reference implementation)
+  # Attention in training and prefill (KV-cache decoding always uses xla):
+  #   xla: plain einsum attention, the reference | flash: jaxlm's Pallas flash-attention kernels
+  #   (Mosaic TPU on TPU, interpret mode on CPU; no GPU kernel yet: warns and runs xla there) |
+  #   cudnn: jax.nn.dot_product_attention(implementation="cudnn"), GPU only, no softcap |
+  #   auto: flash on TPU/GPU, xla on CPU.
+  m.attention = "xla"
+  m.flash_block_q = 0  # flash: query rows per block; 0: the backend's default (TPU 512)
+  m.flash_block_k = 0  # flash: keys per block; 0: the backend's default (TPU 512)
   # xla attention in training/prefill: split the queries into this many blocks, each attending only
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
   m.attention_blocks = 1
@@ -190,7 +197,7 @@ _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.matmul_dtype": ("", "float32", "bfloat16"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention": ("xla",),
+    "model.attention": ("xla", "flash", "cudnn", "auto"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("shakespeare", "text", "jsonl", "tfds"),
     "train.schedule": ("cosine", "linear", "wsd", "constant"),
@@ -204,9 +211,9 @@ _POSITIVE = (
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
 )
 _NON_NEGATIVE = (
-    "model.head_dim", "model.sliding_window", "model.attn_logit_softcap",
-    "model.final_logit_softcap", "model.pipeline_microbatches", "train.warmup_steps",
-    "train.weight_decay", "train.clip_norm",
+    "model.head_dim", "model.flash_block_q", "model.flash_block_k", "model.sliding_window",
+    "model.attn_logit_softcap", "model.final_logit_softcap", "model.pipeline_microbatches",
+    "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
 )
@@ -314,6 +321,11 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError(
         f"model.d_model ({m.d_model}) is not divisible by model.num_heads ({m.num_heads}); "
         "set model.head_dim explicitly")
+  for name in ("flash_block_q", "flash_block_k"):
+    if m[name] % 8:
+      raise ConfigError(f"config field 'model.{name}' must be a multiple of 8 (TPU: of 128), got {m[name]}")
+  if m.attention == "cudnn" and m.attn_logit_softcap:
+    raise ConfigError("model.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
         f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "

@@ -1,11 +1,18 @@
-"""Eight simulated CPU devices for every test process (set before anything imports jax).
+"""Test-session settings that must be in place before anything imports jax.
 
-Code that is not given a mesh still runs on one device (jax.jit places unsharded inputs on the
-first device); tests/test_parallel.py builds meshes over all eight. The flag reaches subprocesses
-(CLI tests, the notebook kernel) through the environment too.
+Eight simulated CPU devices for every test process: code that is not given a mesh still runs on
+one device (jax.jit places unsharded inputs on the first device); tests/test_parallel.py builds
+meshes over all eight. The flag reaches subprocesses (CLI tests, the notebook kernel) through the
+environment too.
+
+With libtpu installed (the test extra, for the TPU AOT tests), every JAX process probes for TPUs
+and libtpu takes /tmp/libtpu_lockfile; a second process (another xdist worker, or any other JAX
+program on the machine) then cannot build the abstract TPU topology. The AOT tests use no TPU, so
+sharing libtpu between processes is safe.
 """
 
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

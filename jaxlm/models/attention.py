@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.models import rope
+from jaxlm.models import attention_kernels, rope
 from jaxlm.models.layers import Norm, dense, dtype, matmul_dtype, param
 from jaxlm.parallel.rules import constrain
 
@@ -19,9 +19,10 @@ _MASKED = -1e30  # finite, so a row with every key masked gives uniform weights,
 
 
 def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments=None,
-                          window: int = 0, softcap: float = 0.0):
+                          window: int = 0, softcap: float = 0.0, causal: bool = True):
   """q: [batch, t, heads, head_dim]; k, v: [batch, s, kv_heads, head_dim]; slots: [batch, t|s].
 
+  causal=False drops the k_slot <= q_slot condition (a window then limits |q_slot - k_slot|).
   Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
   Returns [batch, t, heads, head_dim].
   """
@@ -32,9 +33,9 @@ def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments
   if softcap:
     scores = softcap * jnp.tanh(scores / softcap)
   delta = q_slots[:, :, None] - k_slots[:, None, :]  # [batch, t, s]
-  mask = delta >= 0
+  mask = delta >= 0 if causal else jnp.ones(delta.shape, bool)
   if window:
-    mask &= delta < window
+    mask &= (delta < window) if causal else (jnp.abs(delta) < window)
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
   scores = jnp.where(mask[:, None, None], scores, _MASKED)
@@ -120,7 +121,10 @@ class Attention(nnx.Module):
       k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
       q_segments = k_segments = None  # decoding continues one document
     q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
-    if cache is None and cfg.attention_blocks > 1:  # slots are 0..t-1: skip the hidden key blocks
+    kind = "xla" if cache is not None else attention_kernels.resolve(cfg.attention)
+    if kind != "xla":  # flash / cudnn: self-attention over whole rows, slots 0..t-1
+      out = attention_kernels.self_attention(cfg, kind, q, k, v, segment_ids)
+    elif cache is None and cfg.attention_blocks > 1:  # slots are 0..t-1: skip the hidden key blocks
       out = causal_blocked_attention(q, k, v, segment_ids, cfg.attention_blocks,
                                      cfg.sliding_window, cfg.attn_logit_softcap)
     else:

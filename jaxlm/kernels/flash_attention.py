@@ -1,0 +1,120 @@
+"""jaxlm's flash attention: public entry point, custom_vjp, padding and backend choice.
+
+`flash_attention(q, k, v, ...)` takes the model's layout (q [batch, t, heads, head_dim], k/v
+[batch, s, kv_heads, head_dim]) and matches `jaxlm.models.attention.dot_product_attention` with
+slots 0..t-1 and 0..s-1. Memory is linear in sequence length: the forward pass saves only its
+output and the row log-sum-exp, and the backward kernels recompute probabilities block by block.
+
+Backends
+  "tpu"        Pallas Mosaic TPU (`flash_tpu.py`).
+  "interpret"  the same kernels run by Pallas' interpreter: CPU tests and CPU training.
+  "gpu"        not implemented yet; see `jaxlm/kernels/__init__.py` for the decision and the model's
+               explicit fallback. Asking for it here raises NotImplementedError.
+  "auto"       tpu on TPU, interpret on CPU.
+
+Sequence lengths need not be multiples of the blocks: q/k/v are zero-padded to block multiples
+here, padded keys are masked in the kernel by the static real length, and padded query rows are
+sliced off (their cotangent is zero, so they add nothing to dK/dV).
+
+Rows whose every key is masked (possible only when query and key segment ids differ) output
+zeros and get zero gradients. The XLA reference instead gives such a row uniform weights over all
+keys; tests compare only rows with a visible key and assert no NaN anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.kernels import flash_tpu
+
+# Default (block_q, block_k) per backend. TPU: 512x512 keeps the f32 score tile at 1 MiB and the
+# MXU busy with head_dim 64..256 while fitting the 16 MiB default scoped VMEM of v5e with double
+# buffering; interpret: small blocks so CPU tests run many blocks.
+DEFAULT_BLOCKS = {"tpu": (512, 512), "interpret": (128, 128)}
+_ALIGN = {"tpu": 128, "interpret": 8}  # Mosaic: blocks are whole (8, 128) tiles; 128 covers both sides
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def resolve_backend(backend: str = "auto") -> str:
+  if backend == "auto":
+    platform = jax.default_backend()
+    backend = {"tpu": "tpu", "cpu": "interpret"}.get(platform, "gpu")
+  if backend == "gpu":
+    raise NotImplementedError(
+        "jaxlm has no GPU flash-attention kernel yet; use model.attention='xla' or 'cudnn' on GPU")
+  if backend not in DEFAULT_BLOCKS:
+    raise ValueError(f"unknown flash-attention backend {backend!r}; choose tpu | interpret | auto")
+  return backend
+
+
+def _block(requested: int | None, default: int, length: int, align: int) -> int:
+  """Block size: the request (or default), never longer than the aligned sequence."""
+  size = requested or default
+  if size % align:
+    raise ValueError(f"block size {size} must be a multiple of {align} on this backend")
+  return min(size, _round_up(length, align))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, k_seg, spec):
+  return flash_tpu.forward(spec, q, k, v, q_seg, k_seg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, spec):
+  o, lse = flash_tpu.forward(spec, q, k, v, q_seg, k_seg)
+  return o, (q, k, v, q_seg, k_seg, o, lse)
+
+
+def _flash_bwd(spec, res, do):
+  q, k, v, q_seg, k_seg, o, lse = res
+  dq, dk, dv = flash_tpu.backward(spec, q, k, v, o, lse, do, q_seg, k_seg)
+  return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool = True,
+                    window: int = 0, softcap: float = 0.0, block_q: int | None = None,
+                    block_k: int | None = None, backend: str = "auto"):
+  """Flash attention. q: [batch, t, heads, head_dim]; k, v: [batch, s, kv_heads, head_dim].
+
+  segments: [batch, t] and [batch, s] int (both or neither): a query sees only keys of its own
+  segment. causal: key position <= query position. window > 0: additionally q - k < window
+  (non-causal: |q - k| < window). softcap > 0: scores become softcap * tanh(scores / softcap).
+  heads must be a multiple of kv_heads (GQA/MQA); K/V are never repeated. Returns
+  [batch, t, heads, head_dim] in q's dtype. Differentiable in q, k, v (custom_vjp).
+  """
+  backend = resolve_backend(backend)
+  b, t, h, d = q.shape
+  s, kvh = k.shape[1], k.shape[2]
+  if h % kvh:
+    raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({kvh})")
+  if (q_segments is None) != (k_segments is None):
+    raise ValueError("give both q_segments and k_segments, or neither")
+  dq_, dk_ = DEFAULT_BLOCKS[backend]
+  align = _ALIGN[backend]
+  bq, bk = _block(block_q, dq_, t, align), _block(block_k, dk_, s, align)
+  tq, tk = _round_up(t, bq), _round_up(s, bk)
+  spec = flash_tpu.Spec(
+      causal=bool(causal), window=int(window), softcap=float(softcap), scale=float(d) ** -0.5,
+      q_len=t, kv_len=s, block_q=bq, block_k=bk, groups=h // kvh,
+      segments=q_segments is not None, interpret=backend == "interpret")
+
+  def head_major(x, length):  # [b, n, heads, d] -> [b, heads, padded n, d]
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+
+  q_seg = k_seg = None
+  if q_segments is not None:
+    q_seg = jnp.pad(q_segments.astype(jnp.int32), ((0, 0), (0, tq - t)))[:, :, None]  # [b, tq, 1]
+    k_seg = jnp.pad(k_segments.astype(jnp.int32), ((0, 0), (0, tk - s)))[:, None, :]  # [b, 1, tk]
+  o = _flash(head_major(q, tq), head_major(k.astype(q.dtype), tk), head_major(v.astype(q.dtype), tk),
+             q_seg, k_seg, spec)
+  return jnp.swapaxes(o[:, :, :t], 1, 2)
