@@ -227,7 +227,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   a = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
   a.overrides = check_overrides(overrides)
   check_name("--name", a.name)
-  parse_topology(a.accelerator_type)
+  topo = parse_topology(a.accelerator_type)
   if a.max_retries < 0:
     raise LaunchError(f"--max_retries={a.max_retries} must be >= 0 (0: never retry)")
   if a.command in ("job", "train"):
@@ -235,7 +235,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       raise LaunchError("--workdir is required for job/train: e.g. --workdir=/gcs/my-bucket/runs/llama3-8b")
     check_workdir(a.workdir)
     check_config(a.config)
-  topo = parse_topology(a.accelerator_type)
   if not 0 <= a.worker < topo.hosts:
     raise LaunchError(f"--worker={a.worker}: a {a.accelerator_type} slice has workers 0..{topo.hosts - 1}")
   return a

@@ -42,12 +42,12 @@ def attention_context(m, seq_len: int, causal: bool = True) -> float:
   causal: the causal mask counts as half the score matrix (seq_len / 2); with a sliding window w <
   seq_len the same convention gives w - w^2 / (2 seq_len): the first w queries see a half
   triangle, the rest w keys each.
-  causal=False: every query meets every key in range, as a dense masked attention computes and as
-  XLA's cost_analysis() counts it.
+  causal=False: every query meets every key of the row, window or not: the score matrix a dense
+  masked attention computes, and what XLA's cost_analysis() counts for it.
   """
   w = m.sliding_window
   if not causal:
-    return float(min(seq_len, w)) if w else float(seq_len)
+    return float(seq_len)
   if not w or w >= seq_len:
     return seq_len / 2
   return w - w * w / (2 * seq_len)
