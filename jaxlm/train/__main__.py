@@ -26,9 +26,11 @@ def main(argv):
   from jaxlm.train.loop import train
 
   from jaxlm.train.checkpoint import CheckpointError
+  from jaxlm.train.distributed import maybe_initialize
 
   config = _CONFIG.value
   try:
+    maybe_initialize()  # before any computation: a multi-host job must agree on its devices first
     result = train(config)
   except (ConfigError, FileNotFoundError) as e:  # bad input: a message, not a trace
     sys.exit(f"jaxlm: {e}")

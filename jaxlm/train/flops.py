@@ -1,8 +1,10 @@
 """Analytic training FLOPs per token and the per-device peak they are measured against (MFU).
 
 Counted: every matmul (2 FLOPs per multiply-add) in q/k/v/o, the MLP and the output logits, plus
-the attention score and value products (QK^T and PV) with causal attention counted as half. Not
-counted: the embedding lookup, norms, softmax. Training = forward + backward = 3 x forward.
+the attention score and value products (QK^T and PV) with causal attention counted as half (with a
+sliding window: the keys in the window). Not counted: the embedding lookup, norms, softmax, the
+optimizer. Training = forward + backward = 3 x forward. Recomputation (remat) is not counted either:
+these are model FLOPs, so MFU does not reward recomputing.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ import time
 import jax
 import jax.numpy as jnp
 
-# bf16 dense peak TFLOP/s per chip, from the vendors' spec sheets.
+# bf16 dense peak TFLOP/s per chip (a TPU chip, a GPU), from the vendors' spec sheets, keyed by the
+# start of jax's `device_kind`: TPU v5e reports "TPU v5 lite", v6e "TPU v6 lite", v5p "TPU v5p" or
+# "TPU v5". The longest matching key wins, so "NVIDIA H100 PCIe" is not read as an SXM H100.
 PEAK_TFLOPS = {
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+    "TPU v5": 459.0, "TPU v5p": 459.0,
     "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
+    "NVIDIA H100": 989.0, "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
 }
 
 
@@ -28,11 +36,28 @@ def matmul_params(m) -> int:
   return m.num_layers * (attn + mlp) + m.d_model * m.vocab_size  # + the output logits
 
 
-def train_flops_per_token(m, seq_len: int) -> float:
+def attention_context(m, seq_len: int, causal: bool = True) -> float:
+  """Keys each query attends to, averaged over a row of seq_len tokens.
+
+  causal: the causal mask counts as half the score matrix (seq_len / 2); with a sliding window w <
+  seq_len the same convention gives w - w^2 / (2 seq_len): the first w queries see a half
+  triangle, the rest w keys each.
+  causal=False: every query meets every key of the row, window or not: the score matrix a dense
+  masked attention computes, and what XLA's cost_analysis() counts for it.
+  """
+  w = m.sliding_window
+  if not causal:
+    return float(seq_len)
+  if not w or w >= seq_len:
+    return seq_len / 2
+  return w - w * w / (2 * seq_len)
+
+
+def train_flops_per_token(m, seq_len: int, causal: bool = True) -> float:
+  """Model FLOPs of one training token (forward + backward) at rows of seq_len tokens."""
   hd = m.head_dim or m.d_model // m.num_heads
-  context = min(seq_len, m.sliding_window) if m.sliding_window else seq_len
-  # QK^T and PV: 2 products x 2 FLOPs x context x heads x head_dim; causal halves the context.
-  attention = m.num_layers * 2 * 2 * m.num_heads * hd * context * 0.5
+  # QK^T and PV: 2 products x 2 FLOPs x heads x head_dim per key attended to.
+  attention = m.num_layers * 2 * 2 * m.num_heads * hd * attention_context(m, seq_len, causal)
   return 3 * (2 * matmul_params(m) + attention)
 
 
@@ -53,8 +78,11 @@ def peak_tflops_per_device(override: float = 0.0, dot_dtype: str = "float32") ->
   measurement in `dot_dtype`."""
   if override:
     return override
-  kind = jax.devices()[0].device_kind
-  for name, tflops in PEAK_TFLOPS.items():
-    if kind.startswith(name):
-      return tflops
-  return _measured_cpu_tflops(dot_dtype)
+  tflops = table_peak_tflops(jax.devices()[0].device_kind)
+  return tflops if tflops is not None else _measured_cpu_tflops(dot_dtype)
+
+
+def table_peak_tflops(device_kind: str) -> float | None:
+  """The PEAK_TFLOPS entry whose key is the longest prefix of device_kind; None if none is."""
+  matches = [name for name in PEAK_TFLOPS if device_kind.startswith(name)]
+  return PEAK_TFLOPS[max(matches, key=len)] if matches else None

@@ -81,20 +81,25 @@ def train(config, stop_at_step: int | None = None) -> dict:
 
   log = MetricsLogger(t.workdir, t.steps, start, t.progress_bar)
   log.print(f"jaxlm: {n_params / 1e6:.2f}M parameters, {config.data.seq_len} x {t.batch_size} tokens "
-            f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s; "
-            f"starting at step {start} of {t.steps}; mesh {_mesh_text(layout.mesh)}")
+            f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s over "
+            f"{jax.device_count()} device(s); starting at step {start} of {t.steps}; "
+            f"mesh {_mesh_text(layout.mesh)}")
+  # Tokens of the global batch: every process loads batch_size / process_count rows, and MFU divides
+  # by the peak of all devices, so throughput must count all processes' rows.
+  tokens_per_step = t.batch_size * config.data.seq_len
   last, window_tokens, window_start = {}, 0.0, time.perf_counter()
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   for step in range(start + 1, end + 1):
     batch = global_batch(next(train_iter), layout.batch)  # this process's rows -> global arrays
     state, metrics = train_step(state, batch)
     log.advance()
-    window_tokens += batch["weights"].size
+    window_tokens += tokens_per_step
     if step % t.log_every == 0 or step == t.steps:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - window_start
       tokens_per_sec = window_tokens / elapsed
       metrics.update(tokens_per_sec=tokens_per_sec,
+                     tokens_per_sec_per_device=tokens_per_sec / jax.device_count(),
                      tflops_per_sec=tokens_per_sec * flops_per_token / 1e12,
                      mfu=tokens_per_sec * flops_per_token / 1e12 / peak)
       log.write(step, metrics)

@@ -33,8 +33,10 @@ class MetricsLogger:
     for k, v in metrics.items():
       self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
     if prefix == "train":
-      summary = (f"loss {metrics['loss']:.3f} | {metrics['tokens_per_sec']:,.0f} tok/s | "
-                 f"{metrics['tflops_per_sec']:.3f} TFLOP/s | MFU {100 * metrics['mfu']:.1f}%")
+      tps, per_device = metrics["tokens_per_sec"], metrics["tokens_per_sec_per_device"]
+      rate = f"{tps:,.0f} tok/s" + (f" ({per_device:,.0f}/device)" if per_device < tps else "")
+      summary = (f"loss {metrics['loss']:.3f} | {rate} | {metrics['tflops_per_sec']:.3f} TFLOP/s | "
+                 f"MFU {100 * metrics['mfu']:.1f}%")
       if self._bar.disable:  # no bar to carry it: one line per log step instead
         self.print(f"step {step}: {summary}")
       else:

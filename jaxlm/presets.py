@@ -1,0 +1,75 @@
+"""What the model presets in configs/ share: the base they build on, and counting their parameters.
+
+Every preset is a file `configs/<name>.py` with `get_config()` (loadable as `--config=configs/<name>.py`,
+so `--config.<section>.<field>=...` overrides any field) and module-level constants that document
+where it is meant to run: `TPU_SLICE`, `MESH` (axis sizes, -1: the rest of the devices), `GPU_NODES`
+(8-GPU nodes) and `PUBLISHED_PARAMS` (the count the published model card states, or for our own
+shapes the count we state). The mesh itself is not part of the config here; MESH only documents it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+from jaxlm.config import ConfigDict, base_config
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: int,
+                    learning_rate: float, warmup_steps: int, **model) -> ConfigDict:
+  """base_config() set up for a large pretraining run; `model` overrides config.model fields.
+
+  Data is a prepared TFDS dataset (C4) and the tokenizer vocabulary matches the model's, so the
+  config validates as is; to train with a model's published tokenizer, point tokenizer.path at it
+  as a SentencePiece .model (see each preset's docstring).
+  """
+  c = base_config()
+  m = c.model
+  m.update(vocab_size=vocab_size, **model)
+  m.compute_dtype = model.get("compute_dtype", "bfloat16")  # bf16 activations; float32 master weights
+  m.remat_policy = model.get("remat_policy", "full")  # recompute each layer in backward: activations fit
+  c.tokenizer.vocab_size = vocab_size  # jaxlm trains a SentencePiece of this size when no path is given
+  c.tokenizer.train_max_bytes = 1_000_000_000  # a large vocabulary needs far more text than the default
+  c.data.source = "tfds"
+  c.data.tfds_name = "c4/en:3.1.0"  # prepared in ArrayRecord format; set data.tfds_data_dir
+  c.data.seq_len = seq_len
+  t = c.train
+  t.update(batch_size=batch_size, steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps)
+  t.b2 = 0.95
+  t.weight_decay = 0.1
+  t.eval_every = 2000
+  t.eval_batches = 50  # a fixed slice of the validation split, not the whole of it
+  t.log_every = 10
+  t.progress_bar = False  # one log line per log step: readable in per-worker log files
+  c.checkpoint.every = 1000  # what a preempted run loses at most
+  return c
+
+
+def load(name_or_path: str):
+  """Imports a preset module: `llama3_8b` or `configs/llama3_8b.py`."""
+  path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, name_or_path + ".py")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"jaxlm_preset_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def names() -> list[str]:
+  """Every preset in configs/."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def param_count(model_cfg) -> int:
+  """Parameters of the model `model_cfg` describes, from the abstract model: no memory is allocated."""
+  from flax import nnx  # imported here: configs import this module and should stay cheap to load
+
+  import jax
+  from jaxlm.models import Transformer
+
+  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
