@@ -42,4 +42,5 @@ def get_config():
       seq_len=4096, batch_size=128, steps=100_000, learning_rate=3e-4, warmup_steps=2000)
   c.train.grad_accum_steps = 2  # halves the live 256000-wide logits
   c.train.workdir = "runs/gemma2_2b"
+  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

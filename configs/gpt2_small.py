@@ -24,4 +24,5 @@ def get_config():
       remat_policy="none",  # activations of a 124M model fit without recomputation
       seq_len=1024, batch_size=512, steps=20_000, learning_rate=6e-4, warmup_steps=700)
   c.train.workdir = "runs/gpt2_small"
+  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

@@ -31,4 +31,5 @@ def get_config():
       tie_embeddings=False,
       seq_len=8192, batch_size=512, steps=100_000, learning_rate=8e-5, warmup_steps=8000)
   c.train.workdir = "runs/llama3_405b"
+  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

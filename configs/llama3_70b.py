@@ -31,4 +31,5 @@ def get_config():
       tie_embeddings=False,
       seq_len=8192, batch_size=512, steps=100_000, learning_rate=1.5e-4, warmup_steps=2000)
   c.train.workdir = "runs/llama3_70b"
+  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

@@ -33,4 +33,5 @@ def get_config():
       tie_embeddings=False,
       seq_len=8192, batch_size=128, steps=100_000, learning_rate=3e-4, warmup_steps=2000)
   c.train.workdir = "runs/llama3_8b"
+  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

@@ -24,4 +24,5 @@ def get_config():
       remat_policy="dots_no_batch",  # keep the weight-side matmul outputs, recompute the rest
       seq_len=2048, batch_size=256, steps=50_000, learning_rate=3e-4, warmup_steps=1000)
   c.train.workdir = "runs/llama_1b"
+  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

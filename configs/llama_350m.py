@@ -22,4 +22,5 @@ def get_config():
       remat_policy="none",  # fits without recomputation at 16 rows a chip
       seq_len=2048, batch_size=256, steps=50_000, learning_rate=3e-4, warmup_steps=1000)
   c.train.workdir = "runs/llama_350m"
+  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

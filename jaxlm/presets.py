@@ -4,7 +4,7 @@ Every preset is a file `configs/<name>.py` with `get_config()` (loadable as `--c
 so `--config.<section>.<field>=...` overrides any field) and module-level constants that document
 where it is meant to run: `TPU_SLICE`, `MESH` (axis sizes, -1: the rest of the devices), `GPU_NODES`
 (8-GPU nodes) and `PUBLISHED_PARAMS` (the count the published model card states, or for our own
-shapes the count we state). The mesh itself is not part of the config here; MESH only documents it.
+shapes the count we state). get_config() applies MESH to config.mesh.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: in
   m.update(vocab_size=vocab_size, **model)
   m.compute_dtype = model.get("compute_dtype", "bfloat16")  # bf16 activations; float32 master weights
   m.remat_policy = model.get("remat_policy", "full")  # recompute each layer in backward: activations fit
+  m.attention = model.get("attention", "auto")  # Pallas flash attention on TPU: memory linear in seq_len
   c.tokenizer.vocab_size = vocab_size  # jaxlm trains a SentencePiece of this size when no path is given
   c.tokenizer.train_max_bytes = 1_000_000_000  # a large vocabulary needs far more text than the default
   c.data.source = "tfds"

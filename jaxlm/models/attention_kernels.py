@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve(kind: str, platform: str | None = None) -> str:
-  """The implementation `kind` runs on `platform` (default: JAX's default backend)."""
-  platform = platform or jax.default_backend()
+  """The implementation `kind` runs on `platform` (default: the active mesh's, else JAX's default)."""
+  platform = platform or rules.platform()
   if kind == "auto":
     kind = "xla" if platform == "cpu" else "flash"
   if kind == "flash" and platform not in ("tpu", "cpu"):
@@ -80,6 +80,8 @@ def self_attention(cfg, kind: str, q, k, v, segments):
   def flash(q, k, v, seg):
     return flash_attention(q, k, v, seg, seg, causal=True, window=cfg.sliding_window,
                            softcap=cfg.attn_logit_softcap, block_q=cfg.flash_block_q or None,
-                           block_k=cfg.flash_block_k or None)
+                           block_k=cfg.flash_block_k or None, backend=backend)
+
+  backend = "tpu" if rules.platform() == "tpu" else "auto"
 
   return _in_shard_map(flash, q, k, v, None if segments is None else segments.astype(jnp.int32))

@@ -81,3 +81,12 @@ def mesh_axis_size(axis: str) -> int:
   if active is None:
     return 1
   return dict(active[1].shape).get(axis, 1)
+
+
+def platform() -> str:
+  """The platform the active mesh's devices are ("tpu" for abstract TPU devices planned on a CPU
+  host); without active rules, JAX's default backend. Kernels choose their backend by it."""
+  active = _ACTIVE.get()
+  if active is None:
+    return jax.default_backend()
+  return active[1].devices.flat[0].platform
