@@ -80,19 +80,6 @@ def reference():
   return run(tiny_config(), devices=jax.devices()[:1])
 
 
-@pytest.fixture(scope="module")
-def runs():
-  return {}
-
-
-@pytest.fixture
-def layout_run(runs, request):
-  name = request.param
-  if name not in runs:
-    runs[name] = run(tiny_config(**LAYOUTS[name]))
-  return name, runs[name]
-
-
 def _rel_err(a, b) -> float:
   """||a - b|| / ||b|| over an array (b the reference).
 
@@ -109,9 +96,16 @@ def _worst_element(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-@pytest.mark.parametrize("layout_run", list(LAYOUTS), indirect=True)
-def test_layout_matches_single_device(reference, layout_run):
-  name, got = layout_run
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_device_and_is_sharded(reference, name):
+  """One test per layout, so each layout compiles once even when xdist splits the module."""
+  got = run(tiny_config(**LAYOUTS[name]))
+  _check_same_numbers(name, got, reference)
+  _check_sharded_as_the_rules_say(name, got)
+  _check_state_memory(name, got)
+
+
+def _check_same_numbers(name, got, reference):
   assert jax.device_count() == 8 and got["layout"].mesh.size == 8
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
   errors, elements = {}, []
@@ -142,9 +136,7 @@ def _expected_shard(shape, logical, mesh_shape, rules):
   return tuple(out)
 
 
-@pytest.mark.parametrize("layout_run", list(LAYOUTS), indirect=True)
-def test_arrays_are_sharded_as_the_rules_say(layout_run):
-  name, got = layout_run
+def _check_sharded_as_the_rules_say(name, got):
   layout, state = got["layout"], got["state"]
   mesh_shape, rules = dict(layout.mesh.shape), layout.rules
   is_var = lambda x: hasattr(x, "get_metadata")  # noqa: E731
@@ -179,15 +171,19 @@ def _state_bytes_per_device(compiled, batch) -> int:
   return compiled.memory_analysis().argument_size_in_bytes - batch_bytes
 
 
-def test_fsdp8_holds_an_eighth_of_the_replicated_state(runs):
-  for name in ("dp8", "fsdp8"):
-    if name not in runs:
-      runs[name] = run(tiny_config(**LAYOUTS[name]))
-  replicated = _state_bytes_per_device(runs["dp8"]["compiled"], runs["dp8"]["batch"])
-  fsdp = _state_bytes_per_device(runs["fsdp8"]["compiled"], runs["fsdp8"]["batch"])
-  whole = sum(x.nbytes for x in jax.tree.leaves(runs["dp8"]["state"][1:3]))
-  assert replicated >= whole  # dp8: every device holds all of it
-  assert fsdp <= replicated / 8 * 1.1, (fsdp, replicated)
+def _check_state_memory(name, got):
+  """Per-device params + optimizer state from XLA's memory analysis of the compiled step.
+
+  The replicated figure is the whole state (what dp8 holds on every device, asserted for dp8);
+  fsdp8 must hold at most 1/8 of it plus 10%.
+  """
+  per_device = _state_bytes_per_device(got["compiled"], got["batch"])
+  whole = sum(x.nbytes for x in jax.tree.leaves(got["state"][:3]))  # step, params, optimizer state
+  print(f"{name}: params + optimizer state {per_device} bytes per device, {whole} replicated")
+  if name == "dp8":
+    assert whole <= per_device <= whole * 1.01  # + the RNG key
+  if name == "fsdp8":
+    assert per_device <= whole / 8 * 1.1, (per_device, whole)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,3 +245,43 @@ def test_bad_mesh_fields_fail_validation(field, value, message):
 def test_default_rules_parse():
   rules = dict(parse_rules(base_config().mesh.rules))
   assert rules["batch"] == ("data", "fsdp") and rules["embed"] == ("fsdp",) and "layers" not in rules
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes x four devices = one process x eight
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, tmp_path):
+  """2 processes x 4 devices give the single-device numbers (as 1 process x 8 devices does above)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  name = "dp2_fsdp2_tp2"  # data across the processes, fsdp and tensor inside each
+  out, port = tmp_path / "losses.json", _free_port()
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), name, str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=400)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  got = json.loads(out.read_text())
+  assert got["rows"] == [0, 4]  # process 0 fed only its half of the batch
+  np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
+  embed = jax.device_get(reference["state"].params["embed"].value)
+  np.testing.assert_allclose(got["embed_sum"], float(np.abs(embed).sum()), rtol=1e-5)
