@@ -192,8 +192,8 @@ def _check_state_memory(name, got):
 
 @pytest.mark.parametrize("mesh,model,train,message", [
     (dict(data=3), {}, {}, r"multiply to 3 but there are 8 devices.*-1"),
-    (dict(data=-1, tensor=3), {}, {}, r"'mesh.data' is -1.*multiply to 3.*does not divide the 8"),
-    (dict(data=1, tensor=8), {}, {}, r"model.num_heads \(8\)|model.num_kv_heads \(4\) is not divisible by the tensor axis \(8"),
+    (dict(data=-1, tensor=3), {}, {}, r"'mesh.data' is -1, but the other mesh.\* sizes multiply to 3, which does not divide the 8 devices"),
+    (dict(data=1, tensor=8), dict(num_heads=12, head_dim=4), {}, r"model.num_heads \(12\) is not divisible by the tensor axis \(8 = mesh.tensor x mesh.dcn_tensor\): tensor parallelism splits whole heads"),
     (dict(data=2, tensor=4), dict(num_kv_heads=2), {}, r"model.num_kv_heads \(2\) is not divisible by the tensor axis \(4"),
     (dict(data=1, fsdp=8), {}, dict(grad_accum_steps=2), r"4 rows per micro-batch is not divisible by the data-like axes \(data x fsdp = 8\)"),
     (dict(data=1, fsdp=4, sequence=2), {}, {}, None),  # fits
