@@ -227,6 +227,15 @@ def test_sequence_and_stage_errors():
     validate(c)
 
 
+def test_dcn_sizes_multiply_with_in_slice_sizes():
+  c = tiny_config(data=2, fsdp=2)  # dcn_data is -1 by default
+  ici, dcn = resolve_mesh(c, 8, num_slices=2)
+  assert ici == dict(data=2, stage=1, fsdp=2, sequence=1, tensor=1) and dcn["data"] == 2
+  c.mesh.update(dcn_data=1, dcn_fsdp=3)
+  with pytest.raises(ConfigError, match=r"mesh sizes \(mesh.dcn_fsdp=3\) multiply to 3 but there are 2 slices"):
+    resolve_mesh(c, 8, num_slices=2)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("fsdp", -1, r"\['mesh.data', 'mesh.fsdp'\] are all -1"),
     ("tensor", 0, r"'mesh.tensor' must be a positive size or -1"),
@@ -264,11 +273,13 @@ def test_two_processes_match_one(reference, tmp_path):
   import os
   import subprocess
   import sys
-  name = "dp2_fsdp2_tp2"  # data across the processes, fsdp and tensor inside each
+  # dp2 x fsdp2 x tp2 with data across the processes (each process a DCN "slice": the hybrid mesh),
+  # fsdp and tensor inside each.
+  mesh = {"data": 1, "dcn_data": 2, "fsdp": 2, "tensor": 2}
   out, port = tmp_path / "losses.json", _free_port()
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), name, str(out)], env=env,
+  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), json.dumps(mesh), str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   logs = []
@@ -281,6 +292,7 @@ def test_two_processes_match_one(reference, tmp_path):
       raise
   assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
   got = json.loads(out.read_text())
+  assert got["mesh"]["data"] == 2 and got["data_of_process"] == [[0], [1]]  # data index i: process i
   assert got["rows"] == [0, 4]  # process 0 fed only its half of the batch
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
   embed = jax.device_get(reference["state"].params["embed"].value)
