@@ -46,6 +46,16 @@ def test_cli_reports_unknown_override_without_a_traceback():
   assert "Traceback" not in out.stderr
 
 
+def test_cli_reports_a_mesh_that_does_not_fit_before_compiling(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py", "--config.mesh.tensor=3",
+       f"--config.train.workdir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)  # 8 devices (tests/conftest.py)
+  assert out.returncode != 0
+  assert "'mesh.data' is -1, but the other mesh.* sizes multiply to 3, which does not divide the 8 devices per slice" in out.stderr
+  assert "Traceback" not in out.stderr and not os.listdir(tmp_path)  # stopped before anything ran
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("data.seq_len", 512, r"data.seq_len \(512\) exceeds model.max_seq_len \(256\)"),
     ("model.num_kv_heads", 3, r"model.num_heads \(4\) must be a multiple of model.num_kv_heads \(3\)"),

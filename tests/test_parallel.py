@@ -80,19 +80,6 @@ def reference():
   return run(tiny_config(), devices=jax.devices()[:1])
 
 
-@pytest.fixture(scope="module")
-def runs():
-  return {}
-
-
-@pytest.fixture
-def layout_run(runs, request):
-  name = request.param
-  if name not in runs:
-    runs[name] = run(tiny_config(**LAYOUTS[name]))
-  return name, runs[name]
-
-
 def _rel_err(a, b) -> float:
   """||a - b|| / ||b|| over an array (b the reference).
 
@@ -109,9 +96,16 @@ def _worst_element(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-@pytest.mark.parametrize("layout_run", list(LAYOUTS), indirect=True)
-def test_layout_matches_single_device(reference, layout_run):
-  name, got = layout_run
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_device_and_is_sharded(reference, name):
+  """One test per layout, so each layout compiles once even when xdist splits the module."""
+  got = run(tiny_config(**LAYOUTS[name]))
+  _check_same_numbers(name, got, reference)
+  _check_sharded_as_the_rules_say(name, got)
+  _check_state_memory(name, got)
+
+
+def _check_same_numbers(name, got, reference):
   assert jax.device_count() == 8 and got["layout"].mesh.size == 8
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
   errors, elements = {}, []
@@ -142,9 +136,7 @@ def _expected_shard(shape, logical, mesh_shape, rules):
   return tuple(out)
 
 
-@pytest.mark.parametrize("layout_run", list(LAYOUTS), indirect=True)
-def test_arrays_are_sharded_as_the_rules_say(layout_run):
-  name, got = layout_run
+def _check_sharded_as_the_rules_say(name, got):
   layout, state = got["layout"], got["state"]
   mesh_shape, rules = dict(layout.mesh.shape), layout.rules
   is_var = lambda x: hasattr(x, "get_metadata")  # noqa: E731
@@ -179,15 +171,19 @@ def _state_bytes_per_device(compiled, batch) -> int:
   return compiled.memory_analysis().argument_size_in_bytes - batch_bytes
 
 
-def test_fsdp8_holds_an_eighth_of_the_replicated_state(runs):
-  for name in ("dp8", "fsdp8"):
-    if name not in runs:
-      runs[name] = run(tiny_config(**LAYOUTS[name]))
-  replicated = _state_bytes_per_device(runs["dp8"]["compiled"], runs["dp8"]["batch"])
-  fsdp = _state_bytes_per_device(runs["fsdp8"]["compiled"], runs["fsdp8"]["batch"])
-  whole = sum(x.nbytes for x in jax.tree.leaves(runs["dp8"]["state"][1:3]))
-  assert replicated >= whole  # dp8: every device holds all of it
-  assert fsdp <= replicated / 8 * 1.1, (fsdp, replicated)
+def _check_state_memory(name, got):
+  """Per-device params + optimizer state from XLA's memory analysis of the compiled step.
+
+  The replicated figure is the whole state (what dp8 holds on every device, asserted for dp8);
+  fsdp8 must hold at most 1/8 of it plus 10%.
+  """
+  per_device = _state_bytes_per_device(got["compiled"], got["batch"])
+  whole = sum(x.nbytes for x in jax.tree.leaves(got["state"][:3]))  # step, params, optimizer state
+  print(f"{name}: params + optimizer state {per_device} bytes per device, {whole} replicated")
+  if name == "dp8":
+    assert whole <= per_device <= whole * 1.01  # + the RNG key
+  if name == "fsdp8":
+    assert per_device <= whole / 8 * 1.1, (per_device, whole)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +192,8 @@ def test_fsdp8_holds_an_eighth_of_the_replicated_state(runs):
 
 @pytest.mark.parametrize("mesh,model,train,message", [
     (dict(data=3), {}, {}, r"multiply to 3 but there are 8 devices.*-1"),
-    (dict(data=-1, tensor=3), {}, {}, r"'mesh.data' is -1.*multiply to 3.*does not divide the 8"),
-    (dict(data=1, tensor=8), {}, {}, r"model.num_heads \(8\)|model.num_kv_heads \(4\) is not divisible by the tensor axis \(8"),
+    (dict(data=-1, tensor=3), {}, {}, r"'mesh.data' is -1, but the other mesh.\* sizes multiply to 3, which does not divide the 8 devices"),
+    (dict(data=1, tensor=8), dict(num_heads=12, head_dim=4), {}, r"model.num_heads \(12\) is not divisible by the tensor axis \(8 = mesh.tensor x mesh.dcn_tensor\): tensor parallelism splits whole heads"),
     (dict(data=2, tensor=4), dict(num_kv_heads=2), {}, r"model.num_kv_heads \(2\) is not divisible by the tensor axis \(4"),
     (dict(data=1, fsdp=8), {}, dict(grad_accum_steps=2), r"4 rows per micro-batch is not divisible by the data-like axes \(data x fsdp = 8\)"),
     (dict(data=1, fsdp=4, sequence=2), {}, {}, None),  # fits
@@ -227,8 +223,15 @@ def test_sequence_and_stage_errors():
   c.mesh.stage = 2
   with pytest.raises(ConfigError, match=r"model.num_layers \(3\) is not divisible by the stage axis \(2\)"):
     resolve_mesh(c, 8)
-  with pytest.raises(ConfigError, match=r"'mesh.stage' is 2, but pipeline parallelism is not implemented"):
-    validate(c)
+
+
+def test_dcn_sizes_multiply_with_in_slice_sizes():
+  c = tiny_config(data=2, fsdp=2)  # dcn_data is -1 by default
+  ici, dcn = resolve_mesh(c, 8, num_slices=2)
+  assert ici == dict(data=2, stage=1, fsdp=2, sequence=1, tensor=1) and dcn["data"] == 2
+  c.mesh.update(dcn_data=1, dcn_fsdp=3)
+  with pytest.raises(ConfigError, match=r"mesh sizes \(mesh.dcn_fsdp=3\) multiply to 3 but there are 2 slices"):
+    resolve_mesh(c, 8, num_slices=2)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -248,4 +251,48 @@ def test_bad_mesh_fields_fail_validation(field, value, message):
 
 def test_default_rules_parse():
   rules = dict(parse_rules(base_config().mesh.rules))
-  assert rules["batch"] == ("data", "fsdp") and rules["embed"] == ("fsdp",) and "layers" not in rules
+  assert rules["batch"] == ("data", "fsdp") and rules["embed"] == ("fsdp",)
+  assert rules["layers"] == ("stage",) and rules["stage"] == ("stage",)  # pipeline stages own their layers
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes x four devices = one process x eight
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, tmp_path):
+  """2 processes x 4 devices give the single-device numbers (as 1 process x 8 devices does above)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  # dp2 x fsdp2 x tp2 with data across the processes (each process a DCN "slice": the hybrid mesh),
+  # fsdp and tensor inside each.
+  mesh = {"data": 1, "dcn_data": 2, "fsdp": 2, "tensor": 2}
+  out, port = tmp_path / "losses.json", _free_port()
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), json.dumps(mesh), str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=400)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  got = json.loads(out.read_text())
+  assert got["mesh"]["data"] == 2 and got["data_of_process"] == [[0], [1]]  # data index i: process i
+  assert got["rows"] == [0, 4]  # process 0 fed only its half of the batch
+  np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
+  embed = jax.device_get(reference["state"].params["embed"].value)
+  np.testing.assert_allclose(got["embed_sum"], float(np.abs(embed).sum()), rtol=1e-5)

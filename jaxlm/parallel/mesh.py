@@ -39,8 +39,8 @@ def _resolve(sizes: dict[str, int], total: int, what: str, prefix: str) -> dict[
   if free:
     if total % fixed:
       raise ConfigError(
-          f"config field '{prefix}{free[0]}' is -1, but the other {what} sizes multiply to {fixed}, "
-          f"which does not divide the {total} {what}; make the fixed sizes divide {total}")
+          f"config field '{prefix}{free[0]}' is -1, but the other {prefix}* sizes multiply to {fixed}, "
+          f"which does not divide the {total} {what}; make them divide {total}")
     sizes = {**sizes, free[0]: total // fixed}
   elif fixed != total:
     shown = " x ".join(f"{prefix}{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm.parallel.rules import Rules, axis_rules, spec
 
-BATCH_AXES = ("batch", "length")  # every batch feature is int32 [rows, seq_len]
+BATCH_LOGICAL = ("batch", "length")  # every batch feature is int32 [rows, seq_len]
 
 
 def _is_variable(x) -> bool:
@@ -41,7 +41,7 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules):
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
   """Rows over the data-like axes, positions over sequence (int32 [rows, seq_len])."""
-  return NamedSharding(mesh, spec(BATCH_AXES, rules))
+  return NamedSharding(mesh, spec(BATCH_LOGICAL, rules))
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:

@@ -1,0 +1,54 @@
+"""One of two processes (4 simulated CPU devices each) training a tests/test_parallel.py layout.
+
+  python tests/multiprocess_worker.py PROCESS_ID PORT MESH_JSON OUT_JSON
+
+Run by test_parallel.py::test_two_processes_match_one; process 0 writes the losses to OUT_JSON.
+Each process feeds only its own rows of the batch (jax.make_array_from_process_local_data).
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+process_id, port, mesh, out = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_parallel import STEPS, packed_batch, tiny_config  # noqa: E402
+
+from jaxlm.parallel.sharding import global_batch  # noqa: E402
+from jaxlm.train.optimizer import make_optimizer  # noqa: E402
+from jaxlm.train.sharded import graphdef_of, init_sharded_state, jit_train_step, make_layout  # noqa: E402
+
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+c = tiny_config(**mesh)
+tx = make_optimizer(c.train)
+layout = make_layout(c, tx)
+state = init_sharded_state(c, tx, layout)
+step = jit_train_step(c, graphdef_of(c), tx, layout)
+# This process's rows: the ones its devices hold under the batch sharding (a contiguous block).
+rows = layout.batch.addressable_devices_indices_map((c.train.batch_size, c.data.seq_len))
+starts = sorted({idx[0].start or 0 for idx in rows.values()})
+stops = sorted({idx[0].stop or c.train.batch_size for idx in rows.values()})
+lo, hi = starts[0], stops[-1]
+local = {k: v[lo:hi] for k, v in packed_batch(c).items()}
+batch = global_batch(local, layout.batch)
+losses = []
+for _ in range(STEPS):
+  state, metrics = step(state, batch)
+  losses.append(float(metrics["loss"]))
+embed = multihost_utils.process_allgather(state.params["embed"].value, tiled=True)
+if process_id == 0:
+  with open(out, "w") as f:
+    json.dump({"losses": losses, "rows": [lo, hi], "embed_sum": float(abs(embed).sum()),
+               "mesh": dict(layout.mesh.shape),
+               "data_of_process": [sorted({d.process_index for d in layout.mesh.devices[i].flat})
+                                   for i in range(layout.mesh.shape["data"])]}, f)
+jax.distributed.shutdown()
