@@ -18,6 +18,7 @@ from jaxlm.train.optimizer import make_optimizer
 from jaxlm.train.sharded import graphdef_of, init_sharded_state, jit_train_step, make_layout
 
 STEPS = 3
+AFTER = 2  # steps after a checkpoint restored on another mesh and process count
 LAYOUTS = {  # name: mesh sizes (the rest 1)
     "dp8": dict(data=8),
     "fsdp8": dict(data=1, fsdp=8),
@@ -266,20 +267,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, tmp_path):
-  """2 processes x 4 devices give the single-device numbers (as 1 process x 8 devices does above)."""
+def _two_processes(mesh, out, *mode):
+  """Runs tests/multiprocess_worker.py as 2 processes x 4 devices; returns process 0's JSON."""
   import json
   import os
   import subprocess
   import sys
-  # dp2 x fsdp2 x tp2 with data across the processes (each process a DCN "slice": the hybrid mesh),
-  # fsdp and tensor inside each.
-  mesh = {"data": 1, "dcn_data": 2, "fsdp": 2, "tensor": 2}
-  out, port = tmp_path / "losses.json", _free_port()
+  port = _free_port()
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), json.dumps(mesh), str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), json.dumps(mesh), str(out), *mode],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   logs = []
   for p in procs:
@@ -290,9 +288,54 @@ def test_two_processes_match_one(reference, tmp_path):
         q.kill()
       raise
   assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
-  got = json.loads(out.read_text())
+  return json.loads(out.read_text())
+
+
+# dp2 x fsdp2 x tp2 with data across the processes (each process a DCN "slice": the hybrid mesh),
+# fsdp and tensor inside each.
+TWO_PROCESS_MESH = {"data": 1, "dcn_data": 2, "fsdp": 2, "tensor": 2}
+
+
+def _continue_in_one_process(c, state_template_run, ckpt_dir):
+  """Restores ckpt_dir into a 1-process run on c's mesh and trains AFTER steps: the losses."""
+  from jaxlm.train.checkpoint import Checkpointer
+  layout = state_template_run["layout"]
+  tx = make_optimizer(c.train)
+  state = Checkpointer(str(ckpt_dir), c.checkpoint).restore(init_sharded_state(c, tx, layout))
+  step = jit_train_step(c, graphdef_of(c), tx, layout)
+  batch = global_batch(packed_batch(c), layout.batch)
+  losses = []
+  for _ in range(AFTER):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return np.array(losses)
+
+
+def test_two_processes_match_one_and_checkpoints_cross_process_counts(reference, tmp_path):
+  """2 processes x 4 devices give the single-device numbers (as 1 process x 8 devices does above);
+  the checkpoint they write restores in 1 process on another mesh (fsdp8), and one written by 1
+  process (dp8) restores in 2, each continuing with the same losses as the run that wrote it."""
+  got = _two_processes(TWO_PROCESS_MESH, tmp_path / "a.json", "save", str(tmp_path / "two"))
   assert got["mesh"]["data"] == 2 and got["data_of_process"] == [[0], [1]]  # data index i: process i
   assert got["rows"] == [0, 4]  # process 0 fed only its half of the batch
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
   embed = jax.device_get(reference["state"].params["embed"].value)
   np.testing.assert_allclose(got["embed_sum"], float(np.abs(embed).sum()), rtol=1e-5)
+
+  # 2 processes -> 1 process, dp2.fsdp2.tp2 -> fsdp8
+  c = tiny_config(**LAYOUTS["fsdp8"])
+  c.checkpoint.async_save = False
+  one = _continue_in_one_process(c, run(c), tmp_path / "two")
+  np.testing.assert_allclose(one, got["after"], rtol=1e-5)
+
+  # 1 process (dp8) -> 2 processes: save the dp8 run's state, continue it here and there.
+  from jaxlm.train.checkpoint import Checkpointer
+  c = tiny_config(**LAYOUTS["dp8"])
+  c.checkpoint.async_save = False
+  dp8 = run(c)
+  saver = Checkpointer(str(tmp_path / "one"), c.checkpoint)
+  saver.save(STEPS, dp8["state"])
+  saver.wait()
+  here = _continue_in_one_process(c, dp8, tmp_path / "one")
+  there = _two_processes(TWO_PROCESS_MESH, tmp_path / "b.json", "restore", str(tmp_path / "one"))
+  np.testing.assert_allclose(there["after"], here, rtol=1e-5)
