@@ -65,6 +65,7 @@ def _model() -> ConfigDict:
   m.flash_block_k = 0  # flash: keys per block; 0: the backend's default (TPU 512)
   # xla attention in training/prefill: split the queries into this many blocks, each attending only
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
+  # (flash skips hidden key blocks by itself and ignores this.)
   m.attention_blocks = 1
   return m
 
@@ -179,7 +180,8 @@ _POSITIVE = (
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
 )
 _NON_NEGATIVE = (
-    "model.head_dim", "model.flash_block_q", "model.flash_block_k", "model.sliding_window", "model.attn_logit_softcap",
+    "model.head_dim", "model.flash_block_q", "model.flash_block_k", "model.sliding_window",
+    "model.attn_logit_softcap",
     "model.final_logit_softcap", "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
