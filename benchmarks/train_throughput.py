@@ -11,11 +11,13 @@ jaxlm rows use jaxlm's own make_train_step (jitted, state donated) on jaxlm's Tr
 rows: --jaxlm_variant "name:model.scan_layers=False,model.compute_dtype=bfloat16,xla_cpu_...=..." (config
 fields are set on jaxlm's base config; keys starting with xla_ are passed to XLA as compiler options
 for that row only). The transformers baseline is eager PyTorch, float32, attn_implementation --attn
-("sdpa" by default; "eager" is the unfused reference); --torch_bf16 adds autocast-bf16, --compile adds
-torch.compile.
+("sdpa" by default; "eager" is the unfused reference); an autocast-bf16 row is on by default
+(--no_torch_bf16 drops it), --compile adds torch.compile. Two jaxlm rows are always timed: float32
+defaults, and the CPU preset's model settings (bf16 matmul operands, float32 accumulation,
+activations and master weights: configs/shakespeare.py), whose like-for-like peer is autocast-bf16.
 
   python benchmarks/train_throughput.py               # jaxlm vs transformers eager, about a minute idle
-  python benchmarks/train_throughput.py --compile --torch_bf16
+  python benchmarks/train_throughput.py --compile
   python benchmarks/train_throughput.py --jaxlm_variant "noscan:model.scan_layers=False"
 
 FLOPs: "6N" is 6 x all parameters x tokens (tied embeddings counted once); "jaxlm" is
@@ -50,8 +52,8 @@ def parse_args(argv=None):
   p.add_argument("--untie", action="store_true", help="separate output projection in both stacks")
   p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="transformers attn_implementation")
   p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (a second baseline)")
-  p.add_argument("--torch_bf16", action="store_true",
-                 help="also time transformers eager under torch.autocast('cpu', bfloat16)")
+  p.add_argument("--no_torch_bf16", dest="torch_bf16", action="store_false",
+                 help="skip the transformers eager row under torch.autocast('cpu', bfloat16)")
   p.add_argument("--no_torch", action="store_true", help="time jaxlm only")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: torch's default")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax is imported (all jaxlm rows)")
@@ -82,10 +84,10 @@ def median(xs):
 
 
 # ----------------------------------------------------------------------------- the matmul roof
-def xla_matmul_gflops(n=2048, repeats=5):
-  """XLA float32 n^3 matmul rate (GFLOP/s), median of `repeats`."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
+def xla_matmul_gflops(n=2048, repeats=5, dtype=jnp.float32):
+  """XLA n^3 matmul rate (GFLOP/s) on `dtype` operands with float32 accumulation, median of `repeats`."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
   f(a, a).block_until_ready()
   ts = []
   for _ in range(repeats):
@@ -225,6 +227,10 @@ def main(a):
   ntok = a.batch * a.seq
 
   runners = {"jaxlm (float32, defaults)": JaxlmRunner(a, tokens, targets)}
+  # The CPU preset's model settings (configs/shakespeare.py): bf16 matmul operands with float32
+  # accumulation, float32 activations and master weights; the fair peer is torch autocast-bf16.
+  runners["jaxlm CPU preset (bf16 matmuls)"] = JaxlmRunner(a, tokens, targets, {
+      "model.matmul_dtype": "bfloat16", "model.scan_layers": "False", "model.attention_blocks": "4"})
   if a.jax_bf16:
     runners["jaxlm compute_dtype=bfloat16"] = JaxlmRunner(a, tokens, targets, {"model.compute_dtype": "bfloat16"})
   for spec in a.jaxlm_variant:
@@ -264,6 +270,7 @@ def main(a):
         times[k].append(time.perf_counter() - t)
         cpu[k].append(time.process_time() - c)
   roof.append(xla_matmul_gflops())
+  bf16_roof = xla_matmul_gflops(dtype=jnp.bfloat16)
   if not a.no_torch:
     troof.append(torch_matmul_gflops())
   xla_roof = max(roof)
@@ -284,23 +291,28 @@ def main(a):
   print(f"FLOPs/token: 6N = {6 * jx.n_params / 1e6:.2f} M; jaxlm train_flops_per_token = {fpt / 1e6:.2f} M")
   print(f"XLA float32 2048^3 matmul (GFLOP/s, before/after): {roof[0]:.0f}/{roof[1]:.0f}"
         + ("" if a.no_torch else f"; torch float32: {troof[0]:.0f}/{troof[1]:.0f}")
-        + f"; roof used: {xla_roof:.0f}")
+        + f"; roof used: {xla_roof:.0f} (bf16 operands: {bf16_roof:.0f}, the roof of bf16-matmul rows)")
   print(f"median of {len(times[next(iter(times))])} timed steps per row, interleaved in blocks of {a.block} "
         f"(first of each block untimed), after {a.warmup} warm-up; load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
   print()
   hdr = (f"{'stack':44s} {'ms/step':>8s} {'cpu ms':>7s} {'tokens/s':>9s} {'GFLOP/s 6N':>10s} "
-         f"{'GFLOP/s jaxlm':>13s} {'of XLA roof':>11s} {'vs HF eager':>11s}  {'loss first->last':>17s}")
+         f"{'GFLOP/s jaxlm':>13s} {'of XLA roof':>11s} {'vs HF eager':>11s} {'vs HF bf16':>10s}  "
+         f"{'loss first->last':>17s}")
   print(hdr)
   print("-" * len(hdr))
   ref_tps = ntok / median(times[ref]) if ref else None
+  bf16_ref = next((k for k in runners if "autocast-bf16" in k), None)
+  bf16_tps = ntok / median(times[bf16_ref]) if bf16_ref else None
   for k in runners:
     dt = median(times[k])
     tps = ntok / dt
     g6, gj = tps * 6 * n_params[k] / 1e9, tps * fpt / 1e9
     ratio = f"{tps / ref_tps:.2f}x" if ref_tps else "-"
+    ratio_bf16 = f"{tps / bf16_tps:.2f}x" if bf16_tps else "-"
+    row_roof = bf16_roof if ("bf16" in k or "bfloat16" in k) and k.startswith("jaxlm") else xla_roof
     print(f"{k:44s} {dt * 1e3:8.0f} {median(cpu[k]) * 1e3:7.0f} {tps:9.0f} {g6:10.1f} {gj:13.1f} "
-          f"{gj / xla_roof:11.0%} {ratio:>11s}  {losses[k][0]:7.3f}->{losses[k][-1]:.3f}")
+          f"{gj / row_roof:11.0%} {ratio:>11s} {ratio_bf16:>10s}  {losses[k][0]:7.3f}->{losses[k][-1]:.3f}")
   load = os.getloadavg()[0]
   if load > (os.cpu_count() or 1) + 1:
     print(f"\nWARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes competed for the CPU. "

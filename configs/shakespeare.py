@@ -3,9 +3,10 @@
 python -m jaxlm.train --config=configs/shakespeare.py
 
 4.5M parameters (d_model 256, 4 layers, 4 heads, SwiGLU 768, vocab 4096, tied embeddings), rows of
-256 tokens. On 2 CPU cores it runs about 10 minutes: ~1.8M tokens, about 1.2 passes over the 35
-training plays. Small batches: at this budget more, noisier updates learn faster per token than
-fewer large ones.
+256 tokens, bf16 matmuls with float32 accumulation, activations and master weights. On 2 CPU cores
+it trains about 9.5 minutes: ~2.5M tokens, about 1.6 passes over the 35 training plays, to ~1.94
+validation bits per byte. Small batches: at this budget more, noisier updates learn faster per
+token than fewer large ones; lr 1.5e-3 beat 3e-3 and 5e-3 at this batch.
 """
 
 from jaxlm.config import base_config
@@ -17,9 +18,9 @@ def get_config():
   c.model.scan_layers = False  # 4 layers compile fast unrolled, and run ~5% faster on CPU
   c.model.attention_blocks = 4  # skip the key blocks the causal mask hides
   c.train.batch_size = 8  # 2,048 tokens per update
-  c.train.steps = 900
+  c.train.steps = 1200
   c.train.warmup_steps = 50
-  c.train.learning_rate = 3e-3
+  c.train.learning_rate = 1.5e-3
   c.train.log_every = 25
   c.train.workdir = "runs/shakespeare"
   return c
