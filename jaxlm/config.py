@@ -65,6 +65,7 @@ def _model() -> ConfigDict:
   m.flash_block_k = 0  # flash: keys per block; 0: the backend's default (TPU 512)
   # xla attention in training/prefill: split the queries into this many blocks, each attending only
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
+  # (flash skips hidden key blocks by itself and ignores this.)
   m.attention_blocks = 1
   # Pipeline parallelism (mesh.stage > 1, needs scan_layers): micro-batches each step's rows are
   # split into. The schedule idles (stages - 1) / (microbatches + stages - 1) of the time, so more

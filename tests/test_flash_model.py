@@ -119,3 +119,18 @@ def test_attention_config_is_validated():
   c.model.flash_block_q = 12
   with pytest.raises(ConfigError, match="model.flash_block_q"):
     validate(c)
+
+
+def test_flash_under_axis_rules_matches_xla_on_4_cpu_devices():
+  """Batch over data, heads and kv_heads over tensor: the kernel runs per device in shard_map.
+
+  A fresh process, because the device count is fixed when JAX starts.
+  """
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharded_flash_check.py")],
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "sharded flash matches xla" in result.stdout
