@@ -88,4 +88,4 @@ def test_cli_exits_nonzero_when_the_job_does_not_fit():
        "--config.model.mlp_dim=16384", "--config.model.num_layers=8"],
       capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert out.returncode == 1, out.stderr[-2000:]
-  assert " NO " in out.stdout
+  assert " NO " in out.stdout and "does not fit" in out.stdout and "grad_accum_steps" in out.stdout

@@ -54,6 +54,10 @@ def main(argv):
     if not _SWEEP.value:
       p = plan(config, devices, _MFU.value)
       print(_row("plan", p))
+      if not p.fits:
+        print(f"\ndoes not fit: {p.total / _GB:.1f} GB per chip of {p.hbm / _GB:.0f}. Try --sweep (remat "
+              "and fsdp x tensor), --config.train.grad_accum_steps=2 (halves activations), a larger slice, "
+              "or a smaller train.batch_size / data.seq_len")
       return 0 if p.fits else 1
     for remat, mesh in candidates(config, len(devices)):
       c = copy.deepcopy(config)
