@@ -15,7 +15,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # AOT uses no TPU: sha
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxlm.config import ConfigError, check_overrides  # noqa: E402
+from jaxlm import cli  # noqa: E402
+from jaxlm.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a jaxlm config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: 'v5p:8x8x8' (chips) or 'v5p-1024'.")
@@ -79,16 +80,8 @@ def main(argv):
     sys.exit(f"jaxlm.aot: {e}")
 
 
-def _parse_flags(argv):
-  try:
-    check_overrides(argv)
-  except ConfigError as e:
-    sys.exit(f"jaxlm.aot: {e}")
-  return flags.FLAGS(argv)
-
-
 def run():
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, "jaxlm.aot")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import os
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
-from jaxlm.config import ConfigError, check_overrides
+from jaxlm import cli
+from jaxlm.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a jaxlm config file.")
 
@@ -50,17 +51,9 @@ def main(argv):
   print(f"sample:\n{config.sample.prompt}{text}")
 
 
-def _parse_flags(argv):
-  try:
-    check_overrides(argv)
-  except ConfigError as e:
-    sys.exit(f"jaxlm: {e}")
-  return flags.FLAGS(argv)
-
-
 def run():
   """Entry point of `python -m jaxlm.train` and the `jaxlm-train` console script."""
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, "jaxlm")
 
 
 if __name__ == "__main__":
