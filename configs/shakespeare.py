@@ -4,8 +4,8 @@ python -m jaxlm.train --config=configs/shakespeare.py
 
 4.5M parameters (d_model 256, 4 layers, 4 heads, SwiGLU 768, vocab 4096, tied embeddings), rows of
 256 tokens, bf16 matmuls with float32 accumulation, activations and master weights. On 2 CPU cores
-it trains about 9.5 minutes: ~2.5M tokens, about 1.6 passes over the 35 training plays, to ~1.94
-validation bits per byte. Small batches: at this budget more, noisier updates learn faster per
+it trains about 11 minutes: ~2.9M tokens, about 1.9 passes over the 35 training plays, to ~1.93
+validation bits per byte (1200 steps measured 1.937 and 1.946 from two inits: keep a margin). Small batches: at this budget more, noisier updates learn faster per
 token than fewer large ones; lr 1.5e-3 beat 3e-3 and 5e-3 at this batch.
 """
 
@@ -18,7 +18,7 @@ def get_config():
   c.model.scan_layers = False  # 4 layers compile fast unrolled, and run ~5% faster on CPU
   c.model.attention_blocks = 4  # skip the key blocks the causal mask hides
   c.train.batch_size = 8  # 2,048 tokens per update
-  c.train.steps = 1200
+  c.train.steps = 1400
   c.train.warmup_steps = 50
   c.train.learning_rate = 1.5e-3
   c.train.log_every = 25
