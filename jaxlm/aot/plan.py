@@ -23,11 +23,8 @@ import jax
 from jaxlm.config import ConfigError, validate
 from jaxlm.train import flops
 
-# HBM per chip (bytes) and chips per named slice size: a v5p-N slice has N TensorCores, 2 per chip.
-CHIPS = {  # device_kind prefix -> (generation name, HBM bytes per device, TensorCores per chip)
-    "TPU v4": ("v4", 32e9, 2), "TPU v5 lite": ("v5e", 16e9, 1), "TPU v5": ("v5p", 95e9, 2),
-    "TPU v6 lite": ("v6e", 32e9, 1),
-}
+# HBM bytes per device, by device_kind prefix (the longest matching prefix wins).
+HBM = {"TPU v4": 32e9, "TPU v5 lite": 16e9, "TPU v5": 95e9, "TPU v6 lite": 32e9}
 # Slice topologies (chips) by generation and chip count, for "v5p-64"-style names.
 _SHAPES = {
     3: {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -73,21 +70,15 @@ def tpu_devices(topology: str):
                       "pip install -e '.[tpu]'") from e
 
 
-def chip_info(devices) -> tuple[str, float, float]:
-  """(generation, HBM bytes per device, peak bf16 TFLOP/s per device)."""
+def chip_info(devices) -> tuple[float, float]:
+  """(HBM bytes per device, peak bf16 TFLOP/s per device) of the devices' kind."""
   kind = devices[0].device_kind
-  for prefix in sorted(CHIPS, key=len, reverse=True):
-    if kind.startswith(prefix):
-      gen, hbm, _ = CHIPS[prefix]
-      return gen, hbm, _peak(kind)
-  raise ConfigError(f"no HBM figure for device kind {kind!r}; known: {sorted(CHIPS)}")
-
-
-def _peak(kind: str) -> float:
-  for name in sorted(flops.PEAK_TFLOPS, key=len, reverse=True):
-    if kind.startswith(name):
-      return flops.PEAK_TFLOPS[name]
-  raise ConfigError(f"no peak TFLOP/s for device kind {kind!r}; add it to jaxlm.train.flops.PEAK_TFLOPS")
+  matches = [prefix for prefix in HBM if kind.startswith(prefix)]
+  peak = flops.table_peak_tflops(kind)
+  if not matches or peak is None:
+    raise ConfigError(f"no HBM or peak figure for device kind {kind!r}; add it to jaxlm.aot.plan.HBM "
+                      "and jaxlm.train.flops.PEAK_TFLOPS")
+  return HBM[max(matches, key=len)], peak
 
 
 @dataclasses.dataclass
@@ -126,7 +117,7 @@ def plan(config, devices, assumed_mfu: float = 0.5) -> Plan:
   rows, seq = config.train.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((rows, seq), "int32", sharding=layout.batch)
            for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
-  _, hbm, peak = chip_info(devices)
+  hbm, peak = chip_info(devices)
   remat = config.model.remat_policy
   step_flops = flops.train_flops_per_token(config.model, seq) * rows * seq * RECOMPUTE[remat]
   result = functools.partial(

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.kernels import flash_tpu
+from jaxlm.parallel import rules
 
 # Default (block_q, block_k) per backend. TPU: 512x512 keeps the f32 score tile at 1 MiB and the
 # MXU busy with head_dim 64..256 while fitting the 16 MiB default scoped VMEM of v5e with double
@@ -43,8 +44,7 @@ def _round_up(x: int, m: int) -> int:
 
 def resolve_backend(backend: str = "auto") -> str:
   if backend == "auto":
-    platform = jax.default_backend()
-    backend = {"tpu": "tpu", "cpu": "interpret"}.get(platform, "gpu")
+    backend = {"tpu": "tpu", "cpu": "interpret"}.get(rules.platform(), "gpu")  # the mesh's devices
   if backend == "gpu":
     raise NotImplementedError(
         "jaxlm has no GPU flash-attention kernel yet; use model.attention='xla' or 'cudnn' on GPU")

@@ -80,8 +80,6 @@ def self_attention(cfg, kind: str, q, k, v, segments):
   def flash(q, k, v, seg):
     return flash_attention(q, k, v, seg, seg, causal=True, window=cfg.sliding_window,
                            softcap=cfg.attn_logit_softcap, block_q=cfg.flash_block_q or None,
-                           block_k=cfg.flash_block_k or None, backend=backend)
-
-  backend = "tpu" if rules.platform() == "tpu" else "auto"
+                           block_k=cfg.flash_block_k or None)
 
   return _in_shard_map(flash, q, k, v, None if segments is None else segments.astype(jnp.int32))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.parallel.rules import constrain
+from jaxlm.parallel.rules import constrain, platform
 
 
 def dtype(name: str):
@@ -73,7 +73,7 @@ def _transposed(rows):
   Other backends take the plain transpose.
   """
   m, k = rows.shape
-  if jax.default_backend() != "cpu":
+  if platform() != "cpu":
     return rows.T
   split = math.gcd(m, 16)
   return rows.reshape(split, m // split, k).transpose(2, 0, 1).reshape(k, m)
