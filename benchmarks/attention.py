@@ -5,17 +5,18 @@
 
 Implementations (--impls, default per backend):
   xla    jaxlm.models.attention.dot_product_attention, the float32-softmax reference
-  flash  jaxlm.kernels.flash_attention (Mosaic TPU on TPU; on CPU Pallas interpret mode, which is
-         a correctness tool, orders of magnitude slower than real kernels: use tiny --seqs)
+  flash  jaxlm.kernels.flash_attention (Mosaic TPU on TPU, Mosaic GPU on Hopper; on CPU Pallas
+         interpret mode, which is a correctness tool, orders of magnitude slower than real kernels:
+         use tiny --seqs)
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"), GPU only
-Defaults: TPU xla,flash; GPU xla,cudnn,flash (jaxlm has no GPU kernel yet: that row says so);
-CPU xla.
+Defaults: TPU xla,flash; GPU xla,cudnn,flash; CPU xla.
 
 FLOPs: forward 4*b*h*t*s*d (QK^T and PV), causal counted as half; forward+backward 3.5x forward
 (the backward pass does 5 of the forward's 2 matmul shapes: recomputed QK^T, dV, dP, dQ, dK).
 Time is the median of --iters calls after a warm-up call. Memory is XLA's compiled estimate for the
 jitted function, temp + output (arguments excluded), so the xla reference shows its
-[heads, t, s] score matrix and flash only its O(t) statistics. "ratio" is TFLOP/s over the xla row.
+[heads, t, s] score matrix and flash only its O(t) statistics. "÷xla" and "÷cudnn" are TFLOP/s over
+the xla and cudnn rows of the same shape (cudnn: GPU only).
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def main(argv=None):
         f"(q/kv), {dtype.name}; median of {args.iters}")
   if on_cpu and not args.impls:
     print("CPU: xla reference only (flash on CPU is Pallas interpret mode; ask for it with --impls xla,flash)")
-  head = f"{'seq':>6} {'d':>4} {'causal':>6} {'impl':>6} | {'fwd ms':>9} {'TFLOP/s':>8} {'ratio':>6} " \
-         f"{'MiB':>8} | {'f+b ms':>9} {'TFLOP/s':>8} {'ratio':>6} {'MiB':>8}"
+  head = f"{'seq':>6} {'d':>4} {'causal':>6} {'impl':>6} | {'fwd ms':>9} {'TFLOP/s':>8} {'÷xla':>6} " \
+         f"{'÷cudnn':>6} {'MiB':>8} | {'f+b ms':>9} {'TFLOP/s':>8} {'÷xla':>6} {'÷cudnn':>6} {'MiB':>8}"
   print(head)
   print("-" * len(head))
   for causal in [c == "1" for c in args.causal.split(",")]:
@@ -104,8 +105,8 @@ def main(argv=None):
         v = jax.random.normal(keys[2], (args.batch, t, kv_heads, d), dtype)
         do = jax.random.normal(keys[3], (args.batch, t, heads, d), dtype)
         fwd_flops = 4 * args.batch * heads * t * t * d * (0.5 if causal else 1.0)
-        base = {}
-        for name in impls:
+        base = {}  # (impl, kind) -> TFLOP/s
+        for name in sorted(impls, key=lambda n: n != "xla" and n != "cudnn"):  # baselines first
           fn = impl_fn(name, causal, args)
 
           def train(q, k, v, fn=fn):  # forward + backward: gradients of <o, do>
@@ -118,14 +119,13 @@ def main(argv=None):
               sec, mib = measure(f, (q, k, v), args.iters)
             except Exception as e:  # noqa: BLE001  an implementation unavailable here: say why, go on
               reason = str(e).splitlines()[0][:60] if str(e) else type(e).__name__
-              cells.append(f"{'n/a':>9} {'':>8} {'':>6} {'':>8}")
+              cells.append(f"{'n/a':>9} {'':>8} {'':>6} {'':>6} {'':>8}")
               print(f"  ({name} {kind} t={t} d={d}: {type(e).__name__}: {reason})")
               continue
             tflops = flops / sec / 1e12
-            if name == "xla":
-              base[kind] = tflops
-            ratio = tflops / base[kind] if base.get(kind) else float("nan")
-            cells.append(f"{sec * 1e3:9.2f} {tflops:8.3f} {ratio:6.2f} {mib:8.1f}")
+            base[name, kind] = tflops
+            vs = [tflops / base[b, kind] if base.get((b, kind)) else float("nan") for b in ("xla", "cudnn")]
+            cells.append(f"{sec * 1e3:9.2f} {tflops:8.3f} {vs[0]:6.2f} {vs[1]:6.2f} {mib:8.1f}")
           print(f"{t:>6} {d:>4} {str(causal):>6} {name:>6} | {cells[0]} | {cells[1]}")
 
 

@@ -57,12 +57,12 @@ def _model() -> ConfigDict:
   m.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
   # Attention in training and prefill (KV-cache decoding always uses xla):
   #   xla: plain einsum attention, the reference | flash: jaxlm's Pallas flash-attention kernels
-  #   (Mosaic TPU on TPU, interpret mode on CPU; no GPU kernel yet: warns and runs xla there) |
+  #   (Mosaic TPU on TPU, Mosaic GPU on Hopper GPUs, interpret mode on CPU) |
   #   cudnn: jax.nn.dot_product_attention(implementation="cudnn"), GPU only, no softcap |
   #   auto: flash on TPU/GPU, xla on CPU.
   m.attention = "xla"
-  m.flash_block_q = 0  # flash: query rows per block; 0: the backend's default (TPU 512)
-  m.flash_block_k = 0  # flash: keys per block; 0: the backend's default (TPU 512)
+  m.flash_block_q = 0  # flash: query rows per block; 0: the backend's default (TPU 512; GPU fixed 128)
+  m.flash_block_k = 0  # flash: keys per block; 0: the backend's default (TPU 512; GPU 128, 64 if d>128)
   # xla attention in training/prefill: split the queries into this many blocks, each attending only
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
   # (flash skips hidden key blocks by itself and ignores this.)

@@ -151,5 +151,11 @@ def test_bad_arguments_are_clear_errors():
     flash_attention(q, q[:, :, :2], q[:, :, :2], backend="interpret")
   with pytest.raises(ValueError, match="both q_segments and k_segments"):
     flash_attention(q, q, q, jnp.ones((1, 8), jnp.int32), backend="interpret")
-  with pytest.raises(NotImplementedError, match="no GPU flash-attention kernel"):
-    flash_attention(q, q, q, backend="gpu")
+  with pytest.raises(ValueError, match="unknown flash-attention backend"):
+    flash_attention(q, q, q, backend="triton")
+  with pytest.raises(ValueError, match="head_dim 64, 128, 192 or 256"):
+    flash_attention(q[..., :48], q[..., :48], q[..., :48], backend="gpu")
+  with pytest.raises(ValueError, match="block_q is fixed at 128"):
+    flash_attention(q, q, q, block_q=64, backend="gpu")
+  with pytest.raises(ValueError, match="block_k must be 64, 128, 192 or 256"):
+    flash_attention(q, q, q, block_k=96, backend="gpu")

@@ -6,11 +6,12 @@ slots 0..t-1 and 0..s-1. Memory is linear in sequence length: the forward pass s
 output and the row log-sum-exp, and the backward kernels recompute probabilities block by block.
 
 Backends
-  "tpu"        Pallas Mosaic TPU (`flash_tpu.py`).
-  "interpret"  the same kernels run by Pallas' interpreter: CPU tests and CPU training.
-  "gpu"        not implemented yet; see `jaxlm/kernels/__init__.py` for the decision and the model's
-               explicit fallback. Asking for it here raises NotImplementedError.
-  "auto"       tpu on TPU, interpret on CPU.
+  "tpu"            Pallas Mosaic TPU (`flash_tpu.py`).
+  "interpret"      the TPU kernels run by Pallas' interpreter: CPU tests and CPU training.
+  "gpu"            Pallas Mosaic GPU for Hopper (`flash_gpu.py`).
+  "gpu_interpret"  the GPU kernels run by Pallas' GPU interpreter on CPU (threads, shared memory,
+                   TMA and barriers simulated): tests of the GPU kernels without a GPU. Slow.
+  "auto"           tpu on TPU, gpu on GPU, interpret on CPU.
 
 Sequence lengths need not be multiples of the blocks: q/k/v are zero-padded to block multiples
 here, padded keys are masked in the kernel by the static real length, and padded query rows are
@@ -23,33 +24,40 @@ keys; tests compare only rows with a visible key and assert no NaN anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm.kernels import flash_tpu
+from jaxlm.kernels import flash_gpu, flash_tpu
+from jaxlm.kernels.flash_spec import Spec
 from jaxlm.parallel import rules
 
 # Default (block_q, block_k) per backend. TPU: 512x512 keeps the f32 score tile at 1 MiB and the
 # MXU busy with head_dim 64..256 while fitting the 16 MiB default scoped VMEM of v5e with double
-# buffering; interpret: small blocks so CPU tests run many blocks.
-DEFAULT_BLOCKS = {"tpu": (512, 512), "interpret": (128, 128)}
-_ALIGN = {"tpu": 128, "interpret": 8}  # Mosaic: blocks are whole (8, 128) tiles; 128 covers both sides
+# buffering; interpret: small blocks so CPU tests run many blocks. GPU: block_q is fixed at two
+# warp groups x 64 rows; block_k 128 gives wgmma.m64n128 score tiles (64 f32 registers per thread)
+# and is lowered to 64 for head_dim 256, where the [64, 256] f32 accumulator alone takes 128.
+DEFAULT_BLOCKS = {"tpu": (512, 512), "interpret": (128, 128), "gpu": (128, 128)}
+_ALIGN = {"tpu": 128, "interpret": 8, "gpu": 64}  # Mosaic TPU: whole (8, 128) tiles; GPU: wgmma M
+
+GPU_BWD_BLOCK = 64  # dq kernel: keys per step; dK/dV kernel: queries per step (wgmma N)
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+BACKENDS = ("tpu", "interpret", "gpu", "gpu_interpret")
+
+
 def resolve_backend(backend: str = "auto") -> str:
   if backend == "auto":
     backend = {"tpu": "tpu", "cpu": "interpret"}.get(rules.platform(), "gpu")  # the mesh's devices
-  if backend == "gpu":
-    raise NotImplementedError(
-        "jaxlm has no GPU flash-attention kernel yet; use model.attention='xla' or 'cudnn' on GPU")
-  if backend not in DEFAULT_BLOCKS:
-    raise ValueError(f"unknown flash-attention backend {backend!r}; choose tpu | interpret | auto")
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown flash-attention backend {backend!r}; choose {' | '.join(BACKENDS)} | auto")
   return backend
 
 
@@ -63,21 +71,59 @@ def _block(requested: int | None, default: int, length: int, align: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, k_seg, spec):
-  return flash_tpu.forward(spec, q, k, v, q_seg, k_seg)[0]
+  return _forward(spec, q, k, v, q_seg, k_seg)[0]
+
+
+def _forward(spec, q, k, v, q_seg, k_seg):
+  return (flash_gpu if spec.gpu else flash_tpu).forward(spec, q, k, v, q_seg, k_seg)
 
 
 def _flash_fwd(q, k, v, q_seg, k_seg, spec):
-  o, lse = flash_tpu.forward(spec, q, k, v, q_seg, k_seg)
+  o, lse = _forward(spec, q, k, v, q_seg, k_seg)
   return o, (q, k, v, q_seg, k_seg, o, lse)
 
 
 def _flash_bwd(spec, res, do):
   q, k, v, q_seg, k_seg, o, lse = res
-  dq, dk, dv = flash_tpu.backward(spec, q, k, v, o, lse, do, q_seg, k_seg)
-  return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+  if not spec.gpu:
+    dq, dk, dv = flash_tpu.backward(spec, q, k, v, o, lse, do, q_seg, k_seg)
+    return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+  # delta = rowsum(dO * O): [b, t, h] -> [b, h, t], the row-statistics layout of lse
+  delta = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
+  dq = flash_gpu.dq(dataclasses.replace(spec, block_k=GPU_BWD_BLOCK), q, k, v, do, lse, delta,
+                    q_seg, k_seg)
+  if spec.interpret:  # the GPU interpreter's simulated shared memory is global: one kernel at a time
+    q, dq = jax.lax.optimization_barrier((q, dq))
+  dkv_spec = dataclasses.replace(spec, block_q=GPU_BWD_BLOCK, block_k=flash_gpu.CTA_ROWS)
+  dk, dv = flash_gpu.dkv(dkv_spec, q, k, v, do, lse, delta, q_seg, k_seg)
+  return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _gpu_call(q, k, v, q_segments, k_segments, spec_args, block_k, interpret):
+  """The GPU kernels' layout: token-major, lengths padded to whole CTAs; float32 runs as bf16."""
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  if d % 64 or d > 256:
+    raise ValueError(f"the GPU flash kernel takes head_dim 64, 128, 192 or 256, not {d}")
+  bq, bk = flash_gpu.CTA_ROWS, block_k or (64 if d > 128 else DEFAULT_BLOCKS["gpu"][1])
+  if bk % 64 or bk > 256:
+    raise ValueError(f"GPU flash block_k must be 64, 128, 192 or 256, not {bk}")
+  tq, tk = _round_up(t, bq), _round_up(s, math.lcm(bk, bq))
+  dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16  # wgmma operands
+  spec = Spec(**spec_args, block_q=bq, block_k=bk, interpret=interpret, gpu=True)
+
+  def pad(x, n):
+    return jnp.pad(x.astype(dtype), ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+
+  q_seg = k_seg = None
+  if q_segments is not None:
+    q_seg = jnp.pad(q_segments.astype(jnp.int32), ((0, 0), (0, tq - t)))
+    k_seg = jnp.pad(k_segments.astype(jnp.int32), ((0, 0), (0, tk - s)))
+  o = _flash(pad(q, tq), pad(k, tk), pad(v, tk), q_seg, k_seg, spec)
+  return o[:, :t].astype(q.dtype)
 
 
 def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool = True,
@@ -98,14 +144,19 @@ def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool =
     raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({kvh})")
   if (q_segments is None) != (k_segments is None):
     raise ValueError("give both q_segments and k_segments, or neither")
+  spec_args = dict(causal=bool(causal), window=int(window), softcap=float(softcap),
+                   scale=float(d) ** -0.5, q_len=t, kv_len=s, groups=h // kvh,
+                   segments=q_segments is not None)
+  if backend in ("gpu", "gpu_interpret"):
+    if block_q not in (None, 0, flash_gpu.CTA_ROWS):
+      raise ValueError(f"GPU flash block_q is fixed at {flash_gpu.CTA_ROWS} (2 warp groups x 64 rows); "
+                       f"got {block_q}: leave model.flash_block_q at 0")
+    return _gpu_call(q, k, v, q_segments, k_segments, spec_args, block_k, backend == "gpu_interpret")
   dq_, dk_ = DEFAULT_BLOCKS[backend]
   align = _ALIGN[backend]
   bq, bk = _block(block_q, dq_, t, align), _block(block_k, dk_, s, align)
   tq, tk = _round_up(t, bq), _round_up(s, bk)
-  spec = flash_tpu.Spec(
-      causal=bool(causal), window=int(window), softcap=float(softcap), scale=float(d) ** -0.5,
-      q_len=t, kv_len=s, block_q=bq, block_k=bk, groups=h // kvh,
-      segments=q_segments is not None, interpret=backend == "interpret")
+  spec = Spec(**spec_args, block_q=bq, block_k=bk, interpret=backend == "interpret")
 
   def head_major(x, length):  # [b, n, heads, d] -> [b, heads, padded n, d]
     x = jnp.swapaxes(x, 1, 2)

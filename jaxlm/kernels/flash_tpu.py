@@ -29,66 +29,18 @@ lse is set to +1e30 so the backward pass recomputes probabilities of exactly 0 (
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxlm.kernels.flash_spec import EMPTY_LSE, MASKED, Spec, kv_range, q_range  # noqa: F401
+
 LANES = 128  # row statistics are stored broadcast over one vreg's lanes
-MASKED = -1e30  # score of a hidden key: finite, so m_prev - m_new never becomes inf - inf
-EMPTY_LSE = 1e30  # lse of a fully masked row: exp(s - lse) = 0 for every key
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T: contract the last dims
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b: contract the first dims
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """Everything static about one attention call; hashable, so it can be a nondiff argument."""
-  causal: bool
-  window: int  # 0: off; causal: q - k < window; non-causal: |q - k| < window
-  softcap: float  # 0: off
-  scale: float
-  q_len: int  # real lengths; the arrays are padded to block multiples
-  kv_len: int
-  block_q: int
-  block_k: int
-  groups: int  # query heads per KV head
-  segments: bool  # whether segment-id arrays are passed
-  interpret: bool
-
-
-def _kv_range(spec: Spec, qi):
-  """First and last key block that query block qi can see (traced ints, inclusive)."""
-  bq, bk = spec.block_q, spec.block_k
-  nk = pl.cdiv(spec.kv_len, bk)
-  lo, hi = 0, nk - 1
-  q_first, q_last = qi * bq, qi * bq + bq - 1
-  if spec.causal:
-    hi = jnp.minimum(hi, q_last // bk)
-  elif spec.window:
-    hi = jnp.minimum(hi, (q_last + spec.window - 1) // bk)
-  if spec.window:
-    lo = jnp.maximum(q_first - spec.window + 1, 0) // bk
-  return lo, hi
-
-
-def _q_range(spec: Spec, ki):
-  """First and last query block that can see key block ki (traced ints, inclusive)."""
-  bq, bk = spec.block_q, spec.block_k
-  nq = pl.cdiv(spec.q_len, bq)
-  lo, hi = 0, nq - 1
-  k_first, k_last = ki * bk, ki * bk + bk - 1
-  if spec.causal:
-    lo = k_first // bq
-  elif spec.window:
-    lo = jnp.maximum(k_first - spec.window + 1, 0) // bq
-  if spec.window:
-    hi = jnp.minimum(hi, (k_last + spec.window - 1) // bq)
-  return lo, hi
 
 
 def _mask(spec: Spec, qi, ki, q_seg, k_seg):
@@ -145,7 +97,7 @@ def _fwd_kernel(*refs, spec: Spec):
   q_seg_ref, k_seg_ref, refs = _split(spec, refs, 3)
   q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
   qi, ki = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_range(spec, qi)
+  lo, hi = kv_range(spec, qi)
 
   @pl.when(ki == 0)
   def _init():
@@ -201,7 +153,7 @@ def forward(spec: Spec, q, k, v, q_seg=None, k_seg=None):
   grid = (b, h, tq // bq, k.shape[2] // bk)
 
   def kv_block(bi, hi, qi, ki):
-    lo, top = _kv_range(spec, qi)
+    lo, top = kv_range(spec, qi)
     return bi, hi // g, jnp.clip(ki, lo, top), 0  # hidden blocks reuse a visible one: no DMA
 
   def q_block(bi, hi, qi, ki):
@@ -255,7 +207,7 @@ def _dq_kernel(*refs, spec: Spec):
   q_seg_ref, k_seg_ref, refs = _split(spec, refs, 6)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr = refs
   qi, ki = pl.program_id(2), pl.program_id(3)
-  lo, hi = _kv_range(spec, qi)
+  lo, hi = kv_range(spec, qi)
 
   @pl.when(ki == 0)
   def _init():
@@ -278,7 +230,7 @@ def _dkv_kernel(*refs, spec: Spec, nq: int):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = refs
   ki, j = pl.program_id(2), pl.program_id(3)
   qi = j % nq
-  lo, hi = _q_range(spec, ki)
+  lo, hi = q_range(spec, ki)
 
   @pl.when(j == 0)
   def _init():
@@ -311,7 +263,7 @@ def backward(spec: Spec, q, k, v, o, lse, do, q_seg=None, k_seg=None):
 
   # dq: grid (b, h, nq, nk), the reduction over key blocks
   def kv_block(bi, hi, qi, ki):
-    lo, top = _kv_range(spec, qi)
+    lo, top = kv_range(spec, qi)
     return bi, hi // g, jnp.clip(ki, lo, top), 0
 
   def q_block(bi, hi, qi, ki):
@@ -340,7 +292,7 @@ def backward(spec: Spec, q, k, v, o, lse, do, q_seg=None, k_seg=None):
 
   # dk, dv: grid (b, kvh, nk, g * nq); step j visits query head kh * g + j // nq, block j % nq
   def qside(bi, kh, ki, j):
-    lo, top = _q_range(spec, ki)
+    lo, top = q_range(spec, ki)
     return bi, kh * g + j // nq, jnp.clip(j % nq, lo, top), 0
 
   def kside(bi, kh, ki, j):

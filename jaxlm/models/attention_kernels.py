@@ -1,11 +1,10 @@
 """Which attention implementation a training/prefill step runs: config.model.attention.
 
   xla    `dot_product_attention` (or its query-blocked form): the reference, any backend.
-  flash  jaxlm's Pallas flash attention (jaxlm/kernels): Mosaic TPU on TPU, the same kernels in
-         Pallas interpret mode on CPU. There is no GPU kernel yet: on GPU "flash" logs a warning
-         and runs the xla reference, so a GPU run is never silently called "flash".
+  flash  jaxlm's Pallas flash attention (jaxlm/kernels): Mosaic TPU on TPU, Mosaic GPU on
+         Hopper GPUs, the TPU kernels in Pallas interpret mode on CPU.
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"): GPU only, for comparison.
-  auto   flash on TPU and GPU (see above for GPU), xla on CPU.
+  auto   flash on TPU and GPU, xla on CPU.
 
 Everything here sees self-attention over whole rows: slots are 0..t-1 (the KV-cache decode path
 always uses the xla reference), so the kernels compute masks from positions.
@@ -32,10 +31,9 @@ def resolve(kind: str, platform: str | None = None) -> str:
   platform = platform or rules.platform()
   if kind == "auto":
     kind = "xla" if platform == "cpu" else "flash"
-  if kind == "flash" and platform not in ("tpu", "cpu"):
-    log.warning("model.attention='flash': jaxlm has no %s flash-attention kernel yet; "
-                "running the xla reference attention instead", platform)
-    return "xla"
+  if kind == "flash" and platform not in ("tpu", "cpu", "gpu"):
+    raise RuntimeError(f"model.attention='flash' has no kernel for platform {platform!r}; "
+                       "use 'xla'")
   if kind == "cudnn" and platform != "gpu":
     raise RuntimeError(f"model.attention='cudnn' needs a GPU; this backend is {platform!r}. "
                        "Use 'flash', 'xla' or 'auto'")

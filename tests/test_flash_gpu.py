@@ -1,0 +1,146 @@
+"""The Mosaic GPU (Hopper) flash-attention kernels, without a GPU.
+
+Two checks that need no GPU:
+  * semantics: the kernels run under Pallas' GPU interpreter ("gpu_interpret"), which simulates
+    the warp groups as threads, shared memory, TMA copies and mbarriers (it fails on a deadlock
+    or on a barrier phase nobody observed), and must match the float32 reference in value and
+    dq/dk/dv;
+  * compilation: the forward and both backward kernels lower for CUDA through Mosaic GPU down to
+    its LLVM/NVVM module with the wgmma instructions, at sequence 8192, as they would on an H100.
+What neither proves is speed or ptxas; benchmarks/attention.py measures those on a GPU.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.models import attention_kernels
+
+
+def reference(q, k, v, q_seg, k_seg, causal, window, softcap):
+  """Float32 attention with every mask written out; rows that see no key are zero."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  t, s = q.shape[1], k.shape[1]
+  groups = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, groups, 2), jnp.repeat(v, groups, 2)
+  scores = jnp.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
+  qp, kp = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
+  mask = jnp.ones((t, s), bool)
+  if causal:
+    mask &= kp <= qp
+  if window:
+    mask &= qp - kp < window
+    if not causal:
+      mask &= kp - qp < window
+  mask = mask[None, None]
+  if q_seg is not None:
+    mask = mask & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
+  p = jnp.where(mask, jax.nn.softmax(jnp.where(mask, scores, -1e30), -1), 0.0)
+  return jnp.einsum("bhts,bshd->bthd", p, v)
+
+
+# (batch, t, s, heads, kv_heads, head_dim, causal, window, softcap, segments, block_k, dtype)
+CASES = {
+    "tails_gqa_noncausal": (1, 200, 200, 4, 2, 64, False, 0, 0.0, False, 64, jnp.bfloat16),
+    "segments_mqa_batch2": (2, 130, 130, 2, 1, 64, True, 0, 0.0, True, None, jnp.bfloat16),
+    "causal_window": (1, 256, 256, 2, 2, 64, True, 70, 0.0, False, 64, jnp.bfloat16),
+    "noncausal_window_softcap": (1, 192, 192, 2, 1, 64, False, 50, 5.0, False, 64, jnp.bfloat16),
+    "head_dim_128_t_ne_s_segments": (1, 96, 160, 2, 2, 128, False, 0, 0.0, True, 64, jnp.bfloat16),
+    "head_dim_256_float32": (1, 64, 64, 1, 1, 256, True, 0, 0.0, False, None, jnp.float32),
+}
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name):
+  b, t, s, h, kvh, d, causal, window, softcap, segments, block_k, dtype = CASES[name]
+  keys = jax.random.split(jax.random.key(3), 5)
+  q = jax.random.normal(keys[0], (b, t, h, d)).astype(dtype)
+  k = jax.random.normal(keys[1], (b, s, kvh, d)).astype(dtype)
+  v = jax.random.normal(keys[2], (b, s, kvh, d)).astype(dtype)
+  do = jax.random.normal(keys[3], (b, t, h, d))
+  q_seg = k_seg = None
+  if segments:  # 3 packed documents per row; with t != s some queries see no key at all
+    q_seg = jnp.sort(jax.random.randint(keys[4], (b, t), 0, 3), axis=1)
+    k_seg = q_seg if s == t else jnp.sort(jax.random.randint(keys[4], (b, s), 1, 3), axis=1)
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do),
+                                      argnums=(0, 1, 2)))
+
+  flash = lambda q, k, v: flash_attention(q, k, v, q_seg, k_seg, causal=causal, window=window,
+                                          softcap=softcap, block_k=block_k, backend="gpu_interpret")
+  ref = lambda q, k, v: reference(q, k, v, q_seg, k_seg, causal, window, softcap)
+  out = jax.jit(flash)(q, k, v)
+  _, grads = loss(flash)(q, k, v)
+  _, ref_grads = loss(ref)(q, k, v)
+  errors = {"o": _rel(out, ref(q, k, v))}
+  errors.update({n: _rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+  print(f"\n{name}: max relative error " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
+  assert out.dtype == dtype
+  for x in (out, *grads):
+    assert not np.isnan(np.asarray(x, np.float32)).any()
+  # bf16 operands (float32 inputs run as bf16 on the GPU path), float32 accumulation
+  assert max(errors.values()) <= 2e-2, errors
+  assert max(errors.values()) > 0  # the bf16 path really ran: float32 would agree to ~1e-6
+
+
+def _lowered_text(t, h, kvh, d, **kw):
+  b = 1
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, kvh, d), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  segments = kw.pop("segments", False)
+
+  def loss(q, k, v, seg):
+    s = seg if segments else None
+    return jnp.sum(flash_attention(q, k, v, s, s, backend="gpu", **kw).astype(jnp.float32))
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  return grad.trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("d,kw", [
+    (128, dict(causal=True)),
+    (64, dict(causal=False, segments=True, window=1024, softcap=30.0)),
+    (256, dict(causal=True, window=2048)),
+])
+def test_gpu_kernels_lower_for_hopper_at_8192(d, kw):
+  text = _lowered_text(8192, 16, 8, d, **kw)
+  kernels = re.findall(r"stablehlo\.custom_call @mosaic_gpu\w*", text)
+  assert len(kernels) == 3, kernels  # forward, dq, dk/dv
+  assert text.count("wgmma.mma_async") >= 3  # tensor-core matmuls in every kernel's module
+
+
+def test_model_flash_lowers_the_gpu_kernels_on_gpu(monkeypatch):
+  """On a GPU platform the model's attention='flash' (in the layer scan, under remat) lowers the
+  Mosaic GPU kernels, each once for the scanned layer stack: forward, its remat recomputation in
+  the backward scan, dq and dK/dV."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxlm.config import base_config  # pylint: disable=g-import-not-at-top
+  from jaxlm.models import Transformer  # pylint: disable=g-import-not-at-top
+  from jaxlm.parallel import rules  # pylint: disable=g-import-not-at-top
+  assert attention_kernels.resolve("auto", "gpu") == "flash"
+  monkeypatch.setattr(rules, "platform", lambda: "gpu")
+  m = base_config().model
+  m.update(vocab_size=256, d_model=128, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=256,
+           max_seq_len=300, scan_layers=True, remat_policy="full", attention="auto",
+           compute_dtype="bfloat16")
+  graphdef, params = nnx.split(Transformer(m, nnx.Rngs(0)), nnx.Param)
+  tokens = jnp.zeros((2, 300), jnp.int32)  # 300: padded to whole 128-row blocks inside
+
+  def loss(p):
+    return jnp.mean(nnx.merge(graphdef, p)(tokens).astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu\w*", text)) == 4
