@@ -2,9 +2,10 @@
 
 Two checks that need no GPU:
   * semantics: the kernels run under Pallas' GPU interpreter ("gpu_interpret"), which simulates
-    the warp groups as threads, shared memory, TMA copies and mbarriers (it fails on a deadlock
-    or on a barrier phase nobody observed), and must match the float32 reference in value and
-    dq/dk/dv;
+    the warp groups as threads, shared memory, TMA copies and mbarriers (it fails on a barrier
+    phase nobody observed) with its happens-before race detector on, and must match the float32
+    reference in value and dq/dk/dv with no race reported. (The simulated threads block inside
+    XLA's CPU thread pool; the 8 host devices conftest.py sets give it enough threads.)
   * compilation: the forward and both backward kernels lower for CUDA through Mosaic GPU down to
     its LLVM/NVVM module with the wgmma instructions, at sequence 8192, as they would on an H100.
 What neither proves is speed or ptxas; benchmarks/attention.py measures those on a GPU.
@@ -62,7 +63,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name):
+def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name, capfd):
   b, t, s, h, kvh, d, causal, window, softcap, segments, block_k, dtype = CASES[name]
   keys = jax.random.split(jax.random.key(3), 5)
   q = jax.random.normal(keys[0], (b, t, h, d)).astype(dtype)
@@ -86,6 +87,7 @@ def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name):
   _, ref_grads = loss(ref)(q, k, v)
   errors = {"o": _rel(out, ref(q, k, v))}
   errors.update({n: _rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
+  assert "RACE DETECTED" not in capfd.readouterr().out  # printed by the interpreter's detector
   print(f"\n{name}: max relative error " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
   assert out.dtype == dtype
   for x in (out, *grads):

@@ -61,7 +61,7 @@ def _interpret(spec: Spec):
   if not spec.interpret:
     return None
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=g-import-not-at-top
-  return InterpretGPUParams()
+  return InterpretGPUParams(detect_races=True)
 
 
 def _smem(shape, dtype):
