@@ -62,6 +62,7 @@ def _rel(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.timeout(600, method="thread")  # a kernel bug can deadlock the simulated threads
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name, capfd):
   b, t, s, h, kvh, d, causal, window, softcap, segments, block_k, dtype = CASES[name]
