@@ -29,8 +29,14 @@ hides entirely are never loaded. Fully masked rows output zeros with zero gradie
 
 Matmul operands are bf16/f16 (wgmma); float32 inputs are run with bf16 operands and float32
 accumulation and softmax, which is also what XLA's default precision does for float32 matmuls
-on these GPUs (TF32). The kernels run on CPU under Pallas' GPU interpreter for tests
-(`interpret=True` in the Spec), and lower to Mosaic GPU's LLVM module on any host.
+on these GPUs (TF32).
+
+Without a GPU: the kernels run on CPU under Pallas' GPU interpreter (`interpret=True` in the Spec;
+backend "gpu_interpret"), which simulates the warp groups, shared memory, TMA and mbarriers and
+detects races. It has no register layouts and no transposed or register-operand wgmma, so there,
+and only there, `_dot`/`_mma` use a float32-accumulating lax.dot of the same operands and
+`_cast`/`_iota` skip the layout. On any host the kernels also lower for CUDA down to Mosaic GPU's
+NVVM module, which is where layout, shared-memory and wgmma-shape errors show (tests/test_flash_gpu.py).
 """
 
 from __future__ import annotations
