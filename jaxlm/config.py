@@ -59,7 +59,7 @@ def _model() -> ConfigDict:
   #   xla: plain einsum attention, the reference | flash: jaxlm's Pallas flash-attention kernels
   #   (Mosaic TPU on TPU, Mosaic GPU on Hopper GPUs, interpret mode on CPU) |
   #   cudnn: jax.nn.dot_product_attention(implementation="cudnn"), GPU only, no softcap |
-  #   auto: flash on TPU/GPU, xla on CPU.
+  #   auto: flash on TPU and Hopper GPUs, xla on CPU and other GPUs.
   m.attention = "xla"
   m.flash_block_q = 0  # flash: query rows per block; 0: the backend's default (TPU 512; GPU fixed 128)
   m.flash_block_k = 0  # flash: keys per block; 0: the backend's default (TPU 512; GPU 128, 64 if d>128)

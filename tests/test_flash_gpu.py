@@ -8,18 +8,24 @@ Two checks that need no GPU:
     XLA's CPU thread pool; the 8 host devices conftest.py sets give it enough threads.)
   * compilation: the forward and both backward kernels lower for CUDA through Mosaic GPU down to
     its LLVM/NVVM module with the wgmma instructions, at sequence 8192, as they would on an H100.
-What neither proves is speed or ptxas; benchmarks/attention.py measures those on a GPU.
+What neither proves is speed or ptxas; benchmarks/attention.py measures those on a GPU. On a
+machine with a Hopper GPU the same value/gradient cases also run on the real kernels ("gpu").
 """
 
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.kernels import flash_gpu
 from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.models import attention_kernels
+
+# the interpreter everywhere; the hardware too where this process has a Hopper GPU
+BACKENDS = ["gpu_interpret"] + (["gpu"] if jax.default_backend() == "gpu" and not flash_gpu.unsupported_gpu() else [])
 
 
 def reference(q, k, v, q_seg, k_seg, causal, window, softcap):
@@ -63,8 +69,9 @@ def _rel(a, b):
 
 
 @pytest.mark.timeout(600, method="thread")  # a kernel bug can deadlock the simulated threads
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name, capfd):
+def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name, backend, capfd):
   b, t, s, h, kvh, d, causal, window, softcap, segments, block_k, dtype = CASES[name]
   keys = jax.random.split(jax.random.key(3), 5)
   q = jax.random.normal(keys[0], (b, t, h, d)).astype(dtype)
@@ -81,7 +88,7 @@ def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name, capfd):
                                       argnums=(0, 1, 2)))
 
   flash = lambda q, k, v: flash_attention(q, k, v, q_seg, k_seg, causal=causal, window=window,
-                                          softcap=softcap, block_k=block_k, backend="gpu_interpret")
+                                          softcap=softcap, block_k=block_k, backend=backend)
   ref = lambda q, k, v: reference(q, k, v, q_seg, k_seg, causal, window, softcap)
   out = jax.jit(flash)(q, k, v)
   _, grads = loss(flash)(q, k, v)
@@ -89,7 +96,7 @@ def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name, capfd):
   errors = {"o": _rel(out, ref(q, k, v))}
   errors.update({n: _rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
   assert "RACE DETECTED" not in capfd.readouterr().out  # printed by the interpreter's detector
-  print(f"\n{name}: max relative error " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
+  print(f"\n{name} ({backend}): max relative error " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
   assert out.dtype == dtype
   for x in (out, *grads):
     assert not np.isnan(np.asarray(x, np.float32)).any()
@@ -147,3 +154,17 @@ def test_model_flash_lowers_the_gpu_kernels_on_gpu(monkeypatch):
 
   text = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu\w*", text)) == 4
+
+
+def test_non_hopper_gpus_get_a_clear_error_and_auto_falls_back_to_xla(monkeypatch):
+  q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+  a100 = SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100-SXM4-80GB")
+  monkeypatch.setattr(jax, "devices", lambda *args: [a100])
+  assert "Hopper" in flash_gpu.unsupported_gpu()
+  with pytest.raises(ValueError, match="needs a Hopper GPU.*A100.*'cudnn' or 'xla'"):
+    flash_attention(q, q, q, backend="gpu")
+  assert attention_kernels.resolve("auto", "gpu") == "xla"
+  h100 = SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H100 80GB HBM3")
+  monkeypatch.setattr(jax, "devices", lambda *args: [h100])
+  assert flash_gpu.unsupported_gpu() is None
+  assert attention_kernels.resolve("auto", "gpu") == "flash"

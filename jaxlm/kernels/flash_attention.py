@@ -148,6 +148,8 @@ def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool =
                    scale=float(d) ** -0.5, q_len=t, kv_len=s, groups=h // kvh,
                    segments=q_segments is not None)
   if backend in ("gpu", "gpu_interpret"):
+    if backend == "gpu" and (why := flash_gpu.unsupported_gpu()):
+      raise ValueError(f"{why}. Use model.attention='cudnn' or 'xla' there")
     if block_q not in (None, 0, flash_gpu.CTA_ROWS):
       raise ValueError(f"GPU flash block_q is fixed at {flash_gpu.CTA_ROWS} (2 warp groups x 64 rows); "
                        f"got {block_q}: leave model.flash_block_q at 0")

@@ -58,6 +58,22 @@ CTA_ROWS = COMPUTE_WGS * WG_ROWS  # query rows (forward, dq) or key rows (dK/dV)
 SMEM_BYTES = 227 * 1024  # H100 shared memory a CTA can opt into
 
 
+def unsupported_gpu() -> str | None:
+  """Why this process's GPU cannot run these kernels, or None when it can (or there is no local GPU:
+  lowering for CUDA from a CPU host, as the tests do, needs no device).
+
+  The kernels use wgmma, which exists on Hopper (sm_90) only: Ampere lacks it and Blackwell
+  replaces it with tcgen05."""
+  device = jax.devices()[0]
+  if device.platform != "gpu":
+    return None
+  capability = getattr(device, "compute_capability", None)  # "9.0" on an H100/H200; absent on ROCm
+  if capability is None or not str(capability).startswith("9."):
+    return (f"jaxlm's GPU flash-attention kernel needs a Hopper GPU (sm_90, H100/H200); this is "
+            f"{device.device_kind} (compute capability {capability})")
+  return None
+
+
 def _params():
   return plgpu.CompilerParams(approx_math=True)
 

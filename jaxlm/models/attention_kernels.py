@@ -4,7 +4,7 @@
   flash  jaxlm's Pallas flash attention (jaxlm/kernels): Mosaic TPU on TPU, Mosaic GPU on
          Hopper GPUs, the TPU kernels in Pallas interpret mode on CPU.
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"): GPU only, for comparison.
-  auto   flash on TPU and GPU, xla on CPU.
+  auto   flash on TPU and Hopper GPUs, xla on CPU and on other GPUs (the GPU kernel is wgmma-based).
 
 Everything here sees self-attention over whole rows: slots are 0..t-1 (the KV-cache decode path
 always uses the xla reference), so the kernels compute masks from positions.
@@ -20,6 +20,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from jaxlm.kernels import flash_gpu
 from jaxlm.kernels.flash_attention import flash_attention
 from jaxlm.parallel import rules
 
@@ -31,6 +32,9 @@ def resolve(kind: str, platform: str | None = None) -> str:
   platform = platform or rules.platform()
   if kind == "auto":
     kind = "xla" if platform == "cpu" else "flash"
+    if platform == "gpu" and (why := flash_gpu.unsupported_gpu()):
+      log.warning("model.attention='auto': %s; running xla attention", why)
+      kind = "xla"
   if kind == "flash" and platform not in ("tpu", "cpu", "gpu"):
     raise RuntimeError(f"model.attention='flash' has no kernel for platform {platform!r}; "
                        "use 'xla'")
