@@ -24,7 +24,6 @@ keys; tests compare only rows with a visible key and assert no NaN anywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -42,8 +41,6 @@ from jaxlm.parallel import rules
 # and is lowered to 64 for head_dim 256, where the [64, 256] f32 accumulator alone takes 128.
 DEFAULT_BLOCKS = {"tpu": (512, 512), "interpret": (128, 128), "gpu": (128, 128)}
 _ALIGN = {"tpu": 128, "interpret": 8, "gpu": 64}  # Mosaic TPU: whole (8, 128) tiles; GPU: wgmma M
-
-GPU_BWD_BLOCK = 64  # dq kernel: keys per step; dK/dV kernel: queries per step (wgmma N)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -85,18 +82,8 @@ def _flash_fwd(q, k, v, q_seg, k_seg, spec):
 
 def _flash_bwd(spec, res, do):
   q, k, v, q_seg, k_seg, o, lse = res
-  if not spec.gpu:
-    dq, dk, dv = flash_tpu.backward(spec, q, k, v, o, lse, do, q_seg, k_seg)
-    return dq, dk, dv, None, None  # segment ids are integers: no cotangent
-  # delta = rowsum(dO * O): [b, t, h] -> [b, h, t], the row-statistics layout of lse
-  delta = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
-  dq = flash_gpu.dq(dataclasses.replace(spec, block_k=GPU_BWD_BLOCK), q, k, v, do, lse, delta,
-                    q_seg, k_seg)
-  if spec.interpret:  # the GPU interpreter's simulated shared memory is global: one kernel at a time
-    q, dq = jax.lax.optimization_barrier((q, dq))
-  dkv_spec = dataclasses.replace(spec, block_q=GPU_BWD_BLOCK, block_k=flash_gpu.CTA_ROWS)
-  dk, dv = flash_gpu.dkv(dkv_spec, q, k, v, do, lse, delta, q_seg, k_seg)
-  return dq, dk, dv, None, None
+  dq, dk, dv = (flash_gpu if spec.gpu else flash_tpu).backward(spec, q, k, v, o, lse, do, q_seg, k_seg)
+  return dq, dk, dv, None, None  # segment ids are integers: no cotangent
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
