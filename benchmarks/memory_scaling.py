@@ -53,8 +53,7 @@ def main(argv=None):
   import jax
 
   from jaxlm.config import ConfigError, base_config, validate
-  from jaxlm.train.optimizer import make_optimizer
-  from jaxlm.train.sharded import _init_fn, graphdef_of, jit_train_step, make_layout
+  from jaxlm.train.setup import abstract_state, jit_train_step, make_setup
 
   def config(mesh):
     c = base_config()
@@ -71,20 +70,18 @@ def main(argv=None):
   for n in counts:
     for name, mesh in strategies(n).items():
       c = config(mesh)
-      tx = make_optimizer(c.train)
       try:
-        layout = make_layout(c, tx, jax.devices()[:n])
+        setup = make_setup(c, jax.devices()[:n])
       except ConfigError as e:
         rows.append((n, name, None, None, None, str(e)[:60]))
         continue
-      as_arg = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-      state = jax.tree.map(as_arg, jax.eval_shape(_init_fn(c, tx)), layout.state)
-      batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), "int32", sharding=layout.batch)
+      state = abstract_state(setup)
+      batch = {k: jax.ShapeDtypeStruct((args.batch, args.seq), "int32", sharding=setup.batch_sharding)
                for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
-      compiled = jit_train_step(c, graphdef_of(c), tx, layout).lower(state, batch).compile()
+      compiled = jit_train_step(setup).lower(state, batch).compile()
       mem = compiled.memory_analysis()
-      batch_bytes = 5 * 4 * args.batch * args.seq // (layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
-                                                      * layout.mesh.shape["sequence"])
+      shape = setup.mesh.shape
+      batch_bytes = 5 * 4 * args.batch * args.seq // (shape["data"] * shape["fsdp"] * shape["sequence"])
       state_bytes = mem.argument_size_in_bytes - batch_bytes
       base = state_bytes if base is None else base
       rows.append((n, name, state_bytes, state_bytes / base, mem.temp_size_in_bytes, ""))

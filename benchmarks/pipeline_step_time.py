@@ -27,14 +27,14 @@ import numpy as np  # noqa: E402
 from jaxlm.config import base_config, validate  # noqa: E402
 from jaxlm.parallel.pipeline import bubble_fraction  # noqa: E402
 from jaxlm.parallel.sharding import global_batch  # noqa: E402
-from jaxlm.train.optimizer import make_optimizer  # noqa: E402
-from jaxlm.train.sharded import graphdef_of, init_sharded_state, jit_train_step, make_layout  # noqa: E402
+from jaxlm.train.setup import init_sharded_state, jit_train_step, make_setup  # noqa: E402
 
 
 def config(stage: int, microbatches: int, a) -> object:
   c = base_config()
   c.model.update(vocab_size=512, d_model=a.d_model, num_layers=a.layers, num_heads=4, num_kv_heads=4,
-                 mlp_dim=4 * a.d_model, max_seq_len=a.seq, pipeline_microbatches=microbatches)
+                 mlp_dim=4 * a.d_model, max_seq_len=a.seq)
+  c.compute.pipeline_microbatches = microbatches
   c.tokenizer.vocab_size = 512
   c.data.seq_len = a.seq
   c.train.update(batch_size=a.batch, warmup_steps=0)
@@ -44,17 +44,16 @@ def config(stage: int, microbatches: int, a) -> object:
 
 class Row:
   def __init__(self, c):
-    tx = make_optimizer(c.train)
-    layout = make_layout(c, tx)
-    self.state = init_sharded_state(c, tx, layout)
+    setup = make_setup(c)
+    self.state = init_sharded_state(setup)
     rng = np.random.default_rng(0)
     b, t = c.train.batch_size, c.data.seq_len
     tokens = rng.integers(0, c.model.vocab_size, (b, t)).astype(np.int32)
     local = {"inputs": tokens, "targets": np.roll(tokens, -1, 1), "segment_ids": np.ones((b, t), np.int32),
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
              "weights": np.ones((b, t), np.int32)}
-    self.batch = global_batch(local, layout.batch)
-    self.step_fn = jit_train_step(c, graphdef_of(c), tx, layout).lower(self.state, self.batch).compile()
+    self.batch = global_batch(local, setup.batch_sharding)
+    self.step_fn = jit_train_step(setup).lower(self.state, self.batch).compile()
 
   def step(self) -> float:
     t = time.perf_counter()

@@ -8,7 +8,7 @@ optimizer step. Steps are interleaved (one step of every row per round) so backg
 rows alike; the median step is reported, with the process CPU time per step (robust to load).
 
 jaxlm rows use jaxlm's own make_train_step (jitted, state donated) on jaxlm's Transformer. Extra jaxlm
-rows: --jaxlm_variant "name:model.scan_layers=False,model.compute_dtype=bfloat16,xla_cpu_...=..." (config
+rows: --jaxlm_variant "name:compute.scan_layers=False,compute.compute_dtype=bfloat16,xla_cpu_...=..." (config
 fields are set on jaxlm's base config; keys starting with xla_ are passed to XLA as compiler options
 for that row only). The transformers baseline is eager PyTorch, float32, attn_implementation --attn
 ("sdpa" by default; "eager" is the unfused reference); an autocast-bf16 row is on by default
@@ -18,7 +18,7 @@ activations and master weights: configs/shakespeare.py), whose like-for-like pee
 
   python benchmarks/train_throughput.py               # jaxlm vs transformers eager, about a minute idle
   python benchmarks/train_throughput.py --compile
-  python benchmarks/train_throughput.py --jaxlm_variant "noscan:model.scan_layers=False"
+  python benchmarks/train_throughput.py --jaxlm_variant "noscan:compute.scan_layers=False"
 
 FLOPs: "6N" is 6 x all parameters x tokens (tied embeddings counted once); "jaxlm" is
 jaxlm.train.flops.train_flops_per_token (every matmul incl. logits, causal attention QK^T/PV at half).
@@ -57,7 +57,7 @@ def parse_args(argv=None):
   p.add_argument("--no_torch", action="store_true", help="time jaxlm only")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: torch's default")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax is imported (all jaxlm rows)")
-  p.add_argument("--jax_bf16", action="store_true", help="also time jaxlm with model.compute_dtype=bfloat16")
+  p.add_argument("--jax_bf16", action="store_true", help="also time jaxlm with compute.compute_dtype=bfloat16")
   p.add_argument("--jaxlm_variant", action="append", default=[], metavar="NAME:KEY=VAL,...",
                  help="an extra jaxlm row: config fields (section.field=value) and xla_* compiler options")
   return p.parse_args(argv)
@@ -74,6 +74,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlm.config import base_config, validate  # noqa: E402
 from jaxlm.models import Transformer  # noqa: E402
+from jaxlm.models.compute import resolve  # noqa: E402
 from jaxlm.train import flops  # noqa: E402
 from jaxlm.train.optimizer import make_optimizer  # noqa: E402
 from jaxlm.train.step import init_state, make_train_step  # noqa: E402
@@ -139,7 +140,7 @@ def jaxlm_config(a, fields=None):
   m.num_kv_heads, m.mlp_dim, m.max_seq_len = a.kv_heads or a.heads, a.mlp, a.seq
   m.mlp_kind, m.norm_kind, m.position_kind, m.norm_eps, m.rope_theta = "swiglu", "rmsnorm", "rope", 1e-5, 1e4
   m.tie_embeddings = not a.untie
-  m.param_dtype = "float32"
+  c.compute.param_dtype = "float32"
   c.tokenizer.vocab_size = a.vocab
   c.data.seq_len = a.seq
   t = c.train
@@ -157,7 +158,7 @@ def jaxlm_config(a, fields=None):
 class JaxlmRunner:
   def __init__(self, a, tokens, targets, fields=None, options=None):
     c = jaxlm_config(a, fields)
-    model = Transformer(c.model, nnx.Rngs(0))
+    model = Transformer(c.model, nnx.Rngs(0), resolve(c.compute, jax.default_backend()))
     graphdef, params = nnx.split(model, nnx.Param)
     self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     tx = make_optimizer(c.train)
@@ -230,9 +231,9 @@ def main(a):
   # The CPU preset's model settings (configs/shakespeare.py): bf16 matmul operands with float32
   # accumulation, float32 activations and master weights; the fair peer is torch autocast-bf16.
   runners["jaxlm CPU preset (bf16 matmuls)"] = JaxlmRunner(a, tokens, targets, {
-      "model.matmul_dtype": "bfloat16", "model.scan_layers": "False", "model.attention_blocks": "4"})
+      "compute.matmul_dtype": "bfloat16", "compute.scan_layers": "False", "compute.attention_blocks": "4"})
   if a.jax_bf16:
-    runners["jaxlm compute_dtype=bfloat16"] = JaxlmRunner(a, tokens, targets, {"model.compute_dtype": "bfloat16"})
+    runners["jaxlm compute_dtype=bfloat16"] = JaxlmRunner(a, tokens, targets, {"compute.compute_dtype": "bfloat16"})
   for spec in a.jaxlm_variant:
     name, fields, options = parse_variant(spec)
     runners[f"jaxlm {name}"] = JaxlmRunner(a, tokens, targets, fields, options)

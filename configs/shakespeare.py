@@ -14,9 +14,9 @@ from jaxlm.config import base_config
 
 def get_config():
   c = base_config()
-  c.model.matmul_dtype = "bfloat16"  # bf16 operands, float32 accumulation: ~2x XLA:CPU matmul rate
-  c.model.scan_layers = False  # 4 layers compile fast unrolled, and run ~5% faster on CPU
-  c.model.attention_blocks = 4  # skip the key blocks the causal mask hides
+  c.compute.matmul_dtype = "bfloat16"  # bf16 operands, float32 accumulation: ~2x XLA:CPU matmul rate
+  c.compute.scan_layers = False  # 4 layers compile fast unrolled, and run ~5% faster on CPU
+  c.compute.attention_blocks = 4  # skip the key blocks the causal mask hides
   c.train.batch_size = 8  # 2,048 tokens per update
   c.train.steps = 1400
   c.train.warmup_steps = 50

@@ -19,7 +19,12 @@ class ConfigError(ValueError):
 
 def _model() -> ConfigDict:
   m = ConfigDict()
-  m.vocab_size = 4096  # must equal the tokenizer's vocabulary size
+  # Token ids the model knows. 0: the tokenizer's vocabulary size, filled in when the run starts
+  # (config.json records the number); > 0 (a published architecture) must equal the tokenizer's.
+  m.vocab_size = 0
+  # Embedding rows (and logits) are padded up to a multiple of this: 128 keeps TPU/GPU matmuls on
+  # whole tiles for any vocabulary. Padded ids' logits are masked, so they are never predicted.
+  m.vocab_multiple = 1
   m.d_model = 256  # residual stream width ("embed")
   m.num_layers = 4
   m.num_heads = 4  # query heads
@@ -47,38 +52,51 @@ def _model() -> ConfigDict:
   m.attn_logit_softcap = 0.0  # 0: off; c > 0: scores become c * tanh(scores / c) (Gemma-2)
   m.final_logit_softcap = 0.0  # same, on the output logits
   m.init_std = 0.02  # normal init of embeddings and projections; residual outputs scaled by depth
-  m.param_dtype = "float32"  # master weights and optimizer state
-  m.compute_dtype = "float32"  # float32 | bfloat16: activations (and matmul operands, by default)
+  return m
+
+
+def _compute() -> ConfigDict:
+  """How the model is computed: precision, layer loop, recompute, attention kernels, micro-batches.
+
+  None of it changes the model's function or its parameters' shapes (scan_layers changes how the
+  layers' parameters are stacked, not their values), so a checkpoint's architecture (`model.*`)
+  never depends on how a run chose to execute it.
+  """
+  c = ConfigDict()
+  c.param_dtype = "float32"  # master weights and optimizer state
+  c.compute_dtype = "float32"  # float32 | bfloat16: activations (and matmul operands, by default)
   # "" (same as compute_dtype) | float32 | bfloat16: operands of every matmul, always accumulated in
   # float32. bfloat16 with float32 activations is mixed precision for the matmuls only; on CPU it
   # also doubles XLA's matmul rate (oneDNN bf16 kernels).
-  m.matmul_dtype = ""
-  m.scan_layers = True  # stack layers and run them with lax.scan: compile time independent of depth
-  m.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
+  c.matmul_dtype = ""
+  c.scan_layers = True  # stack layers and run them with lax.scan: compile time independent of depth
+  c.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
   # Attention in training and prefill (KV-cache decoding always uses xla):
-  #   xla: plain einsum attention, the reference | flash: jaxlm's Pallas flash-attention kernels
-  #   (Mosaic TPU on TPU, Mosaic GPU on Hopper GPUs, interpret mode on CPU) |
+  #   xla: plain einsum attention, the reference, any platform |
+  #   flash: jaxlm's own Pallas kernels (Mosaic TPU; Mosaic GPU on Hopper; interpret mode on CPU) |
+  #   splash: JAX's own TPU splash-attention kernel (TPU; interpret mode on CPU) |
   #   cudnn: jax.nn.dot_product_attention(implementation="cudnn"), GPU only, no softcap |
-  #   auto: flash on TPU and Hopper GPUs, xla on CPU and other GPUs.
-  m.attention = "xla"
-  m.flash_block_q = 0  # flash: query rows per block; 0: the backend's default (TPU 512; GPU fixed 128)
-  m.flash_block_k = 0  # flash: keys per block; 0: the backend's default (TPU 512; GPU 128, 64 if d>128)
+  #   auto: what benchmarks/attention.py measured fastest on the platform; until a measurement
+  #   exists there: splash on TPU, cudnn on GPU (xla where cudnn cannot run the config), xla on CPU.
+  c.attention = "xla"
+  c.flash_block_q = 0  # flash: query rows per block; 0: the backend's default (TPU 512; GPU fixed 128)
+  c.flash_block_k = 0  # flash: keys per block; 0: the backend's default (see jaxlm/kernels)
   # xla attention in training/prefill: split the queries into this many blocks, each attending only
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
-  # (flash skips hidden key blocks by itself and ignores this.)
-  m.attention_blocks = 1
+  # (flash and splash skip hidden key blocks by themselves and ignore this.)
+  c.attention_blocks = 1
   # Pipeline parallelism (mesh.stage > 1, needs scan_layers): micro-batches each step's rows are
   # split into. The schedule idles (stages - 1) / (microbatches + stages - 1) of the time, so more
   # is faster but keeps more activations. 0: 2 x stages.
-  m.pipeline_microbatches = 0
-  return m
+  c.pipeline_microbatches = 0
+  return c
 
 
 def _tokenizer() -> ConfigDict:
   t = ConfigDict()
   t.path = ""  # an existing SentencePiece .model; empty: train one on the training split
   t.model_type = "bpe"  # bpe | unigram (when training)
-  t.vocab_size = 4096  # when training; a loaded model must match model.vocab_size either way
+  t.vocab_size = 4096  # pieces of a tokenizer trained here (ignored when tokenizer.path is set)
   t.byte_fallback = True  # unknown characters become UTF-8 bytes, never <unk>
   t.train_max_bytes = 20_000_000  # cap on the text fed to SentencePiece training
   t.cache_dir = ""  # where trained tokenizers are cached by content hash; empty: ~/.cache/jaxlm
@@ -180,6 +198,7 @@ def base_config() -> ConfigDict:
   """Every field jaxlm reads, with defaults; presets override."""
   c = ConfigDict()
   c.model = _model()
+  c.compute = _compute()
   c.tokenizer = _tokenizer()
   c.data = _data()
   c.train = _train()
@@ -194,11 +213,11 @@ _CHOICES = {
     "model.norm_kind": ("rmsnorm", "layernorm"),
     "model.position_kind": ("rope", "learned"),
     "model.rope_scaling": ("none", "linear", "llama3", "yarn"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("float32", "bfloat16"),
-    "model.matmul_dtype": ("", "float32", "bfloat16"),
-    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention": ("xla", "flash", "cudnn", "auto"),
+    "compute.param_dtype": ("float32", "bfloat16"),
+    "compute.compute_dtype": ("float32", "bfloat16"),
+    "compute.matmul_dtype": ("", "float32", "bfloat16"),
+    "compute.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "compute.attention": ("xla", "flash", "splash", "cudnn", "auto"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("shakespeare", "text", "jsonl", "tfds"),
     "train.schedule": ("cosine", "linear", "wsd", "constant"),
@@ -206,18 +225,64 @@ _CHOICES = {
 }
 
 _POSITIVE = (
-    "model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "model.attention_blocks", "data.seq_len",
+    "model.vocab_multiple", "model.d_model", "model.num_layers", "model.num_heads",
+    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "compute.attention_blocks", "data.seq_len",
     "train.steps",
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
 )
 _NON_NEGATIVE = (
-    "model.head_dim", "model.flash_block_q", "model.flash_block_k", "model.sliding_window",
-    "model.attn_logit_softcap", "model.final_logit_softcap", "model.pipeline_microbatches",
+    "model.vocab_size", "model.head_dim", "compute.flash_block_q", "compute.flash_block_k",
+    "model.sliding_window", "model.attn_logit_softcap", "model.final_logit_softcap",
+    "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
 )
+
+
+def with_vocab_size(config: ConfigDict, tokenizer_vocab: int) -> ConfigDict:
+  """A copy of config with model.vocab_size = the tokenizer's vocabulary (the one place they meet).
+
+  model.vocab_size 0 takes it; a set value (a published architecture) must equal it.
+  """
+  given = config.model.vocab_size
+  if given and given != tokenizer_vocab:
+    raise ConfigError(
+        f"model.vocab_size is {given} but the tokenizer has {tokenizer_vocab} tokens; set "
+        f"model.vocab_size={tokenizer_vocab} (or 0: take the tokenizer's), or use a tokenizer of "
+        f"{given} tokens (tokenizer.path, or tokenizer.vocab_size when training one)")
+  config = config.copy_and_resolve_references()
+  config.model.vocab_size = int(tokenizer_vocab)
+  return config
+
+
+# Fields that moved from `model` to `compute` when the architecture was split from how it is run.
+MOVED_TO_COMPUTE = ("param_dtype", "compute_dtype", "matmul_dtype", "scan_layers", "remat_policy",
+                    "attention", "flash_block_q", "flash_block_k", "attention_blocks",
+                    "pipeline_microbatches")
+
+
+def from_saved(saved: dict) -> ConfigDict:
+  """A run directory's config.json (any jaxlm version) -> today's config tree.
+
+  Fields that moved are moved (model.attention -> compute.attention, ...); fields added since the
+  run was written take their defaults. A field jaxlm never had is an error, as on the command line.
+  """
+  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  model, compute = saved.get("model", {}), saved.setdefault("compute", {})
+  for name in MOVED_TO_COMPUTE:
+    if name in model:
+      compute.setdefault(name, model.pop(name))
+  config = base_config()
+  known = _flat(config)
+  for section, fields in saved.items():
+    if not isinstance(fields, dict):
+      raise ConfigError(f"saved config: '{section}' is not a section; known: {sorted(config)}")
+    for name, value in fields.items():
+      if f"{section}.{name}" not in known:
+        raise _unknown_field_error(f"{section}.{name}", known)
+      config[section][name] = value
+  return config
 
 
 def _flat(cfg: ConfigDict, prefix: str = "") -> dict:
@@ -323,10 +388,11 @@ def validate(config: ConfigDict) -> ConfigDict:
         f"model.d_model ({m.d_model}) is not divisible by model.num_heads ({m.num_heads}); "
         "set model.head_dim explicitly")
   for name in ("flash_block_q", "flash_block_k"):
-    if m[name] % 8:
-      raise ConfigError(f"config field 'model.{name}' must be a multiple of 8 (TPU: of 128), got {m[name]}")
-  if m.attention == "cudnn" and m.attn_logit_softcap:
-    raise ConfigError("model.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
+    if config.compute[name] % 8:
+      raise ConfigError(
+          f"config field 'compute.{name}' must be a multiple of 8 (TPU: of 128), got {config.compute[name]}")
+  if config.compute.attention == "cudnn" and m.attn_logit_softcap:
+    raise ConfigError("compute.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
         f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "
@@ -349,9 +415,5 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError(f"data.source is '{d.source}' but data.train_paths is empty; give file paths or globs")
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset, e.g. 'lm1b'")
-  if config.tokenizer.path == "" and config.tokenizer.vocab_size != m.vocab_size:
-    raise ConfigError(
-        f"tokenizer.vocab_size ({config.tokenizer.vocab_size}) differs from model.vocab_size "
-        f"({m.vocab_size}); set both to the same value")
   _validate_mesh(config.mesh)
   return config

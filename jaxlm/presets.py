@@ -19,8 +19,10 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: int,
-                    learning_rate: float, warmup_steps: int, **model) -> ConfigDict:
-  """base_config() set up for a large pretraining run; `model` overrides config.model fields.
+                    learning_rate: float, warmup_steps: int, remat_policy: str = "full",
+                    **model) -> ConfigDict:
+  """base_config() set up for a large pretraining run; `model` sets config.model fields (the
+  architecture); remat_policy sets compute.remat_policy; set other compute fields on the result.
 
   Data is a prepared TFDS dataset (C4) and the tokenizer vocabulary matches the model's, so the
   config validates as is; to train with a model's published tokenizer, point tokenizer.path at it
@@ -29,9 +31,9 @@ def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: in
   c = base_config()
   m = c.model
   m.update(vocab_size=vocab_size, **model)
-  m.compute_dtype = model.get("compute_dtype", "bfloat16")  # bf16 activations; float32 master weights
-  m.remat_policy = model.get("remat_policy", "full")  # recompute each layer in backward: activations fit
-  m.attention = model.get("attention", "auto")  # Pallas flash attention on TPU: memory linear in seq_len
+  c.compute.compute_dtype = "bfloat16"  # bf16 activations; float32 master weights
+  c.compute.remat_policy = remat_policy  # default full: recompute each layer in backward, activations fit
+  c.compute.attention = "auto"  # a flash-style kernel on TPU and GPU: memory linear in seq_len
   c.tokenizer.vocab_size = vocab_size  # jaxlm trains a SentencePiece of this size when no path is given
   c.tokenizer.train_max_bytes = 1_000_000_000  # a large vocabulary needs far more text than the default
   c.data.source = "tfds"

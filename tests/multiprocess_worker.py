@@ -29,22 +29,20 @@ from test_parallel import AFTER, STEPS, packed_batch, tiny_config  # noqa: E402
 from jaxlm.train.checkpoint import Checkpointer  # noqa: E402
 
 from jaxlm.parallel.sharding import global_batch  # noqa: E402
-from jaxlm.train.optimizer import make_optimizer  # noqa: E402
-from jaxlm.train.sharded import graphdef_of, init_sharded_state, jit_train_step, make_layout  # noqa: E402
+from jaxlm.train.setup import init_sharded_state, jit_train_step, make_setup  # noqa: E402
 
 assert jax.device_count() == 8 and jax.local_device_count() == 4
 c = tiny_config(**mesh)
-tx = make_optimizer(c.train)
-layout = make_layout(c, tx)
-state = init_sharded_state(c, tx, layout)
-step = jit_train_step(c, graphdef_of(c), tx, layout)
+setup = make_setup(c)
+state = init_sharded_state(setup)
+step = jit_train_step(setup)
 # This process's rows: the ones its devices hold under the batch sharding (a contiguous block).
-rows = layout.batch.addressable_devices_indices_map((c.train.batch_size, c.data.seq_len))
+rows = setup.batch_sharding.addressable_devices_indices_map((c.train.batch_size, c.data.seq_len))
 starts = sorted({idx[0].start or 0 for idx in rows.values()})
 stops = sorted({idx[0].stop or c.train.batch_size for idx in rows.values()})
 lo, hi = starts[0], stops[-1]
 local = {k: v[lo:hi] for k, v in packed_batch(c).items()}
-batch = global_batch(local, layout.batch)
+batch = global_batch(local, setup.batch_sharding)
 losses, after = [], []
 if mode == "restore":
   state = Checkpointer(ckpt_dir, c.checkpoint).restore(state)
@@ -64,7 +62,7 @@ if mode:
 if process_id == 0:
   with open(out, "w") as f:
     json.dump({"losses": losses, "after": after, "rows": [lo, hi], "embed_sum": float(abs(embed).sum()),
-               "mesh": dict(layout.mesh.shape),
-               "data_of_process": [sorted({d.process_index for d in layout.mesh.devices[i].flat})
-                                   for i in range(layout.mesh.shape["data"])]}, f)
+               "mesh": dict(setup.mesh.shape),
+               "data_of_process": [sorted({d.process_index for d in setup.mesh.devices[i].flat})
+                                   for i in range(setup.mesh.shape["data"])]}, f)
 jax.distributed.shutdown()

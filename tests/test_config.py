@@ -1,12 +1,14 @@
 """Bad configs fail early with a message that names the field and the fix."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from jaxlm.config import ConfigError, base_config, check_overrides, validate
+from jaxlm.config import (ConfigError, base_config, check_overrides, from_saved, validate,
+                          with_vocab_size)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +64,7 @@ def test_cli_reports_a_mesh_that_does_not_fit_before_compiling(tmp_path):
     ("model.mlp_kind", "relu", r"model.mlp_kind.*swiglu"),
     ("train.grad_accum_steps", 3, r"train.batch_size \(16\) must be divisible by train.grad_accum_steps"),
     ("train.steps", 0, r"train.steps' must be > 0"),
-    ("tokenizer.vocab_size", 1000, r"tokenizer.vocab_size \(1000\) differs from model.vocab_size"),
+    ("compute.attention", "fast", r"compute.attention.*splash"),
     ("checkpoint.resume", "yes", r"checkpoint.resume"),
 ])
 def test_bad_values_name_the_field(field, value, message):
@@ -78,3 +80,28 @@ def test_file_sources_need_paths():
   c.data.source = "jsonl"
   with pytest.raises(ConfigError, match="data.train_paths is empty"):
     validate(c)
+
+
+def test_vocab_size_comes_from_the_tokenizer_and_a_set_one_must_match():
+  c = base_config()
+  assert c.model.vocab_size == 0
+  assert with_vocab_size(c, 4000).model.vocab_size == 4000
+  assert c.model.vocab_size == 0  # a copy: the caller's config is untouched
+  c.model.vocab_size = 32000
+  assert with_vocab_size(c, 32000).model.vocab_size == 32000
+  with pytest.raises(ConfigError, match=r"model.vocab_size is 32000 but the tokenizer has 4000"):
+    with_vocab_size(c, 4000)
+
+
+def test_a_config_saved_before_the_compute_section_migrates_on_read():
+  saved = json.loads(base_config().to_json())
+  saved.pop("compute")
+  saved["model"].update(attention="flash", remat_policy="dots", scan_layers=False, vocab_size=512)
+  saved["model"].pop("vocab_multiple")  # a field added later takes its default
+  c = from_saved(saved)
+  validate(c)
+  assert (c.compute.attention, c.compute.remat_policy, c.compute.scan_layers) == ("flash", "dots", False)
+  assert "attention" not in c.model and c.model.vocab_size == 512 and c.model.vocab_multiple == 1
+  saved["model"]["colour"] = "red"
+  with pytest.raises(ConfigError, match="unknown config field 'model.colour'"):
+    from_saved(saved)

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import ConfigError, base_config, validate
-from jaxlm.models import Transformer
-from jaxlm.models import attention_kernels
+from jaxlm.models import build_model
+from jaxlm.models.compute import resolve_attention
 from jaxlm.train import optimizer
 from jaxlm.train.step import init_state, make_train_step
 
@@ -44,7 +44,7 @@ def packed_batches(c, n, seed=0):
 
 def train_losses(c, batches):
   validate(c)
-  graphdef, params = nnx.split(Transformer(c.model, nnx.Rngs(0)), nnx.Param)
+  graphdef, params = nnx.split(build_model(c), nnx.Param)
   tx = optimizer.make_optimizer(c.train)
   state = init_state(params, tx, 0)
   step = jax.jit(make_train_step(graphdef, tx, c.train))  # compiled once, 20 calls
@@ -57,10 +57,10 @@ def train_losses(c, batches):
 
 def test_20_training_steps_with_flash_match_xla():
   c = tiny_config()
-  c.model.update(flash_block_q=16, flash_block_k=16)  # seq 64: 4 x 4 blocks, masked-block skipping
+  c.compute.update(flash_block_q=16, flash_block_k=16)  # seq 64: 4 x 4 blocks, masked-block skipping
   batches = packed_batches(c, 20)
   xla = train_losses(c, batches)
-  c.model.attention = "flash"
+  c.compute.attention = "flash"
   flash = train_losses(c, batches)
   rel = np.max(np.abs(flash - xla) / np.abs(xla))
   print(f"\n20 steps tiny config, flash vs xla: max relative loss difference {rel:.2e}; "
@@ -71,16 +71,16 @@ def test_20_training_steps_with_flash_match_xla():
 
 @pytest.mark.parametrize("scan,remat", [(True, "full"), (False, "dots")])
 def test_flash_gradients_match_xla_in_scan_and_remat(scan, remat):
-  m = base_config().model
-  m.update(vocab_size=61, d_model=48, num_layers=2, num_heads=6, num_kv_heads=2, mlp_dim=64,
-           max_seq_len=40, scan_layers=scan, remat_policy=remat, sliding_window=11,
-           attn_logit_softcap=20.0, flash_block_q=16, flash_block_k=8)
+  c = base_config()
+  c.model.update(vocab_size=61, d_model=48, num_layers=2, num_heads=6, num_kv_heads=2, mlp_dim=64,
+                 max_seq_len=40, sliding_window=11, attn_logit_softcap=20.0)
+  c.compute.update(scan_layers=scan, remat_policy=remat, flash_block_q=16, flash_block_k=8)
   tokens = jax.random.randint(jax.random.key(0), (2, 37), 0, 61)  # 37: masked tails in both blocks
   segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 17], 2, 0), jnp.int32)
 
   def grads(kind):
-    m.attention = kind
-    graphdef, params = nnx.split(Transformer(m, nnx.Rngs(1)), nnx.Param)
+    c.compute.attention = kind
+    graphdef, params = nnx.split(build_model(c, seed=1), nnx.Param)
 
     def loss(p):
       logits = nnx.merge(graphdef, p)(tokens, segment_ids=segments)
@@ -95,27 +95,34 @@ def test_flash_gradients_match_xla_in_scan_and_remat(scan, remat):
 
 
 def test_attention_choices_resolve_per_platform():
-  assert attention_kernels.resolve("auto", "cpu") == "xla"
-  assert attention_kernels.resolve("auto", "tpu") == "flash"
-  assert attention_kernels.resolve("auto", "gpu") == "flash"
-  assert attention_kernels.resolve("flash", "cpu") == "flash"
-  assert attention_kernels.resolve("flash", "gpu") == "flash"
+  """auto: the libraries' kernels until benchmarks/attention.py has measured ours faster."""
+  assert resolve_attention("auto", "cpu") == ("xla", "")
+  assert resolve_attention("auto", "tpu") == ("splash", "tpu")
+  assert resolve_attention("auto", "gpu") == ("cudnn", "")
+  assert resolve_attention("auto", "gpu", softcap=30.0) == ("xla", "")  # cuDNN has no soft-capping
+  assert resolve_attention("flash", "cpu") == ("flash", "interpret")
+  assert resolve_attention("flash", "tpu") == ("flash", "tpu")
+  assert resolve_attention("flash", "gpu") == ("flash", "gpu")
+  assert resolve_attention("splash", "cpu") == ("splash", "interpret")
   with pytest.raises(RuntimeError, match="cudnn.*needs a GPU"):
-    attention_kernels.resolve("cudnn", "cpu")
+    resolve_attention("cudnn", "cpu")
+  with pytest.raises(RuntimeError, match="splash.*TPU kernel"):
+    resolve_attention("splash", "gpu")
 
 
 def test_attention_config_is_validated():
   c = tiny_config()
-  c.model.attention = "pallas"
-  with pytest.raises(ConfigError, match="model.attention"):
+  c.compute.attention = "pallas"
+  with pytest.raises(ConfigError, match="compute.attention"):
     validate(c)
   c = tiny_config()
-  c.model.update(attention="cudnn", attn_logit_softcap=30.0)
+  c.compute.attention = "cudnn"
+  c.model.attn_logit_softcap = 30.0
   with pytest.raises(ConfigError, match="softcap"):
     validate(c)
   c = tiny_config()
-  c.model.flash_block_q = 12
-  with pytest.raises(ConfigError, match="model.flash_block_q"):
+  c.compute.flash_block_q = 12
+  with pytest.raises(ConfigError, match="compute.flash_block_q"):
     validate(c)
 
 

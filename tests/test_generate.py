@@ -17,18 +17,20 @@ from hypothesis import strategies as st
 from jaxlm.config import base_config
 from jaxlm.inference.generate import check_length, generate, generate_text, output_lengths
 from jaxlm.inference.sampling import filter_logits, sample_token
-from jaxlm.models import Transformer
+from jaxlm.models import build_model
 
 VOCAB = 64
 PROMPT_LEN, TOTAL_LEN = 5, 14
 
 
 def tiny_config(**overrides):
-  c = base_config().model
-  c.vocab_size, c.d_model, c.num_layers, c.num_heads, c.num_kv_heads = VOCAB, 32, 2, 4, 2  # GQA
-  c.mlp_dim, c.max_seq_len, c.init_std = 64, 64, 0.2
+  """A full config of a tiny model; overrides name model or compute fields."""
+  c = base_config()
+  m = c.model
+  m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = VOCAB, 32, 2, 4, 2  # GQA
+  m.mlp_dim, m.max_seq_len, m.init_std = 64, 64, 0.2
   for k, v in overrides.items():
-    c[k] = v
+    (c.compute if k in c.compute else m)[k] = v
   return c
 
 
@@ -58,7 +60,7 @@ def cached_logits(graphdef, params, tokens, prompt_len):
 @pytest.fixture(scope="module")
 def model():
   """The default tiny model (scanned layers, full attention, GQA), split for functional use."""
-  return nnx.split(Transformer(tiny_config(), rngs=nnx.Rngs(0)))
+  return nnx.split(build_model(tiny_config()))
 
 
 def random_tokens(seed, shape):
@@ -73,7 +75,7 @@ def random_tokens(seed, shape):
     dict(scan_layers=False, sliding_window=3, position_kind="learned"),
 ], ids=["scan", "scan-window", "unrolled-window-learned"])
 def test_kv_cache_decoding_matches_full_forward(overrides):
-  graphdef, params = nnx.split(Transformer(tiny_config(**overrides), rngs=nnx.Rngs(1)))
+  graphdef, params = nnx.split(build_model(tiny_config(**overrides), seed=1))
   tokens = random_tokens(0, (2, TOTAL_LEN))
   full = _forward(graphdef, params, tokens)  # [batch, T, vocab]
   cached, index = cached_logits(graphdef, params, tokens, PROMPT_LEN)

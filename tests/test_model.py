@@ -1,5 +1,7 @@
 """The model's invariants: relative positions, masking, GQA, the dtype policy, parameter naming."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,18 +9,30 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import base_config
+from jaxlm.kernels.flash_spec import MASKED
 from jaxlm.models import Transformer
 from jaxlm.models import rope
 from jaxlm.models.attention import causal_blocked_attention, dot_product_attention
+from jaxlm.models.compute import Compute
 from jaxlm.models.layers import dense
+
+COMPUTE_FIELDS = {f.name for f in dataclasses.fields(Compute)}
 
 
 def tiny(**overrides):
+  """A small architecture; an unknown field is an error (the config is locked)."""
   m = base_config().model
+  m.lock()
   m.update(vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
            max_seq_len=32)
   m.update(overrides)
   return m
+
+
+def build(seed=0, **overrides):
+  """A tiny Transformer: `Compute` fields go to its Compute, the rest to the architecture."""
+  compute = {k: overrides.pop(k) for k in list(overrides) if k in COMPUTE_FIELDS}
+  return Transformer(tiny(**overrides), nnx.Rngs(seed), Compute(**compute))
 
 
 @pytest.mark.parametrize("scaling", ["none", "linear", "llama3", "yarn"])
@@ -55,7 +69,7 @@ def test_rope_scalings_change_low_frequencies_only_where_documented():
 
 @pytest.fixture(scope="module")
 def model():
-  return Transformer(tiny(), nnx.Rngs(0))
+  return build()
 
 
 def test_causal_mask_future_tokens_do_not_change_past_logits(model):
@@ -81,7 +95,7 @@ def test_segment_mask_isolates_packed_documents(model):
 
 
 def test_sliding_window_limits_what_a_query_sees():
-  m = Transformer(tiny(sliding_window=4, num_layers=1), nnx.Rngs(0))
+  m = build(sliding_window=4, num_layers=1)
   tokens = jax.random.randint(jax.random.key(4), (1, 16), 0, 97)
   changed = tokens.at[0, 3].set((tokens[0, 3] + 1) % 97)
   a, b = m(tokens), m(changed)
@@ -91,8 +105,8 @@ def test_sliding_window_limits_what_a_query_sees():
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_gqa_equals_mha_with_repeated_kv_heads(scan):
-  gqa = Transformer(tiny(num_kv_heads=2, scan_layers=scan), nnx.Rngs(0))
-  mha = Transformer(tiny(num_kv_heads=4, scan_layers=scan), nnx.Rngs(1))
+  gqa = build(num_kv_heads=2, scan_layers=scan)
+  mha = build(1, num_kv_heads=4, scan_layers=scan)
   g_state, m_state = nnx.state(gqa, nnx.Param), nnx.state(mha, nnx.Param)
   m_pure, g_pure = nnx.to_pure_dict(m_state), nnx.to_pure_dict(g_state)
   kv_axis = -2  # [.., embed, kv_heads, head_dim]
@@ -119,8 +133,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads(scan):
 
 
 def test_scan_and_unrolled_layers_agree():
-  scanned = Transformer(tiny(scan_layers=True), nnx.Rngs(0))
-  unrolled = Transformer(tiny(scan_layers=False), nnx.Rngs(0))
+  scanned = build(scan_layers=True)
+  unrolled = build(scan_layers=False)
   state = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
   target = nnx.state(unrolled, nnx.Param)
   pure = nnx.to_pure_dict(target)
@@ -141,7 +155,7 @@ def test_scan_and_unrolled_layers_agree():
     dict(matmul_dtype="bfloat16", attention_blocks=3, scan_layers=False),
 ])
 def test_variants_run_and_keep_float32_params(overrides):
-  m = Transformer(tiny(**overrides), nnx.Rngs(0))
+  m = build(**overrides)
   logits = m(jnp.zeros((2, 8), jnp.int32))
   assert logits.shape == (2, 8, 97) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
@@ -186,14 +200,31 @@ def test_bf16_matmul_matches_float32_in_value_and_gradient(transpose_w, x_dtype)
 
   probe = jax.random.normal(jax.random.key(10), (3, 32, 48))
 
-  def loss(x, w, dot_dtype):
-    out = dense(x, w, out_dtype=jnp.float32, dot_dtype=dot_dtype, transpose_w=transpose_w)
+  def loss(x, w, compute):
+    out = dense(x, w, compute, out_dtype=jnp.float32, transpose_w=transpose_w)
     return (out * probe).sum(), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(x, w, jnp.bfloat16)
-  (_, ref_out), ref_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x.astype(jnp.float32), w, None)
+  bf16 = Compute(matmul_dtype="bfloat16", copy_transposes=True)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(x, w, bf16)
+  (_, ref_out), ref_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x.astype(jnp.float32), w, Compute())
   assert out.dtype == jnp.float32 and grads[0].dtype == x_dtype and grads[1].dtype == jnp.float32
   scale = lambda a: float(jnp.abs(a).max())
   assert scale(out - ref_out) <= 2e-2 * scale(ref_out)
   for got, want in zip(grads, ref_grads):
     assert 0 < scale(got.astype(jnp.float32) - want) <= 3e-2 * scale(want)  # bf16 operands: close, not equal
+
+
+def test_padded_vocabulary_rows_are_never_predicted():
+  plain = build()
+  padded = build(vocab_multiple=64)  # 97 ids -> 128 embedding rows
+  assert padded.embed[...].shape == (128, 32)
+  pure = nnx.to_pure_dict(nnx.state(padded, nnx.Param))
+  pure["embed"] = jnp.zeros((128, 32)).at[:97].set(plain.embed[...])
+  state = nnx.state(padded, nnx.Param)
+  nnx.replace_by_pure_dict(state, {**nnx.to_pure_dict(nnx.state(plain, nnx.Param)), "embed": pure["embed"]})
+  nnx.update(padded, state)
+  tokens = jax.random.randint(jax.random.key(11), (2, 12), 0, 97)
+  a, b = plain(tokens), padded(tokens)
+  assert b.shape == (2, 12, 128) and bool((b[..., 97:] == MASKED).all())
+  np.testing.assert_allclose(b[..., :97], a, atol=1e-6)  # the real ids' logits are unchanged
+  np.testing.assert_allclose(jax.nn.logsumexp(b, -1), jax.nn.logsumexp(a, -1), atol=1e-5)

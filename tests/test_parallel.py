@@ -14,8 +14,7 @@ import pytest
 from jaxlm.config import ConfigError, base_config, parse_rules, validate
 from jaxlm.parallel.mesh import resolve_mesh
 from jaxlm.parallel.sharding import global_batch
-from jaxlm.train.optimizer import make_optimizer
-from jaxlm.train.sharded import graphdef_of, init_sharded_state, jit_train_step, make_layout
+from jaxlm.train.setup import init_sharded_state, jit_train_step, make_setup
 
 STEPS = 3
 AFTER = 2  # steps after a checkpoint restored on another mesh and process count
@@ -61,11 +60,10 @@ def packed_batch(c, seed=0):
 
 def run(c, devices=None):
   """STEPS steps on `devices` (default all 8): losses, final state (host), the compiled step."""
-  tx = make_optimizer(c.train)
-  layout = make_layout(c, tx, devices)
-  state = init_sharded_state(c, tx, layout)
-  step = jit_train_step(c, graphdef_of(c), tx, layout)
-  batch = global_batch(packed_batch(c), layout.batch)
+  setup = make_setup(c, devices)
+  state = init_sharded_state(setup)
+  step = jit_train_step(setup)
+  batch = global_batch(packed_batch(c), setup.batch_sharding)
   compiled = step.lower(state, batch).compile()
   init_params = jax.device_get(state.params)  # the steps donate (delete) the state they are given
   losses = []
@@ -73,7 +71,7 @@ def run(c, devices=None):
     state, metrics = compiled(state, batch)
     losses.append(float(metrics["loss"]))
   return {"losses": np.array(losses), "state": state, "init": init_params, "batch": batch,
-          "compiled": compiled, "layout": layout}
+          "compiled": compiled, "setup": setup}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +105,7 @@ def test_layout_matches_single_device_and_is_sharded(reference, name):
 
 
 def _check_same_numbers(name, got, reference):
-  assert jax.device_count() == 8 and got["layout"].mesh.size == 8
+  assert jax.device_count() == 8 and got["setup"].mesh.size == 8
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
   errors, elements = {}, []
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got["state"].params),
@@ -138,8 +136,8 @@ def _expected_shard(shape, logical, mesh_shape, rules):
 
 
 def _check_sharded_as_the_rules_say(name, got):
-  layout, state = got["layout"], got["state"]
-  mesh_shape, rules = dict(layout.mesh.shape), layout.rules
+  setup, state = got["setup"], got["state"]
+  mesh_shape, rules = dict(setup.mesh.shape), setup.rules
   is_var = lambda x: hasattr(x, "get_metadata")  # noqa: E731
   params = jax.tree.leaves(state.params, is_leaf=is_var)
   mu = jax.tree.leaves(state.opt_state[1][0].mu, is_leaf=is_var)  # (clip, adamw(adam, ...))
@@ -206,12 +204,11 @@ def test_mesh_errors_name_the_axis_and_the_fix(mesh, model, train, message):
   c.model.update(**model)
   c.train.update(**train)
   validate(c)
-  tx = make_optimizer(c.train)
   if message is None:
-    make_layout(c, tx)
+    make_setup(c)
   else:
     with pytest.raises(ConfigError, match=message):
-      make_layout(c, tx)
+      make_setup(c)
 
 
 def test_sequence_and_stage_errors():
@@ -299,11 +296,10 @@ TWO_PROCESS_MESH = {"data": 1, "dcn_data": 2, "fsdp": 2, "tensor": 2}
 def _continue_in_one_process(c, state_template_run, ckpt_dir):
   """Restores ckpt_dir into a 1-process run on c's mesh and trains AFTER steps: the losses."""
   from jaxlm.train.checkpoint import Checkpointer
-  layout = state_template_run["layout"]
-  tx = make_optimizer(c.train)
-  state = Checkpointer(str(ckpt_dir), c.checkpoint).restore(init_sharded_state(c, tx, layout))
-  step = jit_train_step(c, graphdef_of(c), tx, layout)
-  batch = global_batch(packed_batch(c), layout.batch)
+  setup = state_template_run["setup"]
+  state = Checkpointer(str(ckpt_dir), c.checkpoint).restore(init_sharded_state(setup))
+  step = jit_train_step(setup)
+  batch = global_batch(packed_batch(c), setup.batch_sharding)
   losses = []
   for _ in range(AFTER):
     state, metrics = step(state, batch)

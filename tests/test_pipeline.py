@@ -54,7 +54,7 @@ PIPELINED = {
 def pipe_config(**mesh):
   c = tiny_config(**mesh)
   c.model.num_layers = 4
-  c.model.pipeline_microbatches = 2  # 8 rows: 2 micro-batches of 4, split over data x fsdp
+  c.compute.pipeline_microbatches = 2  # 8 rows: 2 micro-batches of 4, split over data x fsdp
   # Adam divides each gradient by its own magnitude, so a near-zero gradient's rounding (the
   # stages' batched matmuls round differently from one device's) becomes a ~1e-5 parameter
   # difference with eps 1e-8 (measured: 1.6e-5 at pp2_dp4); eps 1e-6 bounds that amplification
@@ -79,7 +79,7 @@ def test_pipelined_layout_matches_single_device(reference, name):
   print(f"\n{name}: max param rel error {errors[worst]:.1e} ({worst})")
   assert errors[worst] <= 1e-5, (worst, errors[worst])
   # The layer stack is split over the stage axis: each device holds layers / stages of every block.
-  mesh = dict(got["layout"].mesh.shape)
+  mesh = dict(got["setup"].mesh.shape)
   q = got["state"].params["blocks"]["attn"]["q"].value  # [layers, embed, heads, head_dim]
   assert q.addressable_shards[0].data.shape == (4 // mesh["stage"], 32 // mesh["fsdp"], 8 // mesh["tensor"], 4)
   assert len({s.device for s in q.addressable_shards}) == 8
@@ -87,10 +87,10 @@ def test_pipelined_layout_matches_single_device(reference, name):
 
 def test_pipeline_config_errors():
   c = pipe_config(stage=2, data=4)
-  c.model.scan_layers = False
-  with pytest.raises(ConfigError, match=r"stage axis is 2 but model.scan_layers is False"):
+  c.compute.scan_layers = False
+  with pytest.raises(ConfigError, match=r"stage axis is 2 but compute.scan_layers is False"):
     resolve_mesh(c, 8)
   c = pipe_config(stage=2, data=4)
-  c.model.pipeline_microbatches = 4  # 8 rows / 4 = 2 rows per micro-batch, not a multiple of data=4
-  with pytest.raises(ConfigError, match=r"model.pipeline_microbatches \(4\).*multiple of 16"):
+  c.compute.pipeline_microbatches = 4  # 8 rows / 4 = 2 rows per micro-batch, not a multiple of data=4
+  with pytest.raises(ConfigError, match=r"compute.pipeline_microbatches \(4\).*multiple of 16"):
     resolve_mesh(c, 8)

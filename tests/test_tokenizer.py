@@ -8,7 +8,7 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxlm.config import ConfigError, base_config
+from jaxlm.config import ConfigError, base_config, with_vocab_size
 from jaxlm.data import sources
 from jaxlm.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer, train_tokenizer
 
@@ -145,9 +145,10 @@ def test_get_tokenizer_trains_on_the_training_documents(tmp_path, cache_dir):
   assert get_tokenizer(c).path == tok.path
 
 
-def test_get_tokenizer_vocab_mismatch_names_the_fields(tmp_path, tok):
+def test_the_model_takes_the_tokenizers_vocabulary_and_a_mismatch_names_the_fix(tmp_path, tok):
   c = base_config()
   c.tokenizer.path = tok.path  # 400 tokens
+  assert with_vocab_size(c, get_tokenizer(c).vocab_size).model.vocab_size == 400
   c.model.vocab_size = 4096
-  with pytest.raises(ConfigError, match=r"model\.vocab_size.*model\.vocab_size=400"):
-    get_tokenizer(c)
+  with pytest.raises(ConfigError, match=r"model\.vocab_size is 4096.*model\.vocab_size=400"):
+    with_vocab_size(c, get_tokenizer(c).vocab_size)

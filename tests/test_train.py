@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import base_config
-from jaxlm.models import Transformer
+from jaxlm.models import build_model
 from jaxlm.train import optimizer
 from jaxlm.train.checkpoint import CheckpointError
 from jaxlm.train.loop import train
@@ -41,7 +41,7 @@ def fixed_batch(c, seed=0):
 
 
 def run_steps(c, batch, steps, tx=None):
-  graphdef, params = nnx.split(Transformer(c.model, nnx.Rngs(0)), nnx.Param)
+  graphdef, params = nnx.split(build_model(c), nnx.Param)
   tx = tx or optimizer.make_optimizer(c.train)
   state = init_state(params, tx, 0)
   step = jax.jit(make_train_step(graphdef, tx, c.train))
@@ -86,9 +86,9 @@ def test_schedules_warm_up_then_follow_their_shape(kind):
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
-  c = small_config().model
-  c.update(attention_bias=True, tie_embeddings=False)
-  params = nnx.state(Transformer(c, nnx.Rngs(0)), nnx.Param)
+  c = small_config()
+  c.model.update(attention_bias=True, tie_embeddings=False)
+  params = nnx.state(build_model(c), nnx.Param)
   mask = nnx.to_pure_dict(optimizer.decay_mask(params, decay_embeddings=False))
   assert mask["blocks"]["attn"]["q"] and mask["blocks"]["mlp"]["down"] and mask["unembed"]
   assert not mask["embed"] and not mask["final_norm"]["scale"]

@@ -62,7 +62,7 @@ def main(argv):
       return 0 if p.fits else 1
     for remat, mesh in candidates(config, len(devices)):
       c = copy.deepcopy(config)
-      c.model.remat_policy = remat
+      c.compute.remat_policy = remat
       c.mesh.update(**mesh, dcn_data=1)
       try:
         p = plan(c, devices, _MFU.value)

@@ -20,7 +20,7 @@ import re
 
 import jax
 
-from jaxlm.config import ConfigError, validate
+from jaxlm.config import ConfigError, validate, with_vocab_size
 from jaxlm.train import flops
 
 # HBM bytes per device, by device_kind prefix (the longest matching prefix wins).
@@ -105,25 +105,23 @@ class Plan:
 
 def plan(config, devices, assumed_mfu: float = 0.5) -> Plan:
   """Compiles config's train step for `devices` (abstract TPU devices) and measures it."""
-  from jaxlm.train.optimizer import make_optimizer
-  from jaxlm.train.sharded import _init_fn, graphdef_of, jit_train_step, make_layout
+  from jaxlm.train.setup import abstract_state, jit_train_step, make_setup
 
   validate(config)
-  tx = make_optimizer(config.train)
-  layout = make_layout(config, tx, devices)  # ConfigError before compiling if the mesh cannot work
-  abstract = jax.eval_shape(_init_fn(config, tx))
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       abstract, layout.state)
+  if not config.model.vocab_size:  # a tokenizer the run trains will have tokenizer.vocab_size ids
+    config = with_vocab_size(config, config.tokenizer.vocab_size)
+  setup = make_setup(config, devices)  # ConfigError before compiling if the mesh cannot work
+  state = abstract_state(setup)
   rows, seq = config.train.batch_size, config.data.seq_len
-  batch = {k: jax.ShapeDtypeStruct((rows, seq), "int32", sharding=layout.batch)
+  batch = {k: jax.ShapeDtypeStruct((rows, seq), "int32", sharding=setup.batch_sharding)
            for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
   hbm, peak = chip_info(devices)
-  remat = config.model.remat_policy
+  remat = config.compute.remat_policy
   step_flops = flops.train_flops_per_token(config.model, seq) * rows * seq * RECOMPUTE[remat]
   result = functools.partial(
-      Plan, mesh=dict(layout.mesh.shape), remat=remat, hbm=hbm, flops_per_step=step_flops,
+      Plan, mesh=dict(setup.mesh.shape), remat=remat, hbm=hbm, flops_per_step=step_flops,
       step_seconds=step_flops / (len(devices) * peak * 1e12 * assumed_mfu))
-  lowered = jit_train_step(config, graphdef_of(config), tx, layout).lower(state, batch)
+  lowered = jit_train_step(setup).lower(state, batch)
   try:
     mem = lowered.compile().memory_analysis()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that exceed HBM

@@ -193,21 +193,10 @@ def train_tokenizer(texts: Iterable[str], tok_cfg) -> Tokenizer:
 def get_tokenizer(config) -> Tokenizer:
   """The run's tokenizer: tokenizer.path if set, else one trained on the training documents.
 
-  Raises ConfigError if its vocabulary differs from model.vocab_size (the embedding size).
+  model.vocab_size is matched against it by jaxlm.config.with_vocab_size, in one place.
   """
   tok_cfg = config.tokenizer
   if tok_cfg.path:
-    tokenizer = load_tokenizer(tok_cfg.path)
-  else:
-    if tok_cfg.vocab_size != config.model.vocab_size:  # fail before spending time on training
-      raise ConfigError(
-          f"tokenizer.vocab_size ({tok_cfg.vocab_size}) differs from model.vocab_size "
-          f"({config.model.vocab_size}); set both to the same value")
-    docs = sources.documents(config.data, "train")
-    tokenizer = train_tokenizer((docs[i] for i in range(len(docs))), tok_cfg)
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise ConfigError(
-        f"tokenizer '{tokenizer.path}' has {tokenizer.vocab_size} tokens but model.vocab_size is "
-        f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size} (and "
-        f"tokenizer.vocab_size={tokenizer.vocab_size} when training one)")
-  return tokenizer
+    return load_tokenizer(tok_cfg.path)
+  docs = sources.documents(config.data, "train")
+  return train_tokenizer((docs[i] for i in range(len(docs))), tok_cfg)

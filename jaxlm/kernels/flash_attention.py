@@ -50,6 +50,10 @@ def _round_up(x: int, m: int) -> int:
 BACKENDS = ("tpu", "interpret", "gpu", "gpu_interpret")
 
 
+def backend_for_platform(platform: str) -> str:
+  return {"tpu": "tpu", "cpu": "interpret"}.get(platform, "gpu")
+
+
 def resolve_backend(backend: str = "auto") -> str:
   if backend == "auto":
     backend = {"tpu": "tpu", "cpu": "interpret"}.get(rules.platform(), "gpu")  # the mesh's devices

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.kernels.flash_spec import MASKED  # finite: a row with every key masked gets uniform weights, never NaN
 from jaxlm.models import attention_kernels, rope
-from jaxlm.models.layers import Norm, dense, dtype, matmul_dtype, param
+from jaxlm.models.compute import Compute
+from jaxlm.models.layers import Norm, dense, param
 from jaxlm.parallel.rules import constrain
-
-_MASKED = -1e30  # finite, so a row with every key masked gives uniform weights, never NaN
 
 
 def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments=None,
@@ -38,7 +38,7 @@ def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments
     mask &= (delta < window) if causal else (jnp.abs(delta) < window)
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
-  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  scores = jnp.where(mask[:, None, None], scores, MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, h, d).astype(v.dtype)
@@ -72,11 +72,11 @@ def causal_blocked_attention(q, k, v, segments=None, blocks: int = 1, window: in
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
-    self.cfg = cfg
+  def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, out_std: float):
+    self.cfg, self.compute = cfg, compute
     d, h, kvh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
     hd = cfg.head_dim or d // h
-    p, std = cfg.param_dtype, cfg.init_std
+    p, std = compute.params, cfg.init_std
     self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, p)
     self.k = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, p)
     self.v = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, p)
@@ -86,18 +86,19 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (kvh, hd), ("kv_heads", "head_dim"), 0, p)
       self.v_bias = param(rngs, (kvh, hd), ("kv_heads", "head_dim"), 0, p)
     if cfg.qk_norm:
-      self.q_norm = Norm(cfg, hd, rngs, axis_name="head_dim")
-      self.k_norm = Norm(cfg, hd, rngs, axis_name="head_dim")
+      self.q_norm = Norm(cfg, compute, hd, rngs, axis_name="head_dim")
+      self.k_norm = Norm(cfg, compute, hd, rngs, axis_name="head_dim")
     if cfg.position_kind == "rope":
       inv_freq, scale = rope.inverse_frequencies(cfg, hd)
       self.rope = (tuple(inv_freq.tolist()), scale)  # static: hashable, not a parameter
 
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None):
     """x: [batch, t, embed]; positions, slots: [batch, t]; cache: {"k","v": [batch, S, kv_heads, head_dim]}."""
-    cfg, c, mdt = self.cfg, dtype(self.cfg.compute_dtype), matmul_dtype(self.cfg)
-    q = dense(x, self.q[...].astype(c), dot_dtype=mdt)  # [batch, t, heads, head_dim]
-    k = dense(x, self.k[...].astype(c), dot_dtype=mdt)  # [batch, t, kv_heads, head_dim]
-    v = dense(x, self.v[...].astype(c), dot_dtype=mdt)
+    cfg, cp = self.cfg, self.compute
+    c, mdt = cp.activations, cp.matmul
+    q = dense(x, self.q[...].astype(c), cp)  # [batch, t, heads, head_dim]
+    k = dense(x, self.k[...].astype(c), cp)  # [batch, t, kv_heads, head_dim]
+    v = dense(x, self.v[...].astype(c), cp)
     if cfg.attention_bias:
       q, k, v = q + self.q_bias[...].astype(c), k + self.k_bias[...].astype(c), v + self.v_bias[...].astype(c)
     if cfg.qk_norm:
@@ -108,7 +109,7 @@ class Attention(nnx.Module):
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     # Sequence parallelism: queries stay split along length, but every query shard needs every
     # earlier key, so keys and values are whole along length here (XLA all-gathers them). Simple
-    # and exact; a ring/blockwise kernel would overlap that gather with the score computation.
+    # and exact; a ring kernel would overlap that gather with the score computation.
     k = constrain(k, ("batch", None, "kv_heads", "head_dim"))
     v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
 
@@ -121,15 +122,14 @@ class Attention(nnx.Module):
       k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
       q_segments = k_segments = None  # decoding continues one document
     q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
-    kind = "xla" if cache is not None else attention_kernels.resolve(cfg.attention)
-    if kind != "xla":  # flash / cudnn: self-attention over whole rows, slots 0..t-1
-      out = attention_kernels.self_attention(cfg, kind, q, k, v, segment_ids)
-    elif cache is None and cfg.attention_blocks > 1:  # slots are 0..t-1: skip the hidden key blocks
-      out = causal_blocked_attention(q, k, v, segment_ids, cfg.attention_blocks,
+    if cache is None and cp.attention != "xla":  # a kernel: self-attention over whole rows
+      out = attention_kernels.self_attention(cfg, cp, q, k, v, segment_ids)
+    elif cache is None and cp.attention_blocks > 1:  # slots are 0..t-1: skip the hidden key blocks
+      out = causal_blocked_attention(q, k, v, segment_ids, cp.attention_blocks,
                                      cfg.sliding_window, cfg.attn_logit_softcap)
     else:
       out = dot_product_attention(
           q, k, v, slots, k_slots, q_segments, k_segments,
           window=cfg.sliding_window, softcap=cfg.attn_logit_softcap)
-    out = dense(out, self.o[...].astype(c), contract=2, out_dtype=c, dot_dtype=mdt)  # [batch, t, embed]
+    out = dense(out, self.o[...].astype(c), cp, contract=2, out_dtype=c)  # [batch, t, embed]
     return out, cache

@@ -1,16 +1,14 @@
-"""Which attention implementation a training/prefill step runs: config.model.attention.
+"""Attention through a kernel (compute.attention = flash | splash | cudnn) in training and prefill.
 
-  xla    `dot_product_attention` (or its query-blocked form): the reference, any backend.
-  flash  jaxlm's Pallas flash attention (jaxlm/kernels): Mosaic TPU on TPU, Mosaic GPU on
-         Hopper GPUs, the TPU kernels in Pallas interpret mode on CPU.
-  cudnn  jax.nn.dot_product_attention(implementation="cudnn"): GPU only, for comparison.
-  auto   flash on TPU and Hopper GPUs, xla on CPU and on other GPUs (the GPU kernel is wgmma-based).
+  flash   jaxlm's Pallas flash attention (jaxlm/kernels): the backend is compute.kernel_backend.
+  splash  JAX's own TPU splash-attention kernel (jaxlm/kernels/splash.py).
+  cudnn   jax.nn.dot_product_attention(implementation="cudnn"): GPU only.
 
-Everything here sees self-attention over whole rows: slots are 0..t-1 (the KV-cache decode path
-always uses the xla reference), so the kernels compute masks from positions.
-
-Under active axis rules (a device mesh) the kernel runs inside shard_map: a Pallas call is a
-per-device program. Batch and heads are split as the rules say; the sequence axis is gathered.
+Everything here sees self-attention over whole rows (the KV-cache decode path always uses the xla
+reference). Under active axis rules a Pallas kernel runs inside shard_map, one program per device:
+batch and heads are split as the rules say. With compute.sequence_shards > 1 (flash), each shard
+keeps its own queries, which arrive in the balanced order of jaxlm/parallel/sequence.py, and
+attends them to the whole row's keys: its share of the work, not the whole row's.
 """
 
 from __future__ import annotations
@@ -19,47 +17,13 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxlm.kernels import flash_gpu
 from jaxlm.kernels.flash_attention import flash_attention
-from jaxlm.parallel import rules
+from jaxlm.models.compute import Compute
+from jaxlm.parallel import rules, sequence
 
 log = logging.getLogger(__name__)
-
-
-def resolve(kind: str, platform: str | None = None) -> str:
-  """The implementation `kind` runs on `platform` (default: the active mesh's, else JAX's default)."""
-  platform = platform or rules.platform()
-  if kind == "auto":
-    kind = "xla" if platform == "cpu" else "flash"
-    if platform == "gpu" and (why := flash_gpu.unsupported_gpu()):
-      log.warning("model.attention='auto': %s; running xla attention", why)
-      kind = "xla"
-  if kind == "flash" and platform not in ("tpu", "cpu", "gpu"):
-    raise RuntimeError(f"model.attention='flash' has no kernel for platform {platform!r}; "
-                       "use 'xla'")
-  if kind == "cudnn" and platform != "gpu":
-    raise RuntimeError(f"model.attention='cudnn' needs a GPU; this backend is {platform!r}. "
-                       "Use 'flash', 'xla' or 'auto'")
-  return kind
-
-
-def _in_shard_map(fn, q, k, v, segments):
-  """Runs fn(q, k, v, segments) per device when axis rules are active; else directly."""
-  active = rules._ACTIVE.get()  # pylint: disable=protected-access
-  if active is None:
-    return fn(q, k, v, segments)
-  _, mesh = active
-  q_spec = rules.spec(("batch", None, "heads", None))
-  kv_spec = rules.spec(("batch", None, "kv_heads", None))
-  if q_spec[2] != kv_spec[2]:  # local query heads must map onto local KV heads by h // groups
-    log.warning("flash attention: heads and kv_heads are sharded differently (%s vs %s); "
-                "attention replicates heads instead", q_spec[2], kv_spec[2])
-    q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
-  seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
-  args = (q, k, v, segments)
-  specs = (q_spec, kv_spec, kv_spec, None if segments is None else seg_spec)
-  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def _cudnn(q, k, v, segments, window: int):
@@ -71,17 +35,70 @@ def _cudnn(q, k, v, segments, window: int):
       local_window_size=(window - 1, 0) if window else None)
 
 
-def self_attention(cfg, kind: str, q, k, v, segments):
+def _head_axes() -> tuple[str, str]:
+  """Logical names for the heads dims inside shard_map: local query heads must map onto local KV
+  heads by h // groups, so both are split alike or neither is."""
+  if rules.mesh_axes("heads") != rules.mesh_axes("kv_heads"):
+    log.warning("attention kernel: heads and kv_heads are sharded differently; it runs with heads "
+                "replicated instead")
+    return None, None
+  return "heads", "kv_heads"
+
+
+def self_attention(cfg, compute: Compute, q, k, v, segments):
   """q: [batch, t, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim]; segments: [batch, t]|None.
 
-  `kind` is a resolved implementation other than xla. Returns [batch, t, heads, head_dim].
+  Rows are in natural order unless compute.sequence_shards > 1 (then in sequence.balanced_order).
+  Returns [batch, t, heads, head_dim].
   """
-  if kind == "cudnn":
+  if compute.attention == "cudnn":
     return _cudnn(q, k, v, segments, cfg.sliding_window)
+  if segments is not None:
+    segments = segments.astype(jnp.int32)
+  heads, kv_heads = _head_axes()
+  if compute.attention == "splash":
+    from jaxlm.kernels.splash import splash_attention  # pylint: disable=g-import-not-at-top
 
-  def flash(q, k, v, seg):
-    return flash_attention(q, k, v, seg, seg, causal=True, window=cfg.sliding_window,
-                           softcap=cfg.attn_logit_softcap, block_q=cfg.flash_block_q or None,
-                           block_k=cfg.flash_block_k or None)
+    def kernel(q, k, v, seg):
+      return splash_attention(q, k, v, seg, causal=True, window=cfg.sliding_window,
+                              softcap=cfg.attn_logit_softcap,
+                              interpret=compute.kernel_backend == "interpret")
+  else:
+    def kernel(q, k, v, seg, k_seg=None, q_offset=None):
+      return flash_attention(
+          q, k, v, seg, seg if k_seg is None else k_seg, causal=True, window=cfg.sliding_window,
+          softcap=cfg.attn_logit_softcap, block_q=compute.flash_block_q or None,
+          block_k=compute.flash_block_k or None, backend=compute.kernel_backend, q_offset=q_offset)
 
-  return _in_shard_map(flash, q, k, v, None if segments is None else segments.astype(jnp.int32))
+  seg_names = None if segments is None else ("batch", None)
+  if compute.sequence_shards == 1:
+    fn = rules.shard_map(kernel, (("batch", None, heads, None), ("batch", None, kv_heads, None),
+                                  ("batch", None, kv_heads, None), seg_names),
+                         ("batch", None, heads, None))
+    return fn(q, k, v, segments)
+  return _balanced_flash(kernel, compute.sequence_shards, q, k, v, segments, heads, kv_heads)
+
+
+def _balanced_flash(kernel, shards, q, k, v, segments, heads, kv_heads):
+  """Flash attention with queries split along length in the balanced order (see module doc)."""
+  t = q.shape[1]
+  natural = np.argsort(sequence.balanced_order(t, shards))  # keys back to positions 0..t-1
+  k, v = k[:, natural], v[:, natural]
+  k_segments = None if segments is None else segments[:, natural]
+
+  def local(q, k, v, q_seg, k_seg):  # q: [batch, t / shards, heads, head_dim], two chunks
+    half = q.shape[1] // 2
+    starts = sequence.chunk_starts(t, shards, rules.axis_position("length"))
+    outs = []
+    for i, start in enumerate(starts):
+      rows = slice(i * half, (i + 1) * half)
+      outs.append(kernel(q[:, rows], k, v, None if q_seg is None else q_seg[:, rows], k_seg,
+                         q_offset=start))
+    return jnp.concatenate(outs, axis=1)
+
+  seg_q = None if segments is None else ("batch", "length")
+  seg_k = None if segments is None else ("batch", None)
+  fn = rules.shard_map(local, (("batch", "length", heads, None), ("batch", None, kv_heads, None),
+                               ("batch", None, kv_heads, None), seg_q, seg_k),
+                       ("batch", "length", heads, None))
+  return fn(q, k, v, segments, k_segments)

@@ -1,12 +1,19 @@
 """The decoder-only transformer: embeddings, a stack of pre-norm blocks, a final norm, logits.
 
-One config covers the Llama family and its common variants (GQA/MQA, SwiGLU/GeGLU/GELU,
-RMSNorm/LayerNorm, RoPE with scalings or learned positions, tied embeddings, QK-norm, biases,
-sliding windows, soft-capping). With `scan_layers` the blocks' parameters are stacked along a
-leading `layers` axis and run by `lax.scan`, so compile time does not grow with depth.
+One architecture config (`config.model`) covers the Llama family and its common variants (GQA/MQA,
+SwiGLU/GeGLU/GELU, RMSNorm/LayerNorm, RoPE with scalings or learned positions, tied embeddings,
+QK-norm, biases, sliding windows, soft-capping). How it is computed (dtypes, the layer loop,
+recompute, attention kernels) is a `Compute` (jaxlm/models/compute.py) fixed at construction.
+With compute.scan_layers the blocks' parameters are stacked along a leading `layers` axis and run
+by `lax.scan`, so compile time does not grow with depth.
 
-Call signature (pure given the parameters, used through nnx.split / nnx.merge):
-  model(tokens [batch, t], positions=None, segment_ids=None) -> logits [batch, t, vocab] (float32)
+The model is a pure function of its parameters, in three parts that callers may compose
+differently (the pipeline schedule in jaxlm/parallel/pipeline.py runs the layer stack by stages):
+  embed_tokens(tokens, positions) -> x [batch, t, embed]
+  layer_stack() -> (stacked layer parameters, run(params, x, rows, kv) -> (x, kv))   (scanned only)
+  head(x) -> logits [batch, t, padded vocab] (float32)
+and their composition:
+  model(tokens [batch, t], positions=None, segment_ids=None) -> logits
   model(tokens, positions, cache=cache) -> (logits, cache)   # KV-cached decoding, see init_cache
 """
 
@@ -19,10 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxlm.kernels.flash_spec import MASKED
 from jaxlm.models.attention import Attention
-from jaxlm.models.layers import MLP, Norm, dense, dtype, matmul_dtype, param
-from jaxlm.parallel.pipeline import gpipe, pipeline_microbatches
-from jaxlm.parallel.rules import constrain, mesh_axis_size
+from jaxlm.models.compute import Compute
+from jaxlm.models.layers import MLP, Norm, dense, param
+from jaxlm.parallel.rules import constrain
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -31,15 +39,23 @@ REMAT_POLICIES = {
 }
 
 
+def padded_vocab_size(cfg) -> int:
+  """Rows of the embedding table: model.vocab_size rounded up to model.vocab_multiple."""
+  if cfg.vocab_size <= 0:
+    raise ValueError("model.vocab_size is 0 (take the tokenizer's): a run fills it in at start; to "
+                     "build a model directly, set it to the tokenizer's vocabulary size")
+  return -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs):
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # keeps the residual stream's scale with depth
-    self.attn_norm = Norm(cfg, cfg.d_model, rngs)
-    self.attn = Attention(cfg, rngs, out_std)
-    self.mlp_norm = Norm(cfg, cfg.d_model, rngs)
-    self.mlp = MLP(cfg, rngs, out_std)
+    self.attn_norm = Norm(cfg, compute, cfg.d_model, rngs)
+    self.attn = Attention(cfg, compute, rngs, out_std)
+    self.mlp_norm = Norm(cfg, compute, cfg.d_model, rngs)
+    self.mlp = MLP(cfg, compute, rngs, out_std)
 
   def __call__(self, x, positions, slots, segment_ids, cache=None, cache_index=None):
     h, cache = self.attn(self.attn_norm(x), positions, slots, segment_ids, cache, cache_index)
@@ -50,84 +66,106 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg, rngs: nnx.Rngs, compute: Compute = Compute()):
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it lives in the static graphdef
-    self.cfg = cfg
-    d, p = cfg.d_model, cfg.param_dtype
-    self.embed = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), cfg.init_std, p)
+    self.cfg, self.compute = cfg, compute
+    d, p = cfg.d_model, compute.params
+    self.vocab = padded_vocab_size(cfg)
+    self.embed = param(rngs, (self.vocab, d), ("vocab", "embed"), cfg.init_std, p)
     if cfg.position_kind == "learned":
       self.pos_embed = param(rngs, (cfg.max_seq_len, d), (None, "embed"), cfg.init_std, p)
-    if cfg.scan_layers:
+    if compute.scan_layers:
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def stacked(rngs):
-        return Block(cfg, rngs)
+        return Block(cfg, compute, rngs)
       self.blocks = stacked(rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = Norm(cfg, d, rngs)
+      self.blocks = nnx.List([Block(cfg, compute, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg, compute, d, rngs)
     if not cfg.tie_embeddings:
-      self.unembed = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, p)
+      self.unembed = param(rngs, (d, self.vocab), ("embed", "vocab"), cfg.init_std, p)
 
   def init_cache(self, batch: int, max_len: int, cache_dtype=None) -> dict:
     """An empty KV cache: {"k","v": [layers, batch, max_len, kv_heads, head_dim], "index": 0}."""
     cfg = self.cfg
     hd = cfg.head_dim or cfg.d_model // cfg.num_heads
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, hd)
-    cdt = cache_dtype or dtype(cfg.compute_dtype)
+    cdt = cache_dtype or self.compute.activations
     return {"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt), "index": jnp.zeros((), jnp.int32)}
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
-    cfg, c = self.cfg, dtype(self.cfg.compute_dtype)
-    b, t = tokens.shape
-    start = 0 if cache is None else cache["index"]
-    slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))  # index in row or cache
-    if positions is None:
-      positions = slots
+  def embed_tokens(self, tokens, positions):
+    """tokens, positions: [batch, t] -> x: [batch, t, embed] in the compute dtype."""
+    c = self.compute.activations
     # The lookup reads whole rows: gather the table's embed shards first (ZeRO-3 does this for every
     # weight), so the looked-up rows can be split by batch instead of along embed.
     table = constrain(self.embed[...], ("vocab", None))  # [vocab, embed]
     x = table.astype(c)[tokens]  # [batch, t, embed]
-    if cfg.position_kind == "learned":
+    if self.cfg.position_kind == "learned":
       x = x + self.pos_embed[...].astype(c)[positions]
-    x = constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "embed"))
 
+  def _layer(self, start):
+    """One block applied to x, with compute.remat_policy's recompute: f(block, x, kv, rows).
+    start: where this call's tokens begin in the KV cache (0 without one)."""
     def layer(block, x, layer_cache, rows):  # rows: (positions, slots, segment_ids) of x's rows
       return block(x, *rows, layer_cache, start)
+    policy = self.compute.remat_policy
+    if policy == "none":
+      return layer
+    return nnx.remat(layer, policy=REMAT_POLICIES[policy], prevent_cse=not self.compute.scan_layers)
 
-    if cfg.remat_policy != "none":
-      layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    rows = (positions, slots, segment_ids)
-    stages = mesh_axis_size("stage")
-    if cfg.scan_layers:
-      graphdef, layer_params = nnx.split(self.blocks)
+  def layer_stack(self, start=0):
+    """(params, run) of the scanned layers: params leaves are [layers, ...];
+    run(params, x, rows, kv=None) -> (x, kv) runs them in order (any leading slice of layers)."""
+    if not self.compute.scan_layers:
+      raise ValueError("layer_stack needs compute.scan_layers=True (layers stacked along one axis)")
+    graphdef, params = nnx.split(self.blocks)
+    layer = self._layer(start)
 
-      def run_layers(params, x, kv, rows):  # params, kv: leaves [layers, ...]
-        def body(x, xs):  # one layer: xs = (this layer's parameters, this layer's cache slice)
-          return layer(nnx.merge(graphdef, xs[0]), x, xs[1], rows)
-        return jax.lax.scan(body, x, (params, kv))
+    def run(params, x, rows, kv=None):
+      def body(x, xs):  # one layer: xs = (its parameters, its cache slice)
+        return layer(nnx.merge(graphdef, xs[0]), x, xs[1], rows)
+      return jax.lax.scan(body, x, (params, kv))
+    return params, run
 
-      if stages > 1 and cache is None:  # pipeline: [layers] -> [stages, layers / stages]
-        staged = jax.tree.map(lambda a: a.reshape(stages, -1, *a.shape[1:]), layer_params)
-        x = gpipe(lambda p, x, rows: run_layers(p, x, None, rows)[0], staged, x, rows,
-                  pipeline_microbatches(cfg, stages))
-      else:
-        x, kv = run_layers(layer_params, x, kv, rows)
-    else:
-      outs = []
-      for i, block in enumerate(self.blocks):
-        x, layer_kv = layer(block, x, None if kv is None else jax.tree.map(lambda a: a[i], kv), rows)
-        outs.append(layer_kv)
-      kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  def run_layers(self, x, rows, kv=None, start=0):
+    """x: [batch, t, embed] through every block; kv: the cache's {"k","v"} or None."""
+    if self.compute.scan_layers:
+      params, run = self.layer_stack(start)
+      return run(params, x, rows, kv)
+    layer, outs = self._layer(start), []
+    for i, block in enumerate(self.blocks):
+      x, layer_kv = layer(block, x, None if kv is None else jax.tree.map(lambda a: a[i], kv), rows)
+      outs.append(layer_kv)
+    return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
+  def head(self, x):
+    """x: [batch, t, embed] -> logits [batch, t, padded vocab] float32; padded ids masked."""
+    cfg, cp = self.cfg, self.compute
     x = self.final_norm(x)
     w = self.embed[...] if cfg.tie_embeddings else self.unembed[...]  # [vocab, embed] | [embed, vocab]
-    logits = dense(x, w.astype(c), out_dtype=jnp.float32, dot_dtype=matmul_dtype(cfg),
+    logits = dense(x, w.astype(cp.activations), cp, out_dtype=jnp.float32,
                    transpose_w=cfg.tie_embeddings)  # [batch, t, vocab]
     if cfg.final_logit_softcap:
       logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
-    logits = constrain(logits, ("batch", "length", "vocab"))
+    if self.vocab != cfg.vocab_size:  # ids past the tokenizer's vocabulary are never predicted
+      logits = jnp.where(jnp.arange(self.vocab) < cfg.vocab_size, logits, MASKED)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, slots=None):
+    """slots: [batch, t] each token's index in its row (default 0..t-1; a permuted order under
+    balanced sequence parallelism) or, with a cache, in the cache."""
+    b, t = tokens.shape
+    start = 0 if cache is None else cache["index"]
+    if slots is None:
+      slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions is None:
+      positions = slots
+    x = self.embed_tokens(tokens, positions)
+    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    x, kv = self.run_layers(x, (positions, slots, segment_ids), kv, start)
+    logits = self.head(x)
     if cache is None:
       return logits
     return logits, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + t}

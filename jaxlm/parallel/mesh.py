@@ -64,7 +64,7 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
   ici = _resolve({a: m[a] for a in MESH_AXES}, num_devices // num_slices, "devices per slice", "mesh.")
   size = {a: ici[a] * dcn[a] for a in MESH_AXES}
 
-  model, t = config.model, config.train
+  model, t, compute = config.model, config.train, config.compute
   tensor = size["tensor"]
   for field, value in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads)):
     if value % tensor:
@@ -84,16 +84,16 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
         f"per micro-batch is not divisible by the data-like axes (data x fsdp = {rows}); make the "
         f"batch a multiple of {rows * t.grad_accum_steps} or shrink mesh.data / mesh.fsdp")
   if size["stage"] > 1:
-    if not model.scan_layers:
+    if not compute.scan_layers:
       raise ConfigError(
-          f"the stage axis is {size['stage']} but model.scan_layers is False; pipeline stages split "
-          "the stacked layers, so set model.scan_layers=True (or mesh.stage=1)")
-    pipe = pipeline_microbatches(model, size["stage"])
+          f"the stage axis is {size['stage']} but compute.scan_layers is False; pipeline stages split "
+          "the stacked layers, so set compute.scan_layers=True (or mesh.stage=1)")
+    pipe = pipeline_microbatches(compute, size["stage"])
     if micro % (pipe * rows):
       raise ConfigError(
-          f"{micro} rows per step do not split into model.pipeline_microbatches ({pipe}) pipeline "
+          f"{micro} rows per step do not split into compute.pipeline_microbatches ({pipe}) pipeline "
           f"micro-batches of a multiple of data x fsdp = {rows} rows; make train.batch_size a "
-          f"multiple of {pipe * rows * t.grad_accum_steps} or change model.pipeline_microbatches")
+          f"multiple of {pipe * rows * t.grad_accum_steps} or change compute.pipeline_microbatches")
   if config.data.seq_len % size["sequence"]:
     raise ConfigError(
         f"data.seq_len ({config.data.seq_len}) is not divisible by the sequence axis "
@@ -130,3 +130,8 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
     grid = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
   return jax.sharding.Mesh(np.asarray(grid), MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def platform(mesh: jax.sharding.Mesh) -> str:
+  """The platform of the mesh's devices ("tpu" for abstract TPU devices planned on a CPU host)."""
+  return mesh.devices.flat[0].platform

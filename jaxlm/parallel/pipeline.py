@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from jaxlm.parallel.rules import constrain
 
 
-def pipeline_microbatches(model_config, stages: int) -> int:
-  """model.pipeline_microbatches, or 2 x stages when it is 0."""
-  return model_config.pipeline_microbatches or 2 * stages
+def pipeline_microbatches(compute_cfg, stages: int) -> int:
+  """compute.pipeline_microbatches, or 2 x stages when it is 0."""
+  return compute_cfg.pipeline_microbatches or 2 * stages
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -74,3 +74,19 @@ def gpipe(stage_fn: Callable, stage_params, x, extras, microbatches: int):
   init = (jnp.zeros((stages, *xs.shape[1:]), x.dtype), jnp.zeros_like(xs))
   (_, outputs), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
   return outputs.swapaxes(0, 1).reshape(x.shape)  # back to row order
+
+
+def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int, microbatches: int):
+  """The model's logits with its scanned layer stack run as `stages` pipeline stages.
+
+  model: a jaxlm Transformer (compute.scan_layers); tokens, positions, segment_ids, slots:
+  [rows, length] (slots None: 0..length-1). Embedding and head run outside the schedule.
+  """
+  if slots is None:
+    slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  x = model.embed_tokens(tokens, positions)
+  params, run = model.layer_stack()
+  staged = jax.tree.map(lambda a: a.reshape(stages, -1, *a.shape[1:]), params)  # [stages, layers / stages, ...]
+  x = gpipe(lambda p, x, rows: run(p, x, rows)[0], staged, x, (positions, slots, segment_ids),
+            microbatches)
+  return model.head(x)

@@ -24,6 +24,7 @@ import math
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxlm.config import LOGICAL_AXES  # noqa: F401  (re-exported: the names models may use)
@@ -75,18 +76,42 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def mesh_axis_size(axis: str) -> int:
-  """Size of a mesh axis in the active mesh; 1 when no rules are active or the mesh lacks it."""
+def shard_map(fn, in_logical, out_logical):
+  """fn run per device (jax.shard_map) with specs from logical names; fn itself when no rules are active.
+
+  in_logical: one tuple of logical names (or None: an argument that is None) per argument;
+  out_logical: one tuple for the single output. For per-device programs such as Pallas kernels,
+  which cannot be partitioned by XLA. Inside fn, `axis_position` tells a shard where it is.
+  """
+  active = _ACTIVE.get()
+  if active is None:
+    return fn
+  rules, mesh = active
+  in_specs = tuple(None if names is None else spec(names, rules) for names in in_logical)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(out_logical, rules),
+                       check_vma=False)
+
+
+def mesh_axes(logical: str) -> tuple[str, ...]:
+  """The mesh axes the active rules map `logical` to (() without active rules)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return ()
+  axes = dict(active[0]).get(logical) or ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def mesh_size(logical: str) -> int:
+  """How many shards the active mesh splits a `logical` dimension into (1 without active rules)."""
   active = _ACTIVE.get()
   if active is None:
     return 1
-  return dict(active[1].shape).get(axis, 1)
+  return math.prod(active[1].shape[a] for a in mesh_axes(logical))
 
 
-def platform() -> str:
-  """The platform the active mesh's devices are ("tpu" for abstract TPU devices planned on a CPU
-  host); without active rules, JAX's default backend. Kernels choose their backend by it."""
-  active = _ACTIVE.get()
-  if active is None:
-    return jax.default_backend()
-  return active[1].devices.flat[0].platform
+def axis_position(logical: str):
+  """Inside `shard_map`: this shard's index along the mesh axes `logical` maps to (traced int32)."""
+  index = jnp.zeros((), jnp.int32)
+  for axis in mesh_axes(logical):
+    index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
+  return index

@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm.parallel.rules import Rules, axis_rules, spec
+from jaxlm.parallel.rules import Rules, spec
 
 BATCH_LOGICAL = ("batch", "length")  # every batch feature is int32 [rows, seq_len]
 
@@ -47,17 +47,3 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
   """This process's rows (numpy [rows / processes, seq_len]) -> global jax.Arrays [rows, seq_len]."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def with_rules(fn, rules: Rules, mesh: jax.sharding.Mesh):
-  """fn with the rules table active while it is traced, so the model's `constrain` calls apply."""
-  def wrapped(*args):
-    with axis_rules(rules, mesh):
-      return fn(*args)
-  return wrapped
-
-
-def jit_sharded(fn, mesh, rules, in_shardings, out_shardings, donate_argnums=()):
-  """jax.jit of `fn` traced under the rules, with explicit in/out shardings."""
-  return jax.jit(with_rules(fn, rules, mesh), in_shardings=in_shardings,
-                 out_shardings=out_shardings, donate_argnums=donate_argnums)

@@ -18,6 +18,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxlm.config import from_saved
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing or unreadable; the message says what to do."""
@@ -85,19 +87,19 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise CheckpointError(f"{path} not found: is {workdir} the train.workdir of a jaxlm run?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return from_saved(json.load(f))
 
 
 def load_for_inference(workdir: str):
   """Returns (model at the latest checkpoint, tokenizer, config) for a finished or running run."""
   from jaxlm.data.tokenizer import load_tokenizer
-  from jaxlm.models import Transformer
+  from jaxlm.models import build_model
   from jaxlm.train.optimizer import make_optimizer
   from jaxlm.train.step import init_state
 
   config = read_config(workdir)
   tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
-  abstract_model = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(0)))
+  abstract_model = nnx.eval_shape(lambda: build_model(config))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   template = jax.eval_shape(
       lambda p: init_state(p, make_optimizer(config.train), 0), abstract_params)

@@ -7,21 +7,20 @@ step k and resumed produces exactly the losses and parameters of an uninterrupte
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import jax
-import numpy as np
 
-from jaxlm.config import validate
+from jaxlm.config import validate, with_vocab_size
 from jaxlm.data.pipeline import eval_batches, make_train_iterator
 from jaxlm.data.tokenizer import get_tokenizer
+from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import global_batch
 from jaxlm.train import flops
 from jaxlm.train.checkpoint import Checkpointer, write_run_files
 from jaxlm.train.metrics import MetricsLogger
-from jaxlm.train.optimizer import make_optimizer
-from jaxlm.train.sharded import (graphdef_of, init_sharded_state, jit_eval_step, jit_train_step,
-                                 make_layout)
+from jaxlm.train.setup import init_sharded_state, jit_eval_step, jit_train_step, make_setup
 from jaxlm.train.step import summarize_eval
 
 
@@ -30,15 +29,21 @@ def _mesh_text(mesh) -> str:
   return " x ".join(sizes) if sizes else "1 device"
 
 
-def evaluate(eval_step, params, config, tokenizer, sharding) -> dict | None:
-  """Loss, perplexity and bits per byte over the held-out split (None if there is none)."""
+def held_out_batches(config, tokenizer) -> list | None:
+  """This process's rows of every evaluation batch (train.eval_batches of them; 0: all), read and
+  tokenized once per run; None if there is no held-out split."""
   batches = eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
   if batches is None:
     return None
+  return list(itertools.islice(batches, config.train.eval_batches or None))
+
+
+def evaluate(eval_step, params, batches, sharding) -> dict | None:
+  """Loss, perplexity and bits per byte over the held-out batches (None if there are none)."""
+  if batches is None:
+    return None
   sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
-  for i, batch in enumerate(batches):
-    if config.train.eval_batches and i >= config.train.eval_batches:
-      break
+  for batch in batches:
     out = jax.device_get(eval_step(params, global_batch(batch, sharding)))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   return summarize_eval(sums)
@@ -49,16 +54,18 @@ def train(config, stop_at_step: int | None = None) -> dict:
 
   stop_at_step ends the run early, as a preemption would, after checkpointing that step; the
   schedule is still the one for train.steps, so resuming continues the same run.
-  Returns {"state", "graphdef", "tokenizer", "metrics"}; metrics holds the last train and eval values.
+  Returns {"state", "graphdef", "tokenizer", "metrics", "config"}: metrics holds the last train and
+  eval values; config is the one the run used (model.vocab_size filled in).
   """
   validate(config)
   t = config.train
-  tx = make_optimizer(t)
-  layout = make_layout(config, tx)  # the mesh: a config that does not fit the devices fails here
+  make_mesh(config)  # a config that does not fit the devices fails here, before the tokenizer
   tokenizer = get_tokenizer(config)
+  config = with_vocab_size(config, tokenizer.vocab_size)  # config.json records the number
 
-  graphdef = graphdef_of(config)
-  state = init_sharded_state(config, tx, layout)
+  setup = make_setup(config)
+  graphdef = setup.graphdef
+  state = init_sharded_state(setup)
   train_iter = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
 
   checkpointer = Checkpointer(t.workdir, config.checkpoint)
@@ -72,25 +79,25 @@ def train(config, stop_at_step: int | None = None) -> dict:
   start = int(state.step)
   write_run_files(t.workdir, config, tokenizer.path)  # after a restore, so a failed one keeps the old files
 
-  train_step = jit_train_step(config, graphdef, tx, layout)
-  eval_step = jit_eval_step(graphdef, tokenizer.token_bytes, layout)
+  train_step = jit_train_step(setup)
+  eval_step = jit_eval_step(setup, tokenizer.token_bytes)
+  held_out = None  # read at the first evaluation, then kept
   flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
-  m = config.model
-  peak = flops.peak_tflops_per_device(t.peak_tflops, m.matmul_dtype or m.compute_dtype) * jax.device_count()
+  peak = flops.peak_tflops_per_device(t.peak_tflops, str(setup.compute.matmul)) * jax.device_count()
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   log = MetricsLogger(t.workdir, t.steps, start, t.progress_bar)
   log.print(f"jaxlm: {n_params / 1e6:.2f}M parameters, {config.data.seq_len} x {t.batch_size} tokens "
             f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s over "
             f"{jax.device_count()} device(s); starting at step {start} of {t.steps}; "
-            f"mesh {_mesh_text(layout.mesh)}")
+            f"mesh {_mesh_text(setup.mesh)}")
   # Tokens of the global batch: every process loads batch_size / process_count rows, and MFU divides
   # by the peak of all devices, so throughput must count all processes' rows.
   tokens_per_step = t.batch_size * config.data.seq_len
   last, window_tokens, window_start = {}, 0.0, time.perf_counter()
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   for step in range(start + 1, end + 1):
-    batch = global_batch(next(train_iter), layout.batch)  # this process's rows -> global arrays
+    batch = global_batch(next(train_iter), setup.batch_sharding)  # this process's rows -> global arrays
     state, metrics = train_step(state, batch)
     log.advance()
     window_tokens += tokens_per_step
@@ -105,7 +112,9 @@ def train(config, stop_at_step: int | None = None) -> dict:
       log.write(step, metrics)
       last, window_tokens, window_start = metrics, 0.0, time.perf_counter()
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-      result = evaluate(eval_step, state.params, config, tokenizer, layout.batch)
+      if held_out is None:
+        held_out = held_out_batches(config, tokenizer)
+      result = evaluate(eval_step, state.params, held_out, setup.batch_sharding)
       if result:
         log.write(step, result, prefix="eval")
     if config.checkpoint.every and step % config.checkpoint.every == 0:
@@ -114,11 +123,15 @@ def train(config, stop_at_step: int | None = None) -> dict:
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:
     checkpointer.save(final_step, state, train_iter)
-  result = evaluate(eval_step, state.params, config, tokenizer, layout.batch) if final_step == t.steps else None
+  result = None
+  if final_step == t.steps:
+    held_out = held_out if held_out is not None else held_out_batches(config, tokenizer)
+    result = evaluate(eval_step, state.params, held_out, setup.batch_sharding)
   if result:
     log.write(final_step, result, prefix="eval")
     last = {**last, **{f"eval_{k}": v for k, v in result.items()}}
   log.close()
   checkpointer.wait()
   checkpointer.close()
-  return {"state": state, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last}
+  return {"state": state, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last,
+          "config": config}

@@ -24,25 +24,34 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: optimizer updates done
   params: nnx.State  # the model's nnx.Param state
   opt_state: optax.OptState
-  rng: jax.Array  # uint32[2] key: the stream for stochastic ops; advanced every step
+  # uint32[2] key, advanced every step. No op in the step draws from it yet (no dropout); the
+  # end-of-training sample does, and it is saved and restored so a stochastic op added later
+  # resumes exactly.
+  rng: jax.Array
 
 
 def init_state(params, tx, seed: int) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
 
 
-def _sums(graphdef, params, batch, z_loss):
-  model = nnx.merge(graphdef, params)
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+def model_forward(model, batch):
+  """The plain forward pass: (logits [rows, length, vocab], the batch). See setup.forward_fn for
+  the mesh-aware ones (pipeline stages, balanced sequence order)."""
+  return model(batch["inputs"], batch["positions"], batch["segment_ids"]), batch
+
+
+def loss_sums(graphdef, params, batch, z_loss: float, forward=model_forward):
+  """(nll sum, z-loss sum, token count) of one batch; see loss.cross_entropy."""
+  logits, batch = forward(nnx.merge(graphdef, params), batch)
   return cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
+def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forward=model_forward):
   """Returns train_step(state, batch) -> (state, metrics); pure, for jax.jit with donated state."""
   accum, z_loss, lr_at = train_cfg.grad_accum_steps, train_cfg.z_loss, schedule(train_cfg)
 
   def objective(params, batch):
-    nll, z, count = _sums(graphdef, params, batch, z_loss)
+    nll, z, count = loss_sums(graphdef, params, batch, z_loss, forward)
     return nll + z, (nll, count)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -75,7 +84,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg):
   return train_step
 
 
-def make_eval_step(graphdef, token_bytes):
+def make_eval_step(graphdef, token_bytes, forward=model_forward):
   """Returns eval_step(params, batch) -> sums of nll (nats), tokens and UTF-8 bytes of the targets.
 
   Bits per byte = nll_sum / ln 2 / bytes is comparable across tokenizers, unlike perplexity.
@@ -83,7 +92,7 @@ def make_eval_step(graphdef, token_bytes):
   token_bytes = jnp.asarray(token_bytes, jnp.float32)
 
   def eval_step(params, batch):
-    nll, _, count = _sums(graphdef, params, batch, 0.0)
+    nll, _, count = loss_sums(graphdef, params, batch, 0.0, forward)
     nbytes = jnp.sum(token_bytes[batch["targets"]] * batch["weights"])
     return {"nll": nll, "tokens": count, "bytes": nbytes}
 

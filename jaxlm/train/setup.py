@@ -1,0 +1,138 @@
+"""From a config to compiled steps, in one place: the mesh, every sharding, the model's `Compute`,
+the sharded train state and the jitted train and eval steps.
+
+Nothing here is specific to one layout: the mesh comes from `config.mesh`, every array's sharding
+from the rules table and the parameters' logical axis names (jaxlm/parallel/). On the default
+config on one device every sharding is the single device and this is plain jax.jit.
+
+The config must hold the run's vocabulary size (model.vocab_size > 0): the loop fills it in from
+the tokenizer before calling `make_setup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxlm.config import ConfigError, parse_rules
+from jaxlm.models import Transformer
+from jaxlm.models import compute as compute_lib
+from jaxlm.parallel import mesh as mesh_lib
+from jaxlm.parallel import pipeline, sequence
+from jaxlm.parallel.rules import axis_rules
+from jaxlm.parallel.sharding import batch_sharding, tree_shardings
+from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything static about a run on its devices."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  compute: compute_lib.Compute  # config.compute resolved for the mesh's platform
+  tx: Any  # the optax optimizer
+  state_shardings: Any  # TrainState-shaped tree of NamedShardings
+  batch_sharding: NamedSharding  # every batch feature
+  replicated: NamedSharding
+
+  @functools.cached_property
+  def graphdef(self) -> nnx.GraphDef:
+    """The model's static structure, without allocating its parameters."""
+    return nnx.split(abstract_model(self.config, self.compute), nnx.Param)[0]
+
+
+def abstract_model(config, compute: compute_lib.Compute) -> Transformer:
+  """The model as ShapeDtypeStructs (nnx.eval_shape): no memory is allocated."""
+  return nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(config.train.seed), compute))
+
+
+def _init(config, compute, tx):
+  def init() -> TrainState:
+    model = Transformer(config.model, nnx.Rngs(config.train.seed), compute)
+    return init_state(nnx.split(model, nnx.Param)[1], tx, config.train.seed)
+  return init
+
+
+def abstract_state(setup: Setup) -> TrainState:
+  """The train state as ShapeDtypeStructs carrying their shardings (for AOT compiles and restores)."""
+  shapes = jax.eval_shape(_init(setup.config, setup.compute, setup.tx))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, setup.state_shardings)
+
+
+def make_setup(config, devices=None) -> Setup:
+  """Mesh (validated against the device count, before compiling), Compute and every sharding."""
+  mesh = mesh_lib.make_mesh(config, devices)
+  rules = parse_rules(config.mesh.rules)
+  shards = mesh.shape["sequence"]
+  compute = compute_lib.resolve(config.compute, mesh_lib.platform(mesh), shards,
+                                config.model.attn_logit_softcap)
+  if compute.sequence_shards > 1 and config.data.seq_len % (2 * shards):
+    raise ConfigError(
+        f"data.seq_len ({config.data.seq_len}) must be a multiple of 2 x the sequence axis "
+        f"({2 * shards}) for {compute.attention} attention, which balances causal work by giving "
+        "each shard two chunks of every row; change data.seq_len or mesh.sequence")
+  tx = make_optimizer(config.train)
+  shapes = jax.eval_shape(_init(config, compute, tx))
+  return Setup(config, mesh, rules, compute, tx, tree_shardings(shapes, mesh, rules),
+               batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()))
+
+
+def init_sharded_state(setup: Setup) -> TrainState:
+  """The initial state, each array created directly in its shards (never whole on one device).
+
+  Same numbers as eager `init_state(nnx.split(Transformer(...))[1], ...)`: the random draws are
+  the same threefry computation, only placed differently.
+  """
+  return jax.jit(_init(setup.config, setup.compute, setup.tx), out_shardings=setup.state_shardings)()
+
+
+def forward_fn(setup: Setup):
+  """forward(model, batch) -> (logits, batch as the model saw it) for this mesh: the pipeline
+  schedule when the stage axis is > 1, the balanced token order under sequence-sharded kernels."""
+  stages = setup.mesh.shape["stage"]
+  microbatches = pipeline.pipeline_microbatches(setup.config.compute, stages)
+  shards = setup.compute.sequence_shards
+  order = sequence.balanced_order(setup.config.data.seq_len, shards) if shards > 1 else None
+
+  def forward(model, batch):
+    slots = None
+    if order is not None:
+      batch = sequence.permute_batch(batch, order)
+      slots = jnp.broadcast_to(jnp.asarray(order), batch["inputs"].shape)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if stages > 1:
+      return pipeline.pipelined_forward(model, *args, slots, stages, microbatches), batch
+    return model(*args, slots=slots), batch
+
+  return forward
+
+
+def _with_rules(fn, setup: Setup):
+  """fn with the rules table active while it is traced, so the model's `constrain` calls apply."""
+  def wrapped(*args):
+    with axis_rules(setup.rules, setup.mesh):
+      return fn(*args)
+  return wrapped
+
+
+def jit_train_step(setup: Setup):
+  """train_step(state, batch) -> (state, metrics): explicit shardings, state donated."""
+  step = make_train_step(setup.graphdef, setup.tx, setup.config.train, forward_fn(setup))
+  return jax.jit(_with_rules(step, setup), in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=0)
+
+
+def jit_eval_step(setup: Setup, token_bytes):
+  """eval_step(params, batch) -> replicated sums."""
+  step = make_eval_step(setup.graphdef, token_bytes, forward_fn(setup))
+  return jax.jit(_with_rules(step, setup), in_shardings=(setup.state_shardings.params, setup.batch_sharding),
+                 out_shardings=setup.replicated)
