@@ -5,7 +5,7 @@ so `--config.<section>.<field>=...` overrides any field) and module-level consta
 where it is meant to run: `TPU_SLICE`, `MESH` (axis sizes, -1: the rest of the devices), `GPU_NODES`
 (8-GPU nodes) and `PUBLISHED_PARAMS` (the count the published model card states, or for our own
 shapes the count we state). get_config() applies MESH to config.mesh. A family's shared model
-fields come from one helper (llama3_1), so its presets state only their own shape.
+fields come from one function (llama3_1), so its presets state only their own shape.
 """
 
 from __future__ import annotations
