@@ -163,7 +163,8 @@ TPU_JOB = ["job", "--name=x", "--zone=z", "--workdir=/gcs/b/x"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--accelerator_type=v5x-64"], r"--accelerator_type: unknown TPU accelerator type 'v5x-64'; use one of v4-N .*v5e-N .*v5p-N .*v6e-N"),
+    (["--accelerator_type=v5x-64"],
+     r"--accelerator_type: unknown TPU accelerator type 'v5x-64'; use one of v4-N .*v5e-N .*v5p-N .*v6e-N"),
     (["--accelerator_type=tpu"], r"unknown TPU accelerator type 'tpu'"),
     (["--accelerator_type=v5p"], r"has no size; write v5p-N"),
     (["--accelerator_type=v5p-63"], r"v5p slices are a multiple of 8 TensorCores.*e.g. v5p-64"),
@@ -177,8 +178,13 @@ TPU_JOB = ["job", "--name=x", "--zone=z", "--workdir=/gcs/b/x"]
     (["--", "--config.train.workdir=/x"], r"with the launcher's --workdir"),
 ])
 def test_bad_tpu_arguments_name_the_fix(args, message, capsys):
+  exits_naming_the_fix(tpu_vm.main, TPU_JOB + args, message, capsys)
+
+
+def exits_naming_the_fix(main, argv, message, capsys):
+  """The launcher exits with status 2 and an error message matching `message`, running nothing."""
   with pytest.raises(SystemExit) as e:
-    tpu_vm.main(TPU_JOB + args, runner=no_runner)
+    main(argv, runner=no_runner)
   assert e.value.code == 2
   assert re.search(message, capsys.readouterr().err)
 
@@ -200,10 +206,7 @@ SLURM_JOB = ["--nodes=4", "--job_name=x", "--workdir=/shared/x", "--dry_run"]
     (["--", "--steps=3"], r"not a config override"),
 ])
 def test_bad_slurm_arguments_name_the_fix(args, message, capsys):
-  with pytest.raises(SystemExit) as e:
-    slurm.main(SLURM_JOB + args, runner=no_runner)
-  assert e.value.code == 2
-  assert re.search(message, capsys.readouterr().err)
+  exits_naming_the_fix(slurm.main, SLURM_JOB + args, message, capsys)
 
 
 def test_slurm_writes_the_script_and_submits_it(tmp_path, capsys):
