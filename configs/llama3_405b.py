@@ -13,7 +13,7 @@ pipeline and context parallelism as well; this plan is an estimate, not measured
 Tokenizer: as for llama3_8b (tiktoken; jaxlm trains a SentencePiece of the same size instead).
 """
 
-from jaxlm.presets import pretrain_config
+from jaxlm.presets import llama3_1, pretrain_config
 
 TPU_SLICE = "v5p-2048"
 MESH = dict(data=1, fsdp=-1, tensor=8, sequence=1, stage=1)
@@ -23,12 +23,7 @@ PUBLISHED_PARAMS = 405.9e9
 
 def get_config():
   c = pretrain_config(
-      vocab_size=128256, d_model=16384, num_layers=126, num_heads=128, num_kv_heads=8, mlp_dim=53248,
-      norm_eps=1e-5, rope_theta=500000.0,
-      rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-      rope_original_max_len=8192,  # the pretraining context; 3.1 extends it to 128K
-      max_seq_len=131072,
-      tie_embeddings=False,
+      **llama3_1(d_model=16384, num_layers=126, num_heads=128, mlp_dim=53248),
       seq_len=8192, batch_size=512, steps=100_000, learning_rate=8e-5, warmup_steps=8000)
   c.train.workdir = "runs/llama3_405b"
   c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...

@@ -6,29 +6,24 @@ low 1, high 4, original context 8192), untied embeddings. The parameter count is
 
 Where it runs: a TPU v5p-512 slice (256 chips, 64 hosts), pure FSDP over all 256 chips (float32
 weights and Adam state: 1.13 TB, 4.4 GB a chip); global batch 512 rows x 8192 tokens = 4M tokens a
-step, 2 rows a chip, full remat. On GPUs: 32 nodes of 8 H100 (256 GPUs) with tensor=8 inside a node
-(NVLink) and FSDP across nodes (GPU_MESH). Sizes are planned, not yet measured.
+step, 2 rows a chip, full remat. On GPUs: 32 nodes of 8 H100 (256 GPUs), the same mesh;
+--config.mesh.tensor=8 keeps tensor parallelism inside a node (NVLink) with FSDP across nodes.
+Sizes are planned, not yet measured.
 
 Tokenizer: as for llama3_8b (tiktoken; jaxlm trains a SentencePiece of the same size instead).
 """
 
-from jaxlm.presets import pretrain_config
+from jaxlm.presets import llama3_1, pretrain_config
 
 TPU_SLICE = "v5p-512"
 MESH = dict(data=1, fsdp=-1, tensor=1, sequence=1, stage=1)
 GPU_NODES = 32  # x 8 H100
-GPU_MESH = dict(data=1, fsdp=-1, tensor=8, sequence=1, stage=1)
 PUBLISHED_PARAMS = 70.6e9
 
 
 def get_config():
   c = pretrain_config(
-      vocab_size=128256, d_model=8192, num_layers=80, num_heads=64, num_kv_heads=8, mlp_dim=28672,
-      norm_eps=1e-5, rope_theta=500000.0,
-      rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-      rope_original_max_len=8192,  # the pretraining context; 3.1 extends it to 128K
-      max_seq_len=131072,
-      tie_embeddings=False,
+      **llama3_1(d_model=8192, num_layers=80, num_heads=64, mlp_dim=28672),
       seq_len=8192, batch_size=512, steps=100_000, learning_rate=1.5e-4, warmup_steps=2000)
   c.train.workdir = "runs/llama3_70b"
   c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...

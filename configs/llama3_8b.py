@@ -15,7 +15,7 @@ Tokenizer: Llama 3's is a tiktoken BPE, which jaxlm cannot load (SentencePiece o
 jaxlm trains a 128256-piece SentencePiece on the data. Loading the published weights needs both.
 """
 
-from jaxlm.presets import pretrain_config
+from jaxlm.presets import llama3_1, pretrain_config
 
 TPU_SLICE = "v5p-64"
 MESH = dict(data=1, fsdp=-1, tensor=1, sequence=1, stage=1)
@@ -25,12 +25,7 @@ PUBLISHED_PARAMS = 8.03e9
 
 def get_config():
   c = pretrain_config(
-      vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336,
-      norm_eps=1e-5, rope_theta=500000.0,
-      rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-      rope_original_max_len=8192,  # the pretraining context; 3.1 extends it to 128K
-      max_seq_len=131072,  # Llama-3.1's context; nothing is allocated per position
-      tie_embeddings=False,
+      **llama3_1(d_model=4096, num_layers=32, num_heads=32, mlp_dim=14336),
       seq_len=8192, batch_size=128, steps=100_000, learning_rate=3e-4, warmup_steps=2000)
   c.train.workdir = "runs/llama3_8b"
   c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...

@@ -205,6 +205,7 @@ def base_config() -> ConfigDict:
   c.checkpoint = _checkpoint()
   c.mesh = _mesh()
   c.sample = _sample()
+  c.lock()  # a misspelt or moved field is an error at assignment, not a silently unused value
   return c
 
 

@@ -4,7 +4,8 @@ Every preset is a file `configs/<name>.py` with `get_config()` (loadable as `--c
 so `--config.<section>.<field>=...` overrides any field) and module-level constants that document
 where it is meant to run: `TPU_SLICE`, `MESH` (axis sizes, -1: the rest of the devices), `GPU_NODES`
 (8-GPU nodes) and `PUBLISHED_PARAMS` (the count the published model card states, or for our own
-shapes the count we state). get_config() applies MESH to config.mesh.
+shapes the count we state). get_config() applies MESH to config.mesh. A family's shared model
+fields come from one function (llama3_1), so its presets state only their own shape.
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: in
   t.progress_bar = False  # one log line per log step: readable in per-worker log files
   c.checkpoint.every = 1000  # what a preempted run loses at most
   return c
+
+
+def llama3_1(**shape) -> dict:
+  """config.model fields of a Llama-3.1 model (Meta's config.json) whose own shape is `shape`
+  (d_model, num_layers, num_heads, mlp_dim): the 128256-token vocabulary, 8 KV heads, RMSNorm eps
+  1e-5, RoPE theta 500000 with llama3 scaling (factor 8, low 1, high 4, original context 8192), a
+  128K context and untied embeddings. Pass it to pretrain_config as `**llama3_1(...)`."""
+  return dict(
+      vocab_size=128256, num_kv_heads=8, norm_eps=1e-5, rope_theta=500000.0,
+      rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+      rope_original_max_len=8192,  # the pretraining context; 3.1 extends it to 128K
+      max_seq_len=131072,  # Llama-3.1's context; nothing is allocated per position
+      tie_embeddings=False) | shape
 
 
 def load(name_or_path: str):

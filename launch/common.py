@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import shlex
@@ -13,6 +14,23 @@ from typing import Callable, Sequence
 
 class LaunchError(ValueError):
   """A launcher argument or a launch step is wrong; the message names the fix."""
+
+
+def _load_chips():
+  """jaxlm/chips.py, without importing the jaxlm package: its __init__ imports flax and so jax, which
+  a machine that only launches jobs need not have."""
+  for name in ("jaxlm.chips", "_jaxlm_chips"):
+    if name in sys.modules:
+      return sys.modules[name]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("_jaxlm_chips", os.path.join(root, "jaxlm", "chips.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their class's module up while it is created
+  spec.loader.exec_module(module)
+  return module
+
+
+chips = _load_chips()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,66 +26,21 @@ if __package__ in (None, ""):  # run as a script: make `launch` importable from 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch.common import (LaunchError, Result, Runner, check_config, check_name, check_overrides,
-                           check_workdir, fail, shell_line, subprocess_runner, train_argv)
+                           check_workdir, chips, fail, shell_line, subprocess_runner, train_argv)
 
 
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  gcloud: str  # the accelerator type's prefix in gcloud
-  runtime: str  # the default TPU VM runtime (software) version
-  sizes: str  # which sizes exist, in words, for error messages
-  counts_cores: bool  # v4/v5p sizes count TensorCores (2 a chip); v5e/v6e sizes count chips
+# The default TPU VM runtime (software) version of each generation.
+RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
+            "v6e": "v2-alpha-tpuv6e"}
 
 
-GENERATIONS = {
-    "v4": Generation("v4", "tpu-ubuntu2204-base", "a multiple of 8 TensorCores from 8 to 8192", True),
-    "v5e": Generation("v5litepod", "v2-alpha-tpuv5-lite", "1, 4, 8, 16, 32, 64, 128 or 256 chips", False),
-    "v5p": Generation("v5p", "v2-alpha-tpuv5", "a multiple of 8 TensorCores from 8 to 12288", True),
-    "v6e": Generation("v6e", "v2-alpha-tpuv6e", "1, 4, 8, 16, 32, 64, 128 or 256 chips", False),
-}
-_ALIASES = {"v5litepod": "v5e"}  # gcloud's name for v5e
-_POD_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)
-_MAX_CORES = {"v4": 8192, "v5p": 12288}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  generation: str  # v4 | v5e | v5p | v6e
-  size: int  # the number in the accelerator type
-
-  @property
-  def accelerator_type(self) -> str:  # as gcloud spells it
-    return f"{GENERATIONS[self.generation].gcloud}-{self.size}"
-
-  @property
-  def chips(self) -> int:
-    return self.size // 2 if GENERATIONS[self.generation].counts_cores else self.size
-
-  @property
-  def hosts(self) -> int:
-    # 4 chips a host, except single-host v5e/v6e slices of up to 8 chips.
-    if not GENERATIONS[self.generation].counts_cores and self.chips <= 8:
-      return 1
-    return max(1, self.chips // 4)
-
-
-def parse_topology(accelerator_type: str) -> Topology:
-  """'v5p-64' -> Topology; an unknown generation or size is a LaunchError naming the valid ones."""
-  gen, _, size = accelerator_type.partition("-")
-  gen = _ALIASES.get(gen, gen)
-  valid = ", ".join(f"{g}-N ({GENERATIONS[g].sizes})" for g in GENERATIONS)
-  if gen not in GENERATIONS:
-    raise LaunchError(f"unknown TPU accelerator type {accelerator_type!r}; use one of {valid}, e.g. "
-                      "--accelerator_type=v5p-64")
-  if not size.isdigit():
-    raise LaunchError(f"--accelerator_type={accelerator_type!r} has no size; write {gen}-N, N being "
-                      f"{GENERATIONS[gen].sizes}, e.g. {gen}-{8 if gen in _MAX_CORES else 16}")
-  n = int(size)
-  ok = (n % 8 == 0 and 8 <= n <= _MAX_CORES[gen]) if gen in _MAX_CORES else n in _POD_SIZES
-  if not ok:
-    raise LaunchError(f"{accelerator_type!r}: {gen} slices are {GENERATIONS[gen].sizes}; e.g. "
-                      f"{gen}-{64 if gen in _MAX_CORES else 16}")
-  return Topology(gen, n)
+def parse_topology(accelerator_type: str):
+  """'v5p-64' -> jaxlm.chips.TpuSlice; an unknown generation or size is a LaunchError naming the
+  valid ones."""
+  try:
+    return chips.parse_slice_name(accelerator_type)
+  except chips.HardwareError as e:
+    raise LaunchError(f"--accelerator_type: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +52,7 @@ class Step:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class TpuVmCommands:
   """Every command of a job, in order, built once from the arguments."""
   create: tuple[Step, ...]
   install: tuple[Step, ...]
@@ -112,9 +67,9 @@ def _gcloud(*args: str, zone: str, project: str) -> tuple[str, ...]:
   return ("gcloud", "compute", "tpus", *args, f"--zone={zone}") + ((f"--project={project}",) if project else ())
 
 
-def make_plan(a: argparse.Namespace) -> Plan:
+def make_commands(a: argparse.Namespace) -> TpuVmCommands:
   topo = parse_topology(a.accelerator_type)
-  version = a.version or GENERATIONS[topo.generation].runtime
+  version = a.version or RUNTIMES[topo.generation]
   g = lambda *args: _gcloud(*args, zone=a.zone, project=a.project)  # noqa: E731
   spot = ("--spot",) if a.spot else ()
   ssh = lambda command, worker="all": Step(g("tpu-vm", "ssh", a.name, f"--worker={worker}",  # noqa: E731
@@ -148,7 +103,7 @@ def make_plan(a: argparse.Namespace) -> Plan:
               + shell_line(train_argv("python3", a.config, a.workdir, a.overrides))
               + ' 2>&1 | tee -a ~/jaxlm-train.log | sed -u "s/^/[$(hostname)] /"')
   logs = ssh("tail -n 200 -f ~/jaxlm-train.log", worker=str(a.worker))
-  return Plan(create, install, train, state, healthy, delete, logs)
+  return TpuVmCommands(create, install, train, state, healthy, delete, logs)
 
 
 def execute(step: Step, runner: Runner, sleep: Callable[[float], None] = time.sleep,
@@ -164,16 +119,16 @@ def execute(step: Step, runner: Runner, sleep: Callable[[float], None] = time.sl
     return result
 
 
-def train_with_retries(plan: Plan, runner: Runner, max_retries: int, log=print,
+def train_with_retries(commands: TpuVmCommands, runner: Runner, max_retries: int, log=print,
                        sleep: Callable[[float], None] = time.sleep) -> int:
   """Trains; after each preemption recreates the slice and trains again. Returns the preemptions
   survived. Training resumes from the latest checkpoint because the command is the same."""
   preemptions = 0
   while True:
-    if runner(plan.train.argv, False).returncode == 0:
+    if runner(commands.train.argv, False).returncode == 0:
       return preemptions
-    state = runner(plan.state.argv, True).stdout.strip() or "gone"
-    if state in plan.healthy:
+    state = runner(commands.state.argv, True).stdout.strip() or "gone"
+    if state in commands.healthy:
       raise LaunchError(f"training failed on a healthy slice (state {state}): not a preemption, so not "
                         "retried; read the workers' logs (the `logs` subcommand), fix, and run `train` again")
     if preemptions == max_retries:
@@ -182,19 +137,19 @@ def train_with_retries(plan: Plan, runner: Runner, max_retries: int, log=print,
     preemptions += 1
     log(f"tpu_vm: slice {state}: recreating it (retry {preemptions} of {max_retries}); training resumes "
         "from the latest checkpoint")
-    for step in (plan.delete, *plan.create, *plan.install):
+    for step in (commands.delete, *commands.create, *commands.install):
       execute(step, runner, sleep)
 
 
-def job_steps(plan: Plan, command: str, keep: bool = False) -> list[Step]:
+def job_steps(commands: TpuVmCommands, command: str, keep: bool = False) -> list[Step]:
   """The steps a subcommand runs when nothing fails (what --dry_run prints)."""
   return {
-      "job": [*plan.create, *plan.install, plan.train] + ([] if keep else [plan.delete]),
-      "create": list(plan.create),
-      "install": list(plan.install),
-      "train": [plan.train],
-      "logs": [plan.logs],
-      "delete": [plan.delete],
+      "job": [*commands.create, *commands.install, commands.train] + ([] if keep else [commands.delete]),
+      "create": list(commands.create),
+      "install": list(commands.install),
+      "train": [commands.train],
+      "logs": [commands.logs],
+      "delete": [commands.delete],
   }[command]
 
 
@@ -243,23 +198,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) -> int:
   try:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    plan = make_plan(a)
+    commands = make_commands(a)
     if a.dry_run:
-      for step in job_steps(plan, a.command, a.keep):
+      for step in job_steps(commands, a.command, a.keep):
         print(shell_line(step.argv))
       return 0
     if a.command == "job":
       try:
-        for step in (*plan.create, *plan.install):
+        for step in (*commands.create, *commands.install):
           execute(step, runner)
-        train_with_retries(plan, runner, a.max_retries)
+        train_with_retries(commands, runner, a.max_retries)
       finally:  # an idle slice still bills: tear it down however training ended, unless --keep
         if not a.keep:
-          execute(plan.delete, runner)
+          execute(commands.delete, runner)
     elif a.command == "train":
-      train_with_retries(plan, runner, a.max_retries)
+      train_with_retries(commands, runner, a.max_retries)
     else:
-      for step in job_steps(plan, a.command):
+      for step in job_steps(commands, a.command):
         execute(step, runner)
   except LaunchError as e:
     fail(e, "tpu_vm")

@@ -28,7 +28,10 @@ def test_presets_are_valid():
 
 def test_unknown_field_in_a_config_file_is_named():
   c = base_config()
-  c.model.num_layer = 3  # typo of num_layers
+  with pytest.raises(AttributeError, match=r"num_layer.*num_layers"):  # locked: fails where it is set
+    c.model.num_layer = 3  # typo of num_layers
+  c.unlock()
+  c.model.num_layer = 3
   with pytest.raises(ConfigError, match=r"unknown config field 'model.num_layer'.*num_layers"):
     validate(c)
 

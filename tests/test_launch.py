@@ -3,6 +3,7 @@
 import os
 import re
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -99,7 +100,7 @@ def test_retry_loop_stops_after_max_retries():
                          "--workdir=/gcs/b/x", "--max_retries=1"])
   runner, log = FakeRunner(failures=5), []
   with pytest.raises(LaunchError, match="after 1 retries; giving up. Raise --max_retries"):
-    tpu_vm.train_with_retries(tpu_vm.make_plan(a), runner, a.max_retries, log=log.append)
+    tpu_vm.train_with_retries(tpu_vm.make_commands(a), runner, a.max_retries, log=log.append)
   assert runner.kinds().count("train") == 2 and len(log) == 1
 
 
@@ -114,7 +115,7 @@ def test_failure_on_a_healthy_slice_is_not_retried_and_the_job_still_tears_down(
 
 def test_queued_resource_is_polled_until_active():
   a = tpu_vm.parse_args(["create", "--name=x", "--zone=z", "--accelerator_type=v6e-16", "--queued"])
-  plan = tpu_vm.make_plan(a)
+  commands = tpu_vm.make_commands(a)
   states = iter(["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
   calls, sleeps = [], []
 
@@ -122,7 +123,7 @@ def test_queued_resource_is_polled_until_active():
     calls.append(argv)
     return Result(0, next(states) if "describe" in argv else "")
 
-  for step in plan.create:
+  for step in commands.create:
     tpu_vm.execute(step, runner, sleep=sleeps.append)
   assert calls[0][3:5] == ("queued-resources", "create") and "--accelerator-type=v6e-16" in calls[0]
   assert len(calls) == 4 and len(sleeps) == 2
@@ -137,6 +138,20 @@ def test_topology(accelerator, chips, hosts):
   assert (topo.chips, topo.hosts) == (chips, hosts)
 
 
+def test_launchers_run_without_jax_or_flax():
+  """A machine that only launches jobs need not have jax: the dry run works with jax, flax and numpy
+  unimportable (a None entry in sys.modules makes `import` fail)."""
+  code = ("import sys\n"
+          "for name in ('jax', 'flax', 'numpy', 'ml_collections'): sys.modules[name] = None\n"
+          "from launch import tpu_vm\n"
+          "sys.exit(tpu_vm.main(sys.argv[1:]))")
+  argv, expected = readme_example("tpu_vm v5p-64")
+  out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=60)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout == expected
+
+
 def test_every_preset_names_a_valid_slice():
   for name in presets.names():
     module = presets.load(name)
@@ -148,7 +163,8 @@ TPU_JOB = ["job", "--name=x", "--zone=z", "--workdir=/gcs/b/x"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--accelerator_type=v5x-64"], r"unknown TPU accelerator type 'v5x-64'; use one of v4-N .*v5e-N .*v5p-N .*v6e-N"),
+    (["--accelerator_type=v5x-64"],
+     r"--accelerator_type: unknown TPU accelerator type 'v5x-64'; use one of v4-N .*v5e-N .*v5p-N .*v6e-N"),
     (["--accelerator_type=tpu"], r"unknown TPU accelerator type 'tpu'"),
     (["--accelerator_type=v5p"], r"has no size; write v5p-N"),
     (["--accelerator_type=v5p-63"], r"v5p slices are a multiple of 8 TensorCores.*e.g. v5p-64"),
@@ -162,8 +178,13 @@ TPU_JOB = ["job", "--name=x", "--zone=z", "--workdir=/gcs/b/x"]
     (["--", "--config.train.workdir=/x"], r"with the launcher's --workdir"),
 ])
 def test_bad_tpu_arguments_name_the_fix(args, message, capsys):
+  exits_naming_the_fix(tpu_vm.main, TPU_JOB + args, message, capsys)
+
+
+def exits_naming_the_fix(main, argv, message, capsys):
+  """The launcher exits with status 2 and an error message matching `message`, running nothing."""
   with pytest.raises(SystemExit) as e:
-    tpu_vm.main(TPU_JOB + args, runner=no_runner)
+    main(argv, runner=no_runner)
   assert e.value.code == 2
   assert re.search(message, capsys.readouterr().err)
 
@@ -185,10 +206,7 @@ SLURM_JOB = ["--nodes=4", "--job_name=x", "--workdir=/shared/x", "--dry_run"]
     (["--", "--steps=3"], r"not a config override"),
 ])
 def test_bad_slurm_arguments_name_the_fix(args, message, capsys):
-  with pytest.raises(SystemExit) as e:
-    slurm.main(SLURM_JOB + args, runner=no_runner)
-  assert e.value.code == 2
-  assert re.search(message, capsys.readouterr().err)
+  exits_naming_the_fix(slurm.main, SLURM_JOB + args, message, capsys)
 
 
 def test_slurm_writes_the_script_and_submits_it(tmp_path, capsys):

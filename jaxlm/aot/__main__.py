@@ -3,7 +3,8 @@
 Compiles the config's real train step for the TPU slice on this machine (libtpu, no TPU needed)
 and prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity, FLOPs
 per step and the predicted step time at --mfu. Exits 1 if it does not fit. --sweep tries remat
-policies and mesh factorizations (fsdp x tensor) cheapest first and reports the first that fits.
+policies and mesh factorizations (fsdp x tensor) in order, least recompute first and then least
+tensor parallelism, and stops at the first that fits; it compares no step times.
 """
 
 import copy
@@ -20,7 +21,8 @@ from jaxlm.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a jaxlm config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: 'v5p:8x8x8' (chips) or 'v5p-1024'.")
-_SWEEP = flags.DEFINE_bool("sweep", False, "Try remat policies and fsdp x tensor meshes; report the fastest that fits.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Try remat policies and fsdp x tensor meshes, least recompute first; "
+                           "stop at the first that fits.")
 _MFU = flags.DEFINE_float("mfu", 0.5, "Assumed model FLOPs utilisation for the predicted step time.")
 
 _GB = 1e9
@@ -71,8 +73,9 @@ def main(argv):
         continue
       print(_row("tried", p))
       if p.fits:
-        print(f"\nfastest that fits: mesh {p.mesh}, remat {remat}: {p.total / _GB:.1f} of "
-              f"{p.hbm / _GB:.0f} GB per chip, predicted {p.step_seconds:.2f} s/step")
+        print(f"\nfirst that fits (least recompute, then least tensor parallelism): mesh {p.mesh}, "
+              f"remat {remat}: {p.total / _GB:.1f} of {p.hbm / _GB:.0f} GB per chip, predicted "
+              f"{p.step_seconds:.2f} s/step")
         return 0
     print("\nnothing fits: add chips, lower train.batch_size or data.seq_len, or use grad accumulation")
     return 1

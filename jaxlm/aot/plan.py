@@ -20,18 +20,10 @@ import re
 
 import jax
 
+from jaxlm import chips
 from jaxlm.config import ConfigError, validate, with_vocab_size
 from jaxlm.train import flops
 
-# HBM bytes per device, by device_kind prefix (the longest matching prefix wins).
-HBM = {"TPU v4": 32e9, "TPU v5 lite": 16e9, "TPU v5": 95e9, "TPU v6 lite": 32e9}
-# Slice topologies (chips) by generation and chip count, for "v5p-64"-style names.
-_SHAPES = {
-    3: {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-        256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"},
-    2: {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
-}
-_GENERATIONS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}  # generation -> torus dimensions
 # Training FLOPs relative to no recompute: "full" reruns every layer's forward (+1/3 of 3 passes);
 # "dots" keeps matmul outputs and reruns the cheap elementwise work.
 RECOMPUTE = {"none": 1.0, "dots_no_batch": 1.05, "dots": 1.05, "full": 4 / 3}
@@ -39,50 +31,34 @@ RECOMPUTE = {"none": 1.0, "dots_no_batch": 1.05, "dots": 1.05, "full": 4 / 3}
 
 def topology_name(topology: str) -> str:
   """'v5p:8x8x8' (chips per torus dimension) or a slice name like 'v5p-1024' -> 'v5p:8x8x8'."""
-  m = re.fullmatch(r"(v4|v5p|v5e|v6e)(?::(\d+(?:x\d+){1,2})|-(\d+))", topology.strip())
-  if not m:
-    raise ConfigError(
-        f"unknown TPU topology {topology!r}; give a generation and shape like 'v5p:4x4x4' or "
-        f"'v5e:8x8', or a slice name like 'v5p-64' (generations: {sorted(_GENERATIONS)})")
-  gen, shape, cores = m.groups()
-  dims = _GENERATIONS[gen]
-  if shape:
-    if shape.count("x") + 1 != dims:
-      raise ConfigError(f"TPU {gen} topologies have {dims} dimensions, got {shape!r}; e.g. "
-                        f"{gen}:{_SHAPES[dims][16]}")
-    return f"{gen}:{shape}"
-  per_chip = 2 if gen in ("v4", "v5p") else 1  # v4-N and v5p-N count TensorCores
-  chips = int(cores) // per_chip
-  if int(cores) % per_chip or chips not in _SHAPES[dims]:
-    raise ConfigError(f"no standard {gen} slice with {cores} {'cores' if per_chip > 1 else 'chips'}; "
-                      f"known: {', '.join(f'{gen}-{c * per_chip}' for c in _SHAPES[dims])}")
-  return f"{gen}:{_SHAPES[dims][chips]}"
+  try:
+    return chips.parse_topology(topology).topology
+  except chips.HardwareError as e:
+    raise ConfigError(str(e)) from None
 
 
 def tpu_devices(topology: str):
-  """Abstract TPU devices of a topology (needs libtpu: `pip install -e '.[tpu]'`)."""
+  """Abstract TPU devices of a topology (libtpu, which the `test` extra installs)."""
   name = topology_name(topology)
   try:
     from jax.experimental import topologies
     return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
   except Exception as e:  # no libtpu, or a shape libtpu rejects
-    raise ConfigError(f"could not describe TPU topology {name!r}: {e}. The planner needs libtpu: "
-                      "pip install -e '.[tpu]'") from e
+    raise ConfigError(f"could not describe TPU topology {name!r}: {e}. The planner needs libtpu, "
+                      "which the test extra installs: pip install -e '.[test]'") from e
 
 
-def chip_info(devices) -> tuple[float, float]:
-  """(HBM bytes per device, peak bf16 TFLOP/s per device) of the devices' kind."""
+def chip_info(devices) -> chips.Chip:
+  """Peak TFLOP/s and HBM bytes of one of the devices."""
   kind = devices[0].device_kind
-  matches = [prefix for prefix in HBM if kind.startswith(prefix)]
-  peak = flops.table_peak_tflops(kind)
-  if not matches or peak is None:
-    raise ConfigError(f"no HBM or peak figure for device kind {kind!r}; add it to jaxlm.aot.plan.HBM "
-                      "and jaxlm.train.flops.PEAK_TFLOPS")
-  return HBM[max(matches, key=len)], peak
+  info = chips.chip(kind)
+  if info is None:
+    raise ConfigError(f"no peak or HBM figure for device kind {kind!r}; add it to jaxlm.chips.CHIPS")
+  return info
 
 
 @dataclasses.dataclass
-class Plan:
+class MemoryPlan:
   mesh: dict  # axis -> size
   remat: str
   arguments: int  # bytes per device
@@ -103,7 +79,7 @@ class Plan:
     return not self.note and self.total <= self.hbm
 
 
-def plan(config, devices, assumed_mfu: float = 0.5) -> Plan:
+def plan(config, devices, assumed_mfu: float = 0.5) -> MemoryPlan:
   """Compiles config's train step for `devices` (abstract TPU devices) and measures it."""
   from jaxlm.train.setup import abstract_state, jit_train_step, make_setup
 
@@ -115,12 +91,13 @@ def plan(config, devices, assumed_mfu: float = 0.5) -> Plan:
   rows, seq = config.train.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((rows, seq), "int32", sharding=setup.batch_sharding)
            for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
-  hbm, peak = chip_info(devices)
+  chip = chip_info(devices)
   remat = config.compute.remat_policy
   step_flops = flops.train_flops_per_token(config.model, seq) * rows * seq * RECOMPUTE[remat]
   result = functools.partial(
-      Plan, mesh=dict(setup.mesh.shape), remat=remat, hbm=hbm, flops_per_step=step_flops,
-      step_seconds=step_flops / (len(devices) * peak * 1e12 * assumed_mfu))
+      MemoryPlan, mesh=dict(setup.mesh.shape), remat=remat, hbm=chip.hbm_bytes,
+      flops_per_step=step_flops,
+      step_seconds=step_flops / (len(devices) * chip.peak_tflops * 1e12 * assumed_mfu))
   lowered = jit_train_step(setup).lower(state, batch)
   try:
     mem = lowered.compile().memory_analysis()

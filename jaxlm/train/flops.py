@@ -14,18 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# bf16 dense peak TFLOP/s per chip (a TPU chip, a GPU), from the vendors' spec sheets, keyed by the
-# start of jax's `device_kind`: TPU v5e reports "TPU v5 lite", v6e "TPU v6 lite", v5p "TPU v5p" or
-# "TPU v5". The longest matching key wins, so "NVIDIA H100 PCIe" is not read as an SXM H100.
-PEAK_TFLOPS = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-    "TPU v5": 459.0, "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-    "NVIDIA H100": 989.0, "NVIDIA H100 PCIe": 756.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA A100": 312.0,
-}
+from jaxlm import chips
 
 
 def matmul_params(m) -> int:
@@ -74,15 +63,9 @@ def _measured_cpu_tflops(dot_dtype: str = "float32", n: int = 1024, repeats: int
 
 
 def peak_tflops_per_device(override: float = 0.0, dot_dtype: str = "float32") -> float:
-  """train.peak_tflops if set; else the table entry for this device kind (dense bf16); else a CPU
-  measurement in `dot_dtype`."""
+  """train.peak_tflops if set; else jaxlm.chips' figure for this device kind (dense bf16); else a
+  CPU measurement in `dot_dtype`."""
   if override:
     return override
-  tflops = table_peak_tflops(jax.devices()[0].device_kind)
-  return tflops if tflops is not None else _measured_cpu_tflops(dot_dtype)
-
-
-def table_peak_tflops(device_kind: str) -> float | None:
-  """The PEAK_TFLOPS entry whose key is the longest prefix of device_kind; None if none is."""
-  matches = [name for name in PEAK_TFLOPS if device_kind.startswith(name)]
-  return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+  chip = chips.chip(jax.devices()[0].device_kind)
+  return chip.peak_tflops if chip is not None else _measured_cpu_tflops(dot_dtype)
