@@ -33,6 +33,7 @@ PUBLISHED_PARAMS = 2_614_341_888  # ours: 119,808 fewer (no post-norms)
 
 def get_config():
   c = pretrain_config(
+      name="gemma2_2b", mesh=MESH,
       vocab_size=256000, d_model=2304, num_layers=26, num_heads=8, num_kv_heads=4,
       head_dim=256,  # not d_model / num_heads (288)
       mlp_dim=9216, mlp_kind="geglu", norm_eps=1e-6, rope_theta=10000.0,
@@ -41,6 +42,4 @@ def get_config():
       max_seq_len=8192, tie_embeddings=True,
       seq_len=4096, batch_size=128, steps=100_000, learning_rate=3e-4, warmup_steps=2000)
   c.train.grad_accum_steps = 2  # halves the live 256000-wide logits
-  c.train.workdir = "runs/gemma2_2b"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
   return c

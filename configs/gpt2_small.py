@@ -18,11 +18,9 @@ PUBLISHED_PARAMS = 123.6e6  # our stated count (GPT-2 small itself: 124.4M)
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="gpt2_small", mesh=MESH,
       vocab_size=50304, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, mlp_dim=2048,
       max_seq_len=1024, tie_embeddings=True,
       remat_policy="none",  # activations of a 124M model fit without recomputation
       seq_len=1024, batch_size=512, steps=20_000, learning_rate=6e-4, warmup_steps=700)
-  c.train.workdir = "runs/gpt2_small"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

@@ -22,9 +22,7 @@ PUBLISHED_PARAMS = 405.9e9
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="llama3_405b", mesh=MESH,
       **llama3_1(d_model=16384, num_layers=126, num_heads=128, mlp_dim=53248),
       seq_len=8192, batch_size=512, steps=100_000, learning_rate=8e-5, warmup_steps=8000)
-  c.train.workdir = "runs/llama3_405b"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

@@ -22,9 +22,7 @@ PUBLISHED_PARAMS = 70.6e9
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="llama3_70b", mesh=MESH,
       **llama3_1(d_model=8192, num_layers=80, num_heads=64, mlp_dim=28672),
       seq_len=8192, batch_size=512, steps=100_000, learning_rate=1.5e-4, warmup_steps=2000)
-  c.train.workdir = "runs/llama3_70b"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

@@ -24,9 +24,7 @@ PUBLISHED_PARAMS = 8.03e9
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="llama3_8b", mesh=MESH,
       **llama3_1(d_model=4096, num_layers=32, num_heads=32, mlp_dim=14336),
       seq_len=8192, batch_size=128, steps=100_000, learning_rate=3e-4, warmup_steps=2000)
-  c.train.workdir = "runs/llama3_8b"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

@@ -18,11 +18,9 @@ PUBLISHED_PARAMS = 1.047e9  # our stated count
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="llama_1b", mesh=MESH,
       vocab_size=50304, d_model=2048, num_layers=20, num_heads=16, num_kv_heads=8, mlp_dim=5632,
       max_seq_len=2048, tie_embeddings=True,
       remat_policy="dots_no_batch",  # keep the weight-side matmul outputs, recompute the rest
       seq_len=2048, batch_size=256, steps=50_000, learning_rate=3e-4, warmup_steps=1000)
-  c.train.workdir = "runs/llama_1b"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

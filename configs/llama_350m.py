@@ -16,11 +16,9 @@ PUBLISHED_PARAMS = 350.4e6  # our stated count
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="llama_350m", mesh=MESH,
       vocab_size=50304, d_model=1024, num_layers=24, num_heads=16, num_kv_heads=16, mlp_dim=2688,
       max_seq_len=2048, tie_embeddings=True,
       remat_policy="none",  # fits without recomputation at 16 rows a chip
       seq_len=2048, batch_size=256, steps=50_000, learning_rate=3e-4, warmup_steps=1000)
-  c.train.workdir = "runs/llama_350m"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

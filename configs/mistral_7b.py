@@ -21,13 +21,11 @@ PUBLISHED_PARAMS = 7.24e9
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="mistral_7b", mesh=MESH,
       vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336,
       norm_eps=1e-5, rope_theta=10000.0,
       sliding_window=4096,  # each query attends to the last 4096 keys, on every layer
       max_seq_len=32768,  # the config's max_position_embeddings
       tie_embeddings=False,
       seq_len=8192, batch_size=128, steps=100_000, learning_rate=3e-4, warmup_steps=2000)
-  c.train.workdir = "runs/mistral_7b"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

@@ -21,13 +21,11 @@ PUBLISHED_PARAMS = 7.61e9
 
 
 def get_config():
-  c = pretrain_config(
+  return pretrain_config(
+      name="qwen2_5_7b", mesh=MESH,
       vocab_size=152064, d_model=3584, num_layers=28, num_heads=28, num_kv_heads=4, mlp_dim=18944,
       norm_eps=1e-6, rope_theta=1_000_000.0,
       attention_bias=True,  # Qwen2: bias on q, k, v
       max_seq_len=131072,  # the model card's context (beyond 32K with YaRN, which this preset leaves off)
       tie_embeddings=False,
       seq_len=4096, batch_size=256, steps=100_000, learning_rate=3e-4, warmup_steps=2000)
-  c.train.workdir = "runs/qwen2_5_7b"
-  c.mesh.update(**MESH)  # the TPU_SLICE layout; override with --config.mesh.<axis>=...
-  return c

@@ -99,7 +99,7 @@ def _tokenizer() -> ConfigDict:
   t.vocab_size = 4096  # pieces of a tokenizer trained here (ignored when tokenizer.path is set)
   t.byte_fallback = True  # unknown characters become UTF-8 bytes, never <unk>
   t.train_max_bytes = 20_000_000  # cap on the text fed to SentencePiece training
-  t.cache_dir = ""  # where trained tokenizers are cached by content hash; empty: ~/.cache/jaxlm
+  t.cache_dir = ""  # where trained tokenizers are cached by content hash; empty: ~/.cache/jaxlm/tokenizers
   return t
 
 

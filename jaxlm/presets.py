@@ -19,11 +19,13 @@ from jaxlm.config import ConfigDict, base_config
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: int,
-                    learning_rate: float, warmup_steps: int, remat_policy: str = "full",
+def pretrain_config(*, name: str, mesh: dict, vocab_size: int, seq_len: int, batch_size: int,
+                    steps: int, learning_rate: float, warmup_steps: int, remat_policy: str = "full",
                     **model) -> ConfigDict:
   """base_config() set up for a large pretraining run; `model` sets config.model fields (the
   architecture); remat_policy sets compute.remat_policy; set other compute fields on the result.
+  name: the preset's name (train.workdir runs/<name>); mesh: its MESH, applied to config.mesh
+  (the TPU_SLICE layout; override with --config.mesh.<axis>=...).
 
   Data is a prepared TFDS dataset (C4) and the tokenizer vocabulary matches the model's, so the
   config validates as is; to train with a model's published tokenizer, point tokenizer.path at it
@@ -32,6 +34,7 @@ def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: in
   c = base_config()
   m = c.model
   m.update(vocab_size=vocab_size, **model)
+  m.vocab_multiple = 128  # whole matmul tiles on TPU and GPU for any vocabulary (published ones are already)
   c.compute.compute_dtype = "bfloat16"  # bf16 activations; float32 master weights
   c.compute.remat_policy = remat_policy  # default full: recompute each layer in backward, activations fit
   c.compute.attention = "auto"  # a flash-style kernel on TPU and GPU: memory linear in seq_len
@@ -49,6 +52,8 @@ def pretrain_config(*, vocab_size: int, seq_len: int, batch_size: int, steps: in
   t.log_every = 10
   t.progress_bar = False  # one log line per log step: readable in per-worker log files
   c.checkpoint.every = 1000  # what a preempted run loses at most
+  t.workdir = f"runs/{name}"
+  c.mesh.update(**mesh)
   return c
 
 
@@ -69,9 +74,9 @@ def load(name_or_path: str):
   """Imports a preset module: `llama3_8b` or `configs/llama3_8b.py`."""
   path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, name_or_path + ".py")
   name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f"jaxlm_preset_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module_spec = importlib.util.spec_from_file_location(f"jaxlm_preset_{name}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
   return module
 
 

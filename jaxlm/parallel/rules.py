@@ -36,7 +36,7 @@ _ACTIVE: contextvars.ContextVar[tuple[Rules, jax.sharding.Mesh] | None] = contex
 
 @contextlib.contextmanager
 def axis_rules(rules: Rules, mesh: jax.sharding.Mesh):
-  """Activates a rules table (logical name -> mesh axis or axes) for `constrain` and `spec`."""
+  """Activates a rules table (logical name -> mesh axis or axes) for `constrain` and `partition_spec`."""
   token = _ACTIVE.set((tuple(rules), mesh))
   try:
     yield
@@ -44,7 +44,7 @@ def axis_rules(rules: Rules, mesh: jax.sharding.Mesh):
     _ACTIVE.reset(token)
 
 
-def spec(logical: Sequence[str | None], rules: Rules | None = None, shape: Sequence[int] | None = None,
+def partition_spec(logical: Sequence[str | None], rules: Rules | None = None, shape: Sequence[int] | None = None,
          mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
   """PartitionSpec for a tuple of logical names under `rules` (default: the active table).
 
@@ -72,7 +72,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   if active is None:
     return x
   rules, mesh = active
-  sharding = jax.sharding.NamedSharding(mesh, spec(logical, rules, x.shape, mesh))
+  sharding = jax.sharding.NamedSharding(mesh, partition_spec(logical, rules, x.shape, mesh))
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
@@ -87,8 +87,8 @@ def shard_map(fn, in_logical, out_logical):
   if active is None:
     return fn
   rules, mesh = active
-  in_specs = tuple(None if names is None else spec(names, rules) for names in in_logical)
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(out_logical, rules),
+  in_specs = tuple(None if names is None else partition_spec(names, rules) for names in in_logical)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=partition_spec(out_logical, rules),
                        check_vma=False)
 
 

@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm.parallel.rules import Rules, spec
+from jaxlm.parallel.rules import Rules, partition_spec
 
 BATCH_LOGICAL = ("batch", "length")  # every batch feature is int32 [rows, seq_len]
 
@@ -27,21 +27,21 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules):
   """A tree like `tree` (arrays or ShapeDtypeStructs) of NamedShardings.
 
   nnx.Variables with `out_sharding` metadata get the spec of their logical axes (dimensions the
-  mesh does not divide replicated, see rules.spec); every other leaf is replicated.
+  mesh does not divide replicated, see rules.partition_spec); every other leaf is replicated.
   """
   def one(x):
     if _is_variable(x):
       value = x.get_value()
       axes = x.get_metadata().get("out_sharding")
       logical = axes if axes else (None,) * value.ndim
-      return x.replace(NamedSharding(mesh, spec(logical, rules, value.shape, mesh)))
+      return x.replace(NamedSharding(mesh, partition_spec(logical, rules, value.shape, mesh)))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
   """Rows over the data-like axes, positions over sequence (int32 [rows, seq_len])."""
-  return NamedSharding(mesh, spec(BATCH_LOGICAL, rules))
+  return NamedSharding(mesh, partition_spec(BATCH_LOGICAL, rules))
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
