@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the planner needs libtpu (pip install -e '.[test]' installs it)")
 
+from jaxlm import presets
 from jaxlm.aot.plan import candidates, plan, topology_name, tpu_devices  # noqa: E402
 from jaxlm.config import ConfigError, validate  # noqa: E402
 
@@ -15,9 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny():
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import tiny as tiny_module
-  return tiny_module.get_config()
+  return presets.load("tiny").get_config()
 
 
 def test_topology_names_reach_libtpu_and_errors_are_config_errors():

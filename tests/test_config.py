@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from jaxlm import presets
 from jaxlm.config import (ConfigError, base_config, check_overrides, from_saved, validate,
                           with_vocab_size)
 
@@ -18,12 +19,8 @@ def test_base_config_is_valid():
 
 
 def test_presets_are_valid():
-  import importlib.util
   for name in ("shakespeare", "tiny"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    validate(module.get_config())
+    validate(presets.load(name).get_config())
 
 
 def test_unknown_field_in_a_config_file_is_named():

@@ -1,7 +1,6 @@
 """model.attention: flash (interpret mode on CPU) inside the model, the layer scan and remat, and
 20 training steps of the tiny config that match the xla reference."""
 
-import importlib.util
 import os
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm import presets
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.models import build_model
 from jaxlm.models.compute import resolve_attention
@@ -20,10 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return presets.load("tiny").get_config()
 
 
 def packed_batches(c, n, seed=0):

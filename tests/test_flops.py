@@ -1,6 +1,5 @@
 """Training FLOPs per token (by hand and against XLA's own count), the peak table, and the MFU log line."""
 
-import importlib.util
 import json
 import os
 import time
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm import presets
 from jaxlm.config import base_config
 from jaxlm.models import build_model
 from jaxlm.train import flops, optimizer
@@ -88,10 +88,7 @@ def test_peak_is_the_override_else_the_chip_table_else_a_cpu_measurement(monkeyp
 
 
 def test_default_cpu_job_logs_throughput_tflops_and_mfu(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location("shakespeare", os.path.join(ROOT, "configs", "shakespeare.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()  # the default job's model and batch, for 4 steps
+  c = presets.load("shakespeare").get_config()  # the default job's model and batch, for 4 steps
   c.train.update(steps=4, warmup_steps=1, log_every=2, eval_batches=1, progress_bar=False,
                  workdir=str(tmp_path / "run"), peak_tflops=2.0)
   c.tokenizer.update(cache_dir=str(tmp_path / "tokenizers"), train_max_bytes=1_000_000)

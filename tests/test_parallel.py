@@ -79,7 +79,7 @@ def reference():
   return run(tiny_config(), devices=jax.devices()[:1])
 
 
-def _rel_err(a, b) -> float:
+def rel_err(a, b) -> float:
   """||a - b|| / ||b|| over an array (b the reference).
 
   Norm-wise, not element-wise: the sharded runs sum gradients in another order, and Adam divides
@@ -111,7 +111,7 @@ def _check_same_numbers(name, got, reference):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got["state"].params),
                           jax.tree.leaves(reference["state"].params)):
     a, b = jax.device_get(a), jax.device_get(b)
-    errors[jax.tree_util.keystr(path)] = _rel_err(a, b)
+    errors[jax.tree_util.keystr(path)] = rel_err(a, b)
     elements.append(_worst_element(a, b))
   worst = max(errors, key=errors.get)
   loss_err = np.abs(got["losses"] - reference["losses"]).max() / np.abs(reference["losses"]).max()

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_parallel import _rel_err, run, tiny_config
+from test_parallel import rel_err, run, tiny_config
 
 from jaxlm.config import ConfigError
 from jaxlm.parallel.mesh import resolve_mesh
@@ -35,7 +35,7 @@ def test_gpipe_equals_the_sequential_stack_in_value_and_gradient(stages, microba
   probe = jax.random.normal(jax.random.key(2), x.shape)
   loss = lambda f: lambda w, x: (f(w, x) * probe).sum()  # noqa: E731
   for got, want in zip(jax.grad(loss(piped), (0, 1))(w, x), jax.grad(loss(sequential), (0, 1))(w, x)):
-    assert _rel_err(got, want) <= 1e-6  # micro-batches sum the weight gradient in another order
+    assert rel_err(got, want) <= 1e-6  # micro-batches sum the weight gradient in another order
 
 
 def test_bubble_fraction_on_paper():
@@ -72,7 +72,7 @@ def reference():
 def test_pipelined_layout_matches_single_device(reference, name):
   got = run(pipe_config(**PIPELINED[name]))
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
-  errors = {jax.tree_util.keystr(path): _rel_err(jax.device_get(a), jax.device_get(b))
+  errors = {jax.tree_util.keystr(path): rel_err(jax.device_get(a), jax.device_get(b))
             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got["state"].params),
                                     jax.tree.leaves(reference["state"].params))}
   worst = max(errors, key=errors.get)

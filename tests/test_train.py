@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxlm import presets
 from jaxlm.config import base_config
 from jaxlm.models import build_model
 from jaxlm.train import optimizer
@@ -96,11 +97,7 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
 
 
 def loop_config(workdir):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = presets.load("tiny").get_config()
   c.train.update(steps=6, log_every=1, workdir=str(workdir), progress_bar=False, eval_batches=2)
   c.tokenizer.cache_dir = str(workdir.parent / "tokenizers")
   c.checkpoint.async_save = True
