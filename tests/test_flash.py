@@ -4,13 +4,16 @@ Relative error is max |flash - reference| / max |reference| (output; for dq, dk,
 all three reference gradients, see `rel_err`).
 """
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.kernels.flash_attention import backend_for_platform, flash_attention, resolve_backend
 from jaxlm.models.attention import dot_product_attention
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -159,3 +162,17 @@ def test_bad_arguments_are_clear_errors():
     flash_attention(q, q, q, block_q=64, backend="gpu")
   with pytest.raises(ValueError, match="block_k must be 64, 128, 192 or 256"):
     flash_attention(q, q, q, block_k=96, backend="gpu")
+
+
+def test_backend_comes_from_the_caller_or_the_default_backend_only():
+  assert [backend_for_platform(p) for p in ("tpu", "cpu", "gpu")] == ["tpu", "interpret", "gpu"]
+  assert resolve_backend("auto") == backend_for_platform(jax.default_backend())
+  with pytest.raises(ValueError, match="no flash-attention kernel for platform 'metal'"):
+    backend_for_platform("metal")
+
+
+def test_kernels_import_nothing_from_the_model_parallel_or_train_layers():
+  code = ("import sys, jaxlm.kernels; "
+          "print(sorted(m for m in sys.modules if m.startswith(('jaxlm.models', 'jaxlm.parallel', 'jaxlm.train'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]", out

@@ -5,6 +5,8 @@ No TPU is needed: libtpu (the `test` extra installs it) supplies the compiler an
 sits inside shard_map here exactly as in the model: batch over "data", heads over "tensor".
 """
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -59,14 +61,18 @@ def test_tpu_kernels_compile_ahead_of_time(topology):
 
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[test]' installs it)")
-def test_model_with_flash_compiles_for_a_sharded_tpu_mesh():
+def test_model_with_flash_compiles_for_a_sharded_tpu_mesh(monkeypatch):
   """The model's flash path under axis rules (batch over data, heads over tensor), scan + remat."""
   from flax import nnx
   from jaxlm.config import base_config
-  from jaxlm.models import Transformer
+  from jaxlm.models import Transformer, attention_kernels
   from jaxlm.parallel.rules import axis_rules
 
-  # No monkeypatching: this host is CPU, and the kernels follow the mesh's (TPU) devices.
+  # This host is CPU, so the kernels' "auto" backend would be interpret mode: the TPU backend is
+  # named here for as long as the model layer does not pass it from its mesh (a backend the model
+  # passes overrides this default).
+  monkeypatch.setattr(attention_kernels, "flash_attention",
+                      functools.partial(attention_kernels.flash_attention, backend="tpu"))
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
   mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "tensor"))
   rules = [("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor")]

@@ -1,6 +1,12 @@
 """jaxlm's own Pallas kernels.
 
-`flash_attention` (flash_attention.py) is the entry point; the kernels are in flash_tpu.py.
+Where things are:
+  flash_attention.py   `flash_attention`, the entry point: backend choice, padding, custom_vjp.
+  flash_spec.py        `Spec` (what is static about one call) and which key/query blocks a block
+                       of the other side sees: the block skipping every backend shares.
+  flash_tpu.py         the Mosaic TPU kernels (forward, dq, dK/dV); also run in interpret mode.
+  flash_gpu.py         the Mosaic GPU (Hopper) kernels: forward, dq, dK/dV.
+  flash_gpu_parts.py   their building blocks: wgmma tiles, block ranges, the producer/consumer ring.
 
 Backends and why:
   TPU   Pallas Mosaic TPU (flash_tpu.py): grid with a reduction ("arbitrary") axis, VMEM scratch,
@@ -10,8 +16,11 @@ Backends and why:
         warp-specialised pipelines; the reduction is an in-kernel loop fed by a producer warp group.
   CPU   the TPU-style kernels under Pallas interpret mode (tests, CPU training); the GPU kernels
         also run on CPU under Pallas' GPU interpreter (backend "gpu_interpret", tests only).
+
+Nothing here reads the model's mesh or axis rules: callers pass the backend
+(`backend_for_platform(platform)`) when it is not `jax.default_backend()`'s.
 """
 
-from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.kernels.flash_attention import backend_for_platform, flash_attention
 
-__all__ = ["flash_attention"]
+__all__ = ["backend_for_platform", "flash_attention"]

@@ -11,7 +11,10 @@ Backends
   "gpu"            Pallas Mosaic GPU for Hopper (`flash_gpu.py`).
   "gpu_interpret"  the GPU kernels run by Pallas' GPU interpreter on CPU (threads, shared memory,
                    TMA and barriers simulated): tests of the GPU kernels without a GPU. Slow.
-  "auto"           tpu on TPU, gpu on GPU, interpret on CPU.
+  "auto"           from `jax.default_backend()` alone: tpu on TPU, gpu on GPU, interpret on CPU.
+                   Callers compiling for devices other than the default ones (abstract TPU
+                   devices on a CPU host, a mesh of another platform) must name the backend,
+                   e.g. `backend_for_platform(mesh.devices.flat[0].platform)`.
 
 Sequence lengths need not be multiples of the blocks: q/k/v are zero-padded to block multiples
 here, padded keys are masked in the kernel by the static real length, and padded query rows are
@@ -32,15 +35,13 @@ import jax.numpy as jnp
 
 from jaxlm.kernels import flash_gpu, flash_tpu
 from jaxlm.kernels.flash_spec import Spec
-from jaxlm.parallel import rules
 
-# Default (block_q, block_k) per backend. TPU: 512x512 keeps the f32 score tile at 1 MiB and the
-# MXU busy with head_dim 64..256 while fitting the 16 MiB default scoped VMEM of v5e with double
-# buffering; interpret: small blocks so CPU tests run many blocks. GPU: block_q is fixed at two
-# warp groups x 64 rows; block_k 128 gives wgmma.m64n128 score tiles (64 f32 registers per thread)
-# and is lowered to 64 for head_dim 256, where the [64, 256] f32 accumulator alone takes 128.
-DEFAULT_BLOCKS = {"tpu": (512, 512), "interpret": (128, 128), "gpu": (128, 128)}
-_ALIGN = {"tpu": 128, "interpret": 8, "gpu": 64}  # Mosaic TPU: whole (8, 128) tiles; GPU: wgmma M
+# Default (block_q, block_k) of the TPU kernels. TPU: 512x512 keeps the f32 score tile at 1 MiB and
+# the MXU busy with head_dim 64..256 while fitting the 16 MiB default scoped VMEM of v5e with double
+# buffering; interpret: small blocks so CPU tests run many blocks. The GPU kernels' blocks are
+# fixed by their warp-group structure except the forward's block_k (flash_gpu.default_block_k).
+DEFAULT_BLOCKS = {"tpu": (512, 512), "interpret": (128, 128)}
+_ALIGN = {"tpu": 128, "interpret": 8}  # Mosaic TPU: whole (8, 128) tiles
 
 
 def _round_up(x: int, m: int) -> int:
@@ -50,9 +51,17 @@ def _round_up(x: int, m: int) -> int:
 BACKENDS = ("tpu", "interpret", "gpu", "gpu_interpret")
 
 
+def backend_for_platform(platform: str) -> str:
+  """The kernel backend for devices of `platform` ("tpu", "cpu" or "gpu", as `Device.platform`)."""
+  backends = {"tpu": "tpu", "cpu": "interpret", "gpu": "gpu"}
+  if platform not in backends:
+    raise ValueError(f"no flash-attention kernel for platform {platform!r}; choose {' | '.join(backends)}")
+  return backends[platform]
+
+
 def resolve_backend(backend: str = "auto") -> str:
   if backend == "auto":
-    backend = {"tpu": "tpu", "cpu": "interpret"}.get(rules.platform(), "gpu")  # the mesh's devices
+    backend = backend_for_platform(jax.default_backend())
   if backend not in BACKENDS:
     raise ValueError(f"unknown flash-attention backend {backend!r}; choose {' | '.join(BACKENDS)} | auto")
   return backend
@@ -95,7 +104,7 @@ def _gpu_call(q, k, v, q_segments, k_segments, spec_args, block_k, interpret):
   s = k.shape[1]
   if d % 64 or d > 256:
     raise ValueError(f"the GPU flash kernel takes head_dim 64, 128, 192 or 256, not {d}")
-  bq, bk = flash_gpu.CTA_ROWS, block_k or (64 if d > 128 else DEFAULT_BLOCKS["gpu"][1])
+  bq, bk = flash_gpu.CTA_ROWS, block_k or flash_gpu.default_block_k(d)
   if bk % 64 or bk > 256:
     raise ValueError(f"GPU flash block_k must be 64, 128, 192 or 256, not {bk}")
   tq, tk = _round_up(t, bq), _round_up(s, math.lcm(bk, bq))
@@ -123,6 +132,15 @@ def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool =
   (non-causal: |q - k| < window). softcap > 0: scores become softcap * tanh(scores / softcap).
   heads must be a multiple of kv_heads (GQA/MQA); K/V are never repeated. Returns
   [batch, t, heads, head_dim] in q's dtype. Differentiable in q, k, v (custom_vjp).
+
+  backend: see the module docstring; "auto" follows `jax.default_backend()` only.
+  block_q, block_k (None: the backend's default):
+    tpu, interpret  query rows and keys per block of all three kernels (forward, dq, dK/dV);
+                    multiples of 128 on TPU, of 8 in interpret mode.
+    gpu             block_q must be None or 128: forward and dq CTAs own 128 query rows, and the
+                    dK/dV kernel steps through queries 64 at a time. block_k is the keys per step of
+                    the forward kernel only (64..256, default `flash_gpu.default_block_k`); the dq
+                    kernel steps through keys 64 at a time and dK/dV CTAs own 128 keys regardless.
   """
   backend = resolve_backend(backend)
   b, t, h, d = q.shape

@@ -56,6 +56,12 @@ from jaxlm.kernels.flash_spec import EMPTY_LSE, MASKED, Spec, kv_range, q_range
 
 BWD_BLOCK = 64  # dq kernel: keys per step; dK/dV kernel: queries per step (wgmma N)
 
+
+def default_block_k(head_dim: int) -> int:
+  """Keys per forward step: 128 gives wgmma.m64n128 score tiles (64 f32 registers per thread); 64
+  for head_dim > 128, where the [64, head_dim] f32 accumulator alone takes up to 128."""
+  return 64 if head_dim > 128 else 128
+
 # ---------------------------------------------------------------------------------------------
 # forward and dq: a CTA owns 128 query rows of one head; the producer streams K/V blocks
 

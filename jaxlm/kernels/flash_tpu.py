@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxlm.kernels.flash_spec import EMPTY_LSE, MASKED, Spec, kv_range, q_range  # noqa: F401
+from jaxlm.kernels.flash_spec import EMPTY_LSE, MASKED, Spec, kv_range, q_range
 
 LANES = 128  # row statistics are stored broadcast over one vreg's lanes
 
@@ -76,7 +76,7 @@ def _scores(spec: Spec, q, k):
   return spec.softcap * t, t
 
 
-def _split(spec: Spec, refs, n_in: int):
+def _split(spec: Spec, refs):
   """(q_seg, k_seg or None, None) + the remaining refs."""
   if spec.segments:
     return refs[0], refs[1], refs[2:]
@@ -94,7 +94,7 @@ def _seg_values(q_seg_ref, k_seg_ref):
 
 
 def _fwd_kernel(*refs, spec: Spec):
-  q_seg_ref, k_seg_ref, refs = _split(spec, refs, 3)
+  q_seg_ref, k_seg_ref, refs = _split(spec, refs)
   q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
   qi, ki = pl.program_id(2), pl.program_id(3)
   lo, hi = kv_range(spec, qi)
@@ -204,7 +204,7 @@ def _grad_scores(spec: Spec, qi, ki, q, k, v, do, lse, delta, q_seg, k_seg):
 
 
 def _dq_kernel(*refs, spec: Spec):
-  q_seg_ref, k_seg_ref, refs = _split(spec, refs, 6)
+  q_seg_ref, k_seg_ref, refs = _split(spec, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr = refs
   qi, ki = pl.program_id(2), pl.program_id(3)
   lo, hi = kv_range(spec, qi)
@@ -226,7 +226,7 @@ def _dq_kernel(*refs, spec: Spec):
 
 
 def _dkv_kernel(*refs, spec: Spec, nq: int):
-  q_seg_ref, k_seg_ref, refs = _split(spec, refs, 6)
+  q_seg_ref, k_seg_ref, refs = _split(spec, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = refs
   ki, j = pl.program_id(2), pl.program_id(3)
   qi = j % nq
