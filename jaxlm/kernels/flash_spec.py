@@ -11,9 +11,6 @@ import dataclasses
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-MASKED = -1e30  # score of a hidden key: finite, so m_prev - m_new never becomes inf - inf
-EMPTY_LSE = 1e30  # lse of a fully masked row: exp(s - lse) = 0 for every key
-
 
 @dataclasses.dataclass(frozen=True)
 class Spec:

@@ -35,7 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxlm.kernels.flash_spec import EMPTY_LSE, MASKED, Spec, kv_range, q_range
+from jaxlm.kernels import masking
+from jaxlm.kernels.flash_spec import Spec, kv_range, q_range
+from jaxlm.kernels.masking import EMPTY_LSE, MASKED
 
 LANES = 128  # row statistics are stored broadcast over one vreg's lanes
 
@@ -48,32 +50,12 @@ def _mask(spec: Spec, qi, ki, q_seg, k_seg):
   shape = (spec.block_q, spec.block_k)
   q_pos = qi * spec.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
   k_pos = ki * spec.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
-  conds = []
-  if spec.kv_len % spec.block_k:  # padded keys at the tail
-    conds.append(k_pos < spec.kv_len)
-  if spec.causal:
-    conds.append(k_pos <= q_pos)
-  if spec.window:
-    conds.append(q_pos - k_pos < spec.window)
-    if not spec.causal:
-      conds.append(k_pos - q_pos < spec.window)
-  if q_seg is not None:
-    conds.append(q_seg == k_seg)  # [block_q, 1] == [1, block_k]
-  if not conds:
-    return None
-  mask = conds[0]
-  for c in conds[1:]:
-    mask = mask & c
-  return mask
+  return masking.visible(spec, q_pos, k_pos, q_seg, k_seg)  # segs: [block_q, 1], [1, block_k]
 
 
 def _scores(spec: Spec, q, k):
-  """Scaled (and soft-capped) scores [block_q, block_k] in float32, plus tanh for the capping's grad."""
-  s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * spec.scale
-  if not spec.softcap:
-    return s, None
-  t = jnp.tanh(s / spec.softcap)
-  return spec.softcap * t, t
+  """Scores [block_q, block_k] in float32, plus tanh for the capping's grad (see masking.scores)."""
+  return masking.scores(spec, lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32))
 
 
 def _split(spec: Spec, refs):
