@@ -61,6 +61,34 @@ def test_tpu_kernels_compile_ahead_of_time(topology):
 
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[test]' installs it)")
+def test_sequence_sharded_kernels_with_a_traced_q_offset_compile_ahead_of_time():
+  """Queries split over a "sequence" axis against all keys, q_offset = the shard's first row: the
+  offset reaches the kernels as a scalar-prefetch operand from axis_index."""
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  mesh = Mesh(np.array(devices).reshape(1, 4), ("data", "sequence"))
+  b, t, heads, kv_heads, d = 2, 8192, 4, 2, 128
+  q_spec, kv_spec = P("data", "sequence", None, None), P("data", None, None, None)
+
+  def attention(q, k, v):
+    def local(q, k, v):
+      offset = jax.lax.axis_index("sequence") * q.shape[1]
+      return flash_attention(q, k, v, causal=True, window=4096, backend="tpu", q_offset=offset)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v)
+
+  def grads(q, k, v):
+    return jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32)),
+                    argnums=(0, 1, 2))(q, k, v)
+
+  def arg(shape, spec):
+    return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+
+  args = (arg((b, t, heads, d), q_spec), arg((b, t, kv_heads, d), kv_spec), arg((b, t, kv_heads, d), kv_spec))
+  text = jax.jit(grads).lower(*args).compile().as_text()
+  assert "flash_fwd" in text and "flash_dq" in text and "flash_dkv" in text
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[test]' installs it)")
 def test_model_with_flash_compiles_for_a_sharded_tpu_mesh(monkeypatch):
   """The model's flash path under axis rules (batch over data, heads over tensor), scan + remat."""
   from flax import nnx

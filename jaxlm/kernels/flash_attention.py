@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.kernels import flash_gpu, flash_tpu
-from jaxlm.kernels.flash_spec import Spec
+from jaxlm.kernels.flash_spec import Spec, visited_blocks
 
 # Default (block_q, block_k) of the TPU kernels. TPU: 512x512 keeps the f32 score tile at 1 MiB and
 # the MXU busy with head_dim 64..256 while fitting the 16 MiB default scoped VMEM of v5e with double
@@ -75,24 +75,54 @@ def _block(requested: int | None, default: int, length: int, align: int) -> int:
   return min(size, _round_up(length, align))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, k_seg, spec):
-  return _forward(spec, q, k, v, q_seg, k_seg)[0]
+def _tpu_blocks(backend: str, t: int, s: int, block_q: int | None, block_k: int | None):
+  """(block_q, block_k) of the TPU kernels (tpu or interpret backend) for lengths t and s."""
+  default_q, default_k = DEFAULT_BLOCKS[backend]
+  align = _ALIGN[backend]
+  return _block(block_q, default_q, t, align), _block(block_k, default_k, s, align)
 
 
-def _forward(spec, q, k, v, q_seg, k_seg):
-  return (flash_gpu if spec.gpu else flash_tpu).forward(spec, q, k, v, q_seg, k_seg)
+def attention_work(q_len: int, kv_len: int, *, causal: bool = True, window: int = 0,
+                   block_q: int | None = None, block_k: int | None = None, backend: str = "auto",
+                   q_offset: int = 0) -> int:
+  """(query block, key block) pairs that `flash_attention` with these arguments computes per
+  (batch, head) in its forward and dq kernels (dK/dV visits the same pairs): how much attention
+  work a call, e.g. one sequence shard's (q_len = the local rows, q_offset = its first row's
+  position), does. Segment ids hide no whole block, so they do not change it. TPU and interpret
+  backends (the ones that take q_offset)."""
+  backend = resolve_backend(backend)
+  if backend not in DEFAULT_BLOCKS:
+    raise ValueError(f"attention_work counts the TPU kernels' blocks; backend {backend!r} has none")
+  bq, bk = _tpu_blocks(backend, q_len, kv_len, block_q, block_k)
+  spec = Spec(causal=bool(causal), window=int(window), softcap=0.0, scale=1.0, q_len=q_len,
+              kv_len=kv_len, block_q=bq, block_k=bk, groups=1, segments=False,
+              interpret=backend == "interpret")
+  return visited_blocks(spec, q_offset)
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, spec):
-  o, lse = _forward(spec, q, k, v, q_seg, k_seg)
-  return o, (q, k, v, q_seg, k_seg, o, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_seg, k_seg, q_off, spec):
+  return _forward(spec, q, k, v, q_seg, k_seg, q_off)[0]
+
+
+def _forward(spec, q, k, v, q_seg, k_seg, q_off):
+  if spec.gpu:  # q_off is 0 here: flash_attention rejects an offset on the GPU backends
+    return flash_gpu.forward(spec, q, k, v, q_seg, k_seg)
+  return flash_tpu.forward(spec, q, k, v, q_off, q_seg, k_seg)
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, q_off, spec):
+  o, lse = _forward(spec, q, k, v, q_seg, k_seg, q_off)
+  return o, (q, k, v, q_seg, k_seg, q_off, o, lse)
 
 
 def _flash_bwd(spec, res, do):
-  q, k, v, q_seg, k_seg, o, lse = res
-  dq, dk, dv = (flash_gpu if spec.gpu else flash_tpu).backward(spec, q, k, v, o, lse, do, q_seg, k_seg)
-  return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+  q, k, v, q_seg, k_seg, q_off, o, lse = res
+  if spec.gpu:
+    dq, dk, dv = flash_gpu.backward(spec, q, k, v, o, lse, do, q_seg, k_seg)
+  else:
+    dq, dk, dv = flash_tpu.backward(spec, q, k, v, o, lse, do, q_off, q_seg, k_seg)
+  return dq, dk, dv, None, None, None  # segment ids and the offset are integers: no cotangent
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -118,13 +148,13 @@ def _gpu_call(q, k, v, q_segments, k_segments, spec_args, block_k, interpret):
   if q_segments is not None:
     q_seg = jnp.pad(q_segments.astype(jnp.int32), ((0, 0), (0, tq - t)))
     k_seg = jnp.pad(k_segments.astype(jnp.int32), ((0, 0), (0, tk - s)))
-  o = _flash(pad(q, tq), pad(k, tk), pad(v, tk), q_seg, k_seg, spec)
+  o = _flash(pad(q, tq), pad(k, tk), pad(v, tk), q_seg, k_seg, jnp.zeros((1,), jnp.int32), spec)
   return o[:, :t].astype(q.dtype)
 
 
 def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool = True,
                     window: int = 0, softcap: float = 0.0, block_q: int | None = None,
-                    block_k: int | None = None, backend: str = "auto"):
+                    block_k: int | None = None, backend: str = "auto", q_offset=None):
   """Flash attention. q: [batch, t, heads, head_dim]; k, v: [batch, s, kv_heads, head_dim].
 
   segments: [batch, t] and [batch, s] int (both or neither): a query sees only keys of its own
@@ -133,6 +163,11 @@ def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool =
   heads must be a multiple of kv_heads (GQA/MQA); K/V are never repeated. Returns
   [batch, t, heads, head_dim] in q's dtype. Differentiable in q, k, v (custom_vjp).
 
+  q_offset: None (0) or an int / int32 scalar, possibly traced: query row i is at position
+    q_offset + i while key j stays at j, and the causal/window masks and the block skipping use
+    those positions. For sequence-sharded queries against all keys, e.g. inside shard_map:
+    q_offset = jax.lax.axis_index("sequence") * local_len; each shard then computes only the key
+    blocks its rows see (`attention_work` counts them). TPU and interpret backends only.
   backend: see the module docstring; "auto" follows `jax.default_backend()` only.
   block_q, block_k (None: the backend's default):
     tpu, interpret  query rows and keys per block of all three kernels (forward, dq, dK/dV);
@@ -153,15 +188,17 @@ def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool =
                    scale=float(d) ** -0.5, q_len=t, kv_len=s, groups=h // kvh,
                    segments=q_segments is not None)
   if backend in ("gpu", "gpu_interpret"):
+    if q_offset is not None:
+      raise ValueError("flash attention's GPU kernels take no q_offset yet (their block ranges and "
+                       "masks would need the offset as a shared-memory scalar); on GPU gather the "
+                       "sequence and slice the output, or use model.attention='xla'")
     if backend == "gpu" and (why := flash_gpu.unsupported_gpu()):
       raise ValueError(f"{why}. Use model.attention='cudnn' or 'xla' there")
     if block_q not in (None, 0, flash_gpu.CTA_ROWS):
       raise ValueError(f"GPU flash block_q is fixed at {flash_gpu.CTA_ROWS} (2 warp groups x 64 rows); "
                        f"got {block_q}: leave model.flash_block_q at 0")
     return _gpu_call(q, k, v, q_segments, k_segments, spec_args, block_k, backend == "gpu_interpret")
-  dq_, dk_ = DEFAULT_BLOCKS[backend]
-  align = _ALIGN[backend]
-  bq, bk = _block(block_q, dq_, t, align), _block(block_k, dk_, s, align)
+  bq, bk = _tpu_blocks(backend, t, s, block_q, block_k)
   tq, tk = _round_up(t, bq), _round_up(s, bk)
   spec = Spec(**spec_args, block_q=bq, block_k=bk, interpret=backend == "interpret")
 
@@ -173,6 +210,7 @@ def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool =
   if q_segments is not None:
     q_seg = jnp.pad(q_segments.astype(jnp.int32), ((0, 0), (0, tq - t)))[:, :, None]  # [b, tq, 1]
     k_seg = jnp.pad(k_segments.astype(jnp.int32), ((0, 0), (0, tk - s)))[:, None, :]  # [b, 1, tk]
+  q_off = jnp.reshape(jnp.asarray(0 if q_offset is None else q_offset, jnp.int32), (1,))
   o = _flash(head_major(q, tq), head_major(k.astype(q.dtype), tk), head_major(v.astype(q.dtype), tk),
-             q_seg, k_seg, spec)
+             q_seg, k_seg, q_off, spec)
   return jnp.swapaxes(o[:, :, :t], 1, 2)
