@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from jaxlm.kernels.flash_attention import (attention_work, backend_for_platform, flash_attention,
                                             resolve_backend)
+from jaxlm.kernels.splash import splash_attention
 from jaxlm.models.attention import dot_product_attention
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -175,7 +176,7 @@ def test_backend_comes_from_the_caller_or_the_default_backend_only():
 
 
 def test_kernels_import_nothing_from_the_model_parallel_or_train_layers():
-  code = ("import sys, jaxlm.kernels; "
+  code = ("import sys, jaxlm.kernels, jaxlm.kernels.splash; "
           "print(sorted(m for m in sys.modules if m.startswith(('jaxlm.models', 'jaxlm.parallel', 'jaxlm.train'))))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert out.strip() == "[]", out
@@ -304,3 +305,44 @@ def test_attention_work_of_four_causal_shards_adds_up_to_the_whole_row():
   assert shards == sorted(shards) and shards[-1] > 3 * shards[0]  # later rows see more keys
   windowed = [attention_work(t // 4, t, window=128, q_offset=i * t // 4, **kw) for i in range(4)]
   assert sum(windowed) == attention_work(t, t, window=128, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# splash: JAX's TPU splash-attention kernel behind jaxlm's layout, in interpret mode
+
+
+@pytest.mark.parametrize("causal,window,softcap,with_segments,heads,kv_heads", [
+    (True, 0, 0.0, False, 4, 2), (True, 100, 3.0, True, 4, 1), (False, 70, 0.0, False, 2, 2)])
+def test_splash_matches_reference(causal, window, softcap, with_segments, heads, kv_heads):
+  b, t, d = 2, 256, 64
+  keys = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(keys[0], (b, t, heads, d))
+  k = jax.random.normal(keys[1], (b, t, kv_heads, d))
+  v = jax.random.normal(keys[2], (b, t, kv_heads, d))
+  do = jax.random.normal(keys[3], (b, t, heads, d))
+  seg = jnp.asarray(segments(np.random.default_rng(1), b, t, 3)) if with_segments else None
+
+  def splash(q, k, v):
+    return splash_attention(q, k, v, seg, causal=causal, window=window, softcap=softcap,
+                            block_q=128, block_kv=128, interpret=True)
+
+  out, vjp = jax.vjp(splash, q, k, v)
+  ref, ref_vjp = jax.vjp(lambda q, k, v: reference(q, k, v, seg, seg, causal, window, softcap), q, k, v)
+  grads, ref_grads = vjp(do), ref_vjp(do)
+  grad_scale = max(float(jnp.max(jnp.abs(r))) for r in ref_grads)
+  errors = [rel_err(out, ref)] + [rel_err(g, r, grad_scale) for g, r in zip(grads, ref_grads)]
+  assert out.shape == q.shape and max(errors) <= TOL["float32"], errors
+
+
+def test_splash_backward_compiled_ahead_of_time_takes_just_its_arguments():
+  q = jnp.ones((1, 256, 2, 64))
+  loss = lambda q, k, v: jnp.sum(splash_attention(q, k, v, interpret=True))
+  for fn in (loss, jax.grad(loss, argnums=(0, 1, 2))):  # the forward's trace first, as a model step
+    compiled = jax.jit(fn).lower(q, q, q).compile()
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(compiled(q, q, q)))
+
+
+def test_splash_rejects_blocks_that_do_not_tile_the_sequence():
+  q = jnp.ones((1, 200, 2, 64))
+  with pytest.raises(ValueError, match="multiple of 128 that divides the sequence length 200"):
+    splash_attention(q, q, q, interpret=True)
