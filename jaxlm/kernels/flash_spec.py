@@ -66,7 +66,7 @@ def q_range(spec: Spec, ki, q_offset=0):
 
 def clamp_block(i, lo, hi, n: int):
   """Block index i moved into [lo, hi] and then into the array's n blocks: an index_map's answer for a
-  hidden block, which then repeats a neighbour's index so the pipeline issues no DMA for it."""
+  hidden block, which then repeats a neighbour's index so the pipeline starts no DMA for it."""
   return jnp.clip(jnp.clip(i, lo, hi), 0, n - 1)
 
 

@@ -17,7 +17,7 @@ Masking is computed from block indices (key j is at position j, query row i at q
 q_offset is a scalar-prefetch operand, so it may be traced: a sequence shard's first row), so no
 mask tensor is ever read from memory. Key blocks the causal/window mask hides entirely are skipped
 twice: their compute is under `pl.when(visible)`, and their index_map is clamped to the nearest
-visible block, so the pipeline sees an unchanged block index and issues no DMA for them.
+visible block, so the pipeline sees an unchanged block index and starts no DMA for them.
 
 Row statistics (lse, and delta = rowsum(dO * O)) are stored broadcast over 128 lanes,
 [batch, heads, length, 128], the layout Mosaic tiles without relayout; this costs
