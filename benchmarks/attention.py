@@ -9,7 +9,8 @@ Implementations (--impls, default per backend):
          interpret mode, which is a correctness tool, orders of magnitude slower than real kernels:
          use tiny --seqs)
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"), GPU only
-Defaults: TPU xla,flash; GPU xla,cudnn,flash; CPU xla.
+  splash jaxlm.kernels.splash.splash_attention (JAX's TPU splash kernel; on CPU interpret mode)
+Defaults: TPU xla,flash,splash; GPU xla,cudnn,flash; CPU xla.
 
 FLOPs: forward 4*b*h*t*s*d (QK^T and PV), causal counted as half; forward+backward 3.5x forward
 (the backward pass does 5 of the forward's 2 matmul shapes: recomputed QK^T, dV, dP, dQ, dK).
@@ -29,12 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.kernels.splash import splash_attention
 from jaxlm.models.attention import dot_product_attention
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--impls", default="", help="comma-separated xla,flash,cudnn; empty: per backend")
+  p.add_argument("--impls", default="", help="comma-separated xla,flash,cudnn,splash; empty: per backend")
   p.add_argument("--seqs", default="", help="sequence lengths; empty: 1k-16k on accelerators, 128,256 on CPU")
   p.add_argument("--head_dims", default="64,128")
   p.add_argument("--causal", default="1,0", help="1: causal, 0: full; comma-separated")
@@ -61,6 +63,8 @@ def impl_fn(name: str, causal: bool, args):
                                            block_k=args.block_k or None)
   if name == "cudnn":
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+  if name == "splash":
+    return lambda q, k, v: splash_attention(q, k, v, causal=causal, interpret=jax.default_backend() == "cpu")
   raise ValueError(name)
 
 
@@ -83,7 +87,7 @@ def main(argv=None):
   platform = jax.default_backend()
   on_cpu = platform == "cpu"
   impls = args.impls.split(",") if args.impls else {
-      "tpu": ["xla", "flash"], "gpu": ["xla", "cudnn", "flash"]}.get(platform, ["xla"])
+      "tpu": ["xla", "flash", "splash"], "gpu": ["xla", "cudnn", "flash"]}.get(platform, ["xla"])
   seqs = [int(s) for s in (args.seqs or ("128,256" if on_cpu else "1024,2048,4096,8192,16384")).split(",")]
   heads = args.heads or (2 if on_cpu else 16)
   kv_heads = args.kv_heads or heads

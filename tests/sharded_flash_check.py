@@ -3,21 +3,22 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jaxlm.config import base_config
-from jaxlm.models import Transformer
+from jaxlm.models import build_model
 from jaxlm.parallel.rules import axis_rules
 
 assert len(jax.devices()) == 4
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "tensor"))
 rules = [("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor")]
-m = base_config().model
-m.update(vocab_size=61, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4, mlp_dim=64,
-         max_seq_len=40, sliding_window=9, flash_block_q=16, flash_block_k=8)
+c = base_config()
+c.model.update(vocab_size=61, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4, mlp_dim=64,
+               max_seq_len=40, sliding_window=9)
+c.compute.update(flash_block_q=16, flash_block_k=8)
 tokens = jax.random.randint(jax.random.key(0), (4, 37), 0, 61)
 segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 17], 4, 0), jnp.int32)
 
 def run(kind):
-  m.attention = kind
-  graphdef, params = nnx.split(Transformer(m, nnx.Rngs(1)), nnx.Param)
+  c.compute.attention = kind
+  graphdef, params = nnx.split(build_model(c, seed=1, platform="cpu"), nnx.Param)
   def loss(p):
     with axis_rules(rules, mesh):
       logits = nnx.merge(graphdef, p)(tokens, segment_ids=segments)

@@ -4,13 +4,18 @@ Relative error is max |flash - reference| / max |reference| (output; for dq, dk,
 all three reference gradients, see `rel_err`).
 """
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.kernels.flash_attention import (attention_work, backend_for_platform, flash_attention,
+                                            resolve_backend)
+from jaxlm.kernels.splash import splash_attention
 from jaxlm.models.attention import dot_product_attention
 
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -159,3 +164,185 @@ def test_bad_arguments_are_clear_errors():
     flash_attention(q, q, q, block_q=64, backend="gpu")
   with pytest.raises(ValueError, match="block_k must be 64, 128, 192 or 256"):
     flash_attention(q, q, q, block_k=96, backend="gpu")
+  with pytest.raises(ValueError, match="GPU kernels take no q_offset"):
+    flash_attention(q, q, q, q_offset=8, backend="gpu_interpret")
+
+
+def test_backend_comes_from_the_caller_or_the_default_backend_only():
+  assert [backend_for_platform(p) for p in ("tpu", "cpu", "gpu")] == ["tpu", "interpret", "gpu"]
+  assert resolve_backend("auto") == backend_for_platform(jax.default_backend())
+  with pytest.raises(ValueError, match="no flash-attention kernel for platform 'metal'"):
+    backend_for_platform("metal")
+
+
+def test_kernels_import_nothing_from_the_model_parallel_or_train_layers():
+  code = ("import sys, jaxlm.kernels, jaxlm.kernels.splash; "
+          "print(sorted(m for m in sys.modules if m.startswith(('jaxlm.models', 'jaxlm.parallel', 'jaxlm.train'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]", out
+
+
+# ---------------------------------------------------------------------------------------------
+# q_offset: queries that are one slice of a longer row (a sequence shard) against all keys
+
+
+def _offset_case(causal, window, with_segments, seed=0):
+  """q/k/v over a whole row of 72 positions (block 8, so shards end mid-block) and a cotangent."""
+  b, t, heads, kv_heads, d = 2, 72, 4, 2, 64
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (b, t, heads, d))
+  k = jax.random.normal(keys[1], (b, t, kv_heads, d))
+  v = jax.random.normal(keys[2], (b, t, kv_heads, d))
+  do = jax.random.normal(keys[3], (b, t, heads, d))
+  seg = jnp.asarray(segments(np.random.default_rng(seed), b, t, 3)) if with_segments else None
+  return q, k, v, do, seg
+
+
+@pytest.mark.parametrize("quarter", [1, 3])
+@pytest.mark.parametrize("causal,window,with_segments", [
+    (True, 0, False), (True, 11, False), (False, 11, False), (True, 0, True)])
+def test_q_offset_slice_matches_the_full_row(quarter, causal, window, with_segments):
+  """One quarter of the query rows with q_offset at its first position gives that quarter of the
+  full attention, and the gradients of a loss on that quarter alone: dq of those rows, and dk, dv
+  over the whole row."""
+  q, k, v, do, seg = _offset_case(causal, window, with_segments)
+  n = q.shape[1] // 4
+  rows = slice(quarter * n, (quarter + 1) * n)
+  do_part = jnp.zeros_like(do).at[:, rows].set(do[:, rows])
+
+  ref, ref_vjp = jax.vjp(lambda q, k, v: reference(q, k, v, seg, seg, causal, window, 0.0), q, k, v)
+  ref_dq, ref_dk, ref_dv = ref_vjp(do_part)
+
+  def part(q_rows, k, v):
+    q_seg = None if seg is None else seg[:, rows]
+    return flash_attention(q_rows, k, v, q_seg, seg, causal=causal, window=window, block_q=8,
+                           block_k=8, backend="interpret", q_offset=quarter * n)
+
+  out, vjp = jax.vjp(part, q[:, rows], k, v)
+  dq, dk, dv = vjp(do[:, rows])
+  grad_scale = max(float(jnp.max(jnp.abs(r))) for r in (ref_dq, ref_dk, ref_dv))
+  errors = [rel_err(out, ref[:, rows]), rel_err(dq, ref_dq[:, rows], grad_scale),
+            rel_err(dk, ref_dk, grad_scale), rel_err(dv, ref_dv, grad_scale)]
+  assert max(errors) <= TOL["float32"], errors
+  assert float(jnp.max(jnp.abs(ref_dk))) > 0  # the slice's loss reaches K at all
+
+
+def test_q_offset_skips_the_key_blocks_its_rows_cannot_see():
+  """Rows 40..55 with causal window 11 see keys 30..55 only: K/V blocks wholly outside (positions
+  0..23 and 56..71 in blocks of 8) are made NaN, which any visit would spread into the output or
+  dq (NaN * 0 is NaN). Without the offset in the block ranges, the low blocks would be visited."""
+  q, k, v, do, _ = _offset_case(True, 11, False)
+  first, n = 40, 16
+  hidden = np.r_[0:24, 56:72]
+  poisoned = [x.at[:, hidden].set(jnp.nan) for x in (k, v)]
+
+  def part(q_rows, k, v):
+    return flash_attention(q_rows, k, v, causal=True, window=11, block_q=8, block_k=8,
+                           backend="interpret", q_offset=first)
+
+  clean, clean_vjp = jax.vjp(part, q[:, first:first + n], k, v)
+  out, vjp = jax.vjp(part, q[:, first:first + n], *poisoned)
+  dq, dk, dv = vjp(do[:, first:first + n])
+  seen = np.setdiff1d(np.arange(72), hidden)
+  for x in (out, dq, dk[:, seen], dv[:, seen]):
+    assert np.all(np.isfinite(np.asarray(x)))
+  np.testing.assert_array_equal(out, clean)
+  np.testing.assert_array_equal(dq, clean_vjp(do[:, first:first + n])[0])
+
+
+def test_traced_q_offset_under_jit_and_in_a_sequence_sharded_shard_map():
+  q, k, v, _, seg = _offset_case(True, 11, True)
+  kw = dict(causal=True, window=11, block_q=8, block_k=8, backend="interpret")
+  full = flash_attention(q, k, v, seg, seg, **kw)
+
+  jitted = jax.jit(lambda q, k, v, qs, off: flash_attention(q, k, v, qs, seg, q_offset=off, **kw))
+  np.testing.assert_allclose(jitted(q[:, 54:], k, v, seg[:, 54:], jnp.int32(54)), full[:, 54:],
+                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(jitted(q[:, 18:36], k, v, seg[:, 18:36], 18), full[:, 18:36],
+                             rtol=0, atol=1e-6)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("sequence",))
+  P = jax.sharding.PartitionSpec
+
+  def local(q, k, v, q_seg, k_seg):
+    offset = jax.lax.axis_index("sequence") * q.shape[1]
+    return flash_attention(q, k, v, q_seg, k_seg, q_offset=offset, **kw)
+
+  sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "sequence"), P(), P(),
+                                                              P(None, "sequence"), P()),
+                                  out_specs=P(None, "sequence"), check_vma=False))
+  np.testing.assert_allclose(sharded(q, k, v, seg, seg), full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal,window,q_len,kv_len,block_q,block_k,offset", [
+    (True, 0, 32, 128, 8, 16, 96), (True, 24, 20, 128, 8, 8, 40), (False, 24, 20, 100, 16, 8, 50),
+    (False, 0, 20, 100, 16, 8, 30), (True, 5, 16, 64, 8, 8, 100)])
+def test_attention_work_counts_exactly_the_blocks_with_a_visible_pair(causal, window, q_len, kv_len,
+                                                                     block_q, block_k, offset):
+  """Brute force over positions: a (query block, key block) pair is visited iff some query row of
+  the (padded) block sees some real key of the other."""
+  nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+  qp = offset + np.arange(nq * block_q)[:, None]
+  kp = np.arange(kv_len)[None, :]
+  mask = np.ones(qp.shape[:1] + kp.shape[1:], bool)
+  if causal:
+    mask &= kp <= qp
+  if window:
+    mask &= (qp - kp < window) & (causal | (kp - qp < window))
+  padded = np.zeros((nq * block_q, nk * block_k), bool)
+  padded[:, :kv_len] = mask
+  expected = int(padded.reshape(nq, block_q, nk, block_k).any(axis=(1, 3)).sum())
+  work = attention_work(q_len, kv_len, causal=causal, window=window, block_q=block_q,
+                        block_k=block_k, backend="interpret", q_offset=offset)
+  assert work == expected
+
+
+def test_attention_work_of_four_causal_shards_adds_up_to_the_whole_row():
+  kw = dict(causal=True, block_q=64, block_k=64, backend="interpret")
+  t = 1024
+  shards = [attention_work(t // 4, t, q_offset=i * t // 4, **kw) for i in range(4)]
+  assert sum(shards) == attention_work(t, t, **kw)
+  assert shards == sorted(shards) and shards[-1] > 3 * shards[0]  # later rows see more keys
+  windowed = [attention_work(t // 4, t, window=128, q_offset=i * t // 4, **kw) for i in range(4)]
+  assert sum(windowed) == attention_work(t, t, window=128, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# splash: JAX's TPU splash-attention kernel behind jaxlm's layout, in interpret mode
+
+
+@pytest.mark.parametrize("causal,window,softcap,with_segments,heads,kv_heads", [
+    (True, 0, 0.0, False, 4, 2), (True, 100, 3.0, True, 4, 1), (False, 70, 0.0, False, 2, 2)])
+def test_splash_matches_reference(causal, window, softcap, with_segments, heads, kv_heads):
+  b, t, d = 2, 256, 64
+  keys = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(keys[0], (b, t, heads, d))
+  k = jax.random.normal(keys[1], (b, t, kv_heads, d))
+  v = jax.random.normal(keys[2], (b, t, kv_heads, d))
+  do = jax.random.normal(keys[3], (b, t, heads, d))
+  seg = jnp.asarray(segments(np.random.default_rng(1), b, t, 3)) if with_segments else None
+
+  def splash(q, k, v):
+    return splash_attention(q, k, v, seg, causal=causal, window=window, softcap=softcap,
+                            block_q=128, block_kv=128, interpret=True)
+
+  out, vjp = jax.vjp(splash, q, k, v)
+  ref, ref_vjp = jax.vjp(lambda q, k, v: reference(q, k, v, seg, seg, causal, window, softcap), q, k, v)
+  grads, ref_grads = vjp(do), ref_vjp(do)
+  grad_scale = max(float(jnp.max(jnp.abs(r))) for r in ref_grads)
+  errors = [rel_err(out, ref)] + [rel_err(g, r, grad_scale) for g, r in zip(grads, ref_grads)]
+  assert out.shape == q.shape and max(errors) <= TOL["float32"], errors
+
+
+def test_splash_backward_compiled_ahead_of_time_takes_just_its_arguments():
+  q = jnp.ones((1, 256, 2, 64))
+  loss = lambda q, k, v: jnp.sum(splash_attention(q, k, v, interpret=True))
+  for fn in (loss, jax.grad(loss, argnums=(0, 1, 2))):  # the forward's trace first, as a model step
+    compiled = jax.jit(fn).lower(q, q, q).compile()
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(compiled(q, q, q)))
+
+
+def test_splash_rejects_blocks_that_do_not_tile_the_sequence():
+  q = jnp.ones((1, 200, 2, 64))
+  with pytest.raises(ValueError, match="multiple of 128 that divides the sequence length 200"):
+    splash_attention(q, q, q, interpret=True)

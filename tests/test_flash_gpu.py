@@ -22,7 +22,7 @@ import pytest
 
 from jaxlm.kernels import flash_gpu
 from jaxlm.kernels.flash_attention import flash_attention
-from jaxlm.models import attention_kernels
+from jaxlm.models import compute
 
 # the interpreter everywhere; the hardware too where this process has a Hopper GPU
 BACKENDS = ["gpu_interpret"] + (["gpu"] if jax.default_backend() == "gpu" and not flash_gpu.unsupported_gpu() else [])
@@ -138,15 +138,12 @@ def test_model_flash_lowers_the_gpu_kernels_on_gpu(monkeypatch):
   the backward scan, dq and dK/dV."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jaxlm.config import base_config  # pylint: disable=g-import-not-at-top
-  from jaxlm.models import Transformer  # pylint: disable=g-import-not-at-top
-  from jaxlm.parallel import rules  # pylint: disable=g-import-not-at-top
-  assert attention_kernels.resolve("auto", "gpu") == "flash"
-  monkeypatch.setattr(rules, "platform", lambda: "gpu")
-  m = base_config().model
-  m.update(vocab_size=256, d_model=128, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=256,
-           max_seq_len=300, scan_layers=True, remat_policy="full", attention="auto",
-           compute_dtype="bfloat16")
-  graphdef, params = nnx.split(Transformer(m, nnx.Rngs(0)), nnx.Param)
+  from jaxlm.models import build_model  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  c.model.update(vocab_size=256, d_model=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                 mlp_dim=256, max_seq_len=300)
+  c.compute.update(scan_layers=True, remat_policy="full", attention="flash", compute_dtype="bfloat16")
+  graphdef, params = nnx.split(build_model(c, platform="gpu"), nnx.Param)  # backend "gpu"
   tokens = jnp.zeros((2, 300), jnp.int32)  # 300: padded to whole 128-row blocks inside
 
   def loss(p):
@@ -163,8 +160,10 @@ def test_non_hopper_gpus_get_a_clear_error_and_auto_falls_back_to_xla(monkeypatc
   assert "Hopper" in flash_gpu.unsupported_gpu()
   with pytest.raises(ValueError, match="needs a Hopper GPU.*A100.*'cudnn' or 'xla'"):
     flash_attention(q, q, q, backend="gpu")
-  assert attention_kernels.resolve("auto", "gpu") == "xla"
+  # Should a measurement make jaxlm's kernel the GPU's "auto", non-Hopper GPUs still run xla.
+  monkeypatch.setitem(compute.AUTO_ATTENTION, "gpu", "flash")
+  assert compute.resolve_attention("auto", "gpu") == ("xla", "")
   h100 = SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H100 80GB HBM3")
   monkeypatch.setattr(jax, "devices", lambda *args: [h100])
   assert flash_gpu.unsupported_gpu() is None
-  assert attention_kernels.resolve("auto", "gpu") == "flash"
+  assert compute.resolve_attention("auto", "gpu") == ("flash", "gpu")

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import base_config
-from jaxlm.kernels.flash_spec import MASKED
+from jaxlm.kernels.masking import MASKED
 from jaxlm.models import Transformer
 from jaxlm.models import rope
 from jaxlm.models.attention import causal_blocked_attention, dot_product_attention

@@ -52,9 +52,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlm.kernels import flash_gpu_parts as parts
 from jaxlm.kernels.flash_gpu_parts import (  # noqa: F401  (CTA_ROWS, unsupported_gpu: public here)
     COL, COMPUTE_WGS, CTA_ROWS, ROW, WG_ROWS, unsupported_gpu)
-from jaxlm.kernels.flash_spec import EMPTY_LSE, MASKED, Spec, kv_range, q_range
+from jaxlm.kernels.flash_spec import Spec, kv_range, q_range
+from jaxlm.kernels.masking import EMPTY_LSE, MASKED
 
 BWD_BLOCK = 64  # dq kernel: keys per step; dK/dV kernel: queries per step (wgmma N)
+
+
+def default_block_k(head_dim: int) -> int:
+  """Keys per forward step: 128 gives wgmma.m64n128 score tiles (64 f32 registers per thread); 64
+  for head_dim > 128, where the [64, head_dim] f32 accumulator alone takes up to 128."""
+  return 64 if head_dim > 128 else 128
 
 # ---------------------------------------------------------------------------------------------
 # forward and dq: a CTA owns 128 query rows of one head; the producer streams K/V blocks
@@ -106,6 +113,7 @@ def _row_block_kernel(spec: Spec, *, grad: bool, stages: int):
         if masked:
           k_seg = parts.cast(spec, ks_smem[slot], COL) if spec.segments else None
           mask = parts.mask(spec, q0, j * bk, shape, q_seg, k_seg)
+        if mask is not None:
           s = jnp.where(mask, s, MASKED)
         return s, t, mask
 
@@ -117,7 +125,7 @@ def _row_block_kernel(spec: Spec, *, grad: bool, stages: int):
         plgpu.barrier_arrive(k_free.at[slot])
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp2(s - parts.per_row(m_new, shape))
-        if masked:
+        if mask is not None:
           p = jnp.where(mask, p, 0.0)  # rows masked so far have m_new = MASKED: exp2(0) = 1
         alpha = jnp.exp2(m - m_new)
         l = l * alpha + p.sum(axis=1)
@@ -132,7 +140,7 @@ def _row_block_kernel(spec: Spec, *, grad: bool, stages: int):
         plgpu.barrier_wait(k_bar.at[slot])
         s, t, mask = scores(j, slot, masked)
         p = jnp.exp2(s - parts.per_row(lse, shape))
-        if masked:
+        if mask is not None:
           p = jnp.where(mask, p, 0.0)
         plgpu.barrier_wait(v_bar.at[slot])
         dp = parts.dot(spec, do_smem.at[wg], v_smem.at[slot], WG_ROWS, bk, transpose_b=True)
@@ -268,9 +276,10 @@ def dkv(spec: Spec, q, k, v, do, lse, delta, q_seg=None, k_seg=None):
         if masked:
           q_seg = parts.cast(spec, qs_smem[slot], COL) if spec.segments else None
           mask = parts.mask(spec, j * bq, k0, shape, q_seg, k_seg, transposed=True)
+        if mask is not None:
           st = jnp.where(mask, st, MASKED)
         pt = jnp.exp2(st - parts.per_col(lse, shape))  # P^T: [keys, queries]
-        if masked:
+        if mask is not None:
           pt = jnp.where(mask, pt, 0.0)
         plgpu.barrier_wait(do_bar.at[slot])
         dv = parts.mma(spec, dv, pt.astype(dtype), do_smem.at[slot])

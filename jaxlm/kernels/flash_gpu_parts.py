@@ -8,7 +8,6 @@ consumer warp groups compute on them.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +15,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxlm.kernels import masking
 from jaxlm.kernels.flash_spec import Spec
 
-LOG2E = math.log2(math.e)
 WG_ROWS = 64  # rows one warp group's wgmma owns (the M of wgmma.m64nNk16)
 COMPUTE_WGS = 2  # consumer warp groups per CTA; a third one is the TMA producer
 CTA_ROWS = COMPUTE_WGS * WG_ROWS  # query rows (forward, dq) or key rows (dK/dV) one CTA owns
@@ -117,22 +116,14 @@ def per_col(x, shape):
 
 
 def mask(spec: Spec, q0, k0, shape, q_seg=None, k_seg=None, transposed=False):
-  """[rows, cols] bool of visible pairs for query rows q0.. and key columns k0.. (swapped if transposed)."""
+  """[rows, cols] bool of visible pairs for query rows q0.. and key columns k0.. (swapped if transposed).
+
+  Padded query rows are not masked: their dO is 0 and their output is sliced off."""
   q_dim, k_dim = (1, 0) if transposed else (0, 1)
-  q_pos = q0 + iota(spec, shape, q_dim)
-  k_pos = k0 + iota(spec, shape, k_dim)
-  mask = k_pos < spec.kv_len  # padded query rows need no mask: their dO is 0 and o is sliced off
-  if spec.causal:
-    mask = mask & (k_pos <= q_pos)
-  if spec.window:
-    mask = mask & (q_pos - k_pos < spec.window)
-    if not spec.causal:
-      mask = mask & (k_pos - q_pos < spec.window)
   if q_seg is not None:
-    qs = (per_col if transposed else per_row)(q_seg, shape)
-    ks = (per_row if transposed else per_col)(k_seg, shape)
-    mask = mask & (qs == ks)
-  return mask
+    q_seg = (per_col if transposed else per_row)(q_seg, shape)
+    k_seg = (per_row if transposed else per_col)(k_seg, shape)
+  return masking.visible(spec, q0 + iota(spec, shape, q_dim), k0 + iota(spec, shape, k_dim), q_seg, k_seg)
 
 
 def full_range(spec: Spec, q_first, rows: int, lo, hi):
@@ -159,11 +150,7 @@ def full_range(spec: Spec, q_first, rows: int, lo, hi):
 
 def scores(spec: Spec, s):
   """Raw q.k [m, n] f32 -> log2-domain scores, plus tanh for the soft cap's gradient."""
-  s = s * spec.scale
-  if not spec.softcap:
-    return s * LOG2E, None
-  t = jnp.tanh(s / spec.softcap)
-  return (spec.softcap * LOG2E) * t, t
+  return masking.scores(spec, s, log2=True)
 
 
 def full_range_t(spec: Spec, k_first, rows: int, lo, hi):

@@ -9,10 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
-
-MASKED = -1e30  # score of a hidden key: finite, so m_prev - m_new never becomes inf - inf
-EMPTY_LSE = 1e30  # lse of a fully masked row: exp(s - lse) = 0 for every key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +30,14 @@ class Spec:
   gpu: bool = False  # the Mosaic GPU kernels (flash_gpu.py) instead of the TPU ones
 
 
-def kv_range(spec: Spec, qi):
-  """First and last key block that query block qi can see (traced ints, inclusive)."""
+def kv_range(spec: Spec, qi, q_offset=0):
+  """First and last key block that query block qi can see (ints or traced, inclusive; lo > hi when
+  none). Query row i is at position q_offset + i, key j at j."""
   bq, bk = spec.block_q, spec.block_k
   nk = pl.cdiv(spec.kv_len, bk)
   lo, hi = 0, nk - 1
-  q_first, q_last = qi * bq, qi * bq + bq - 1
+  q_first = q_offset + qi * bq
+  q_last = q_first + bq - 1
   if spec.causal:
     hi = jnp.minimum(hi, q_last // bk)
   elif spec.window:
@@ -47,16 +47,32 @@ def kv_range(spec: Spec, qi):
   return lo, hi
 
 
-def q_range(spec: Spec, ki):
-  """First and last query block that can see key block ki (traced ints, inclusive)."""
+def q_range(spec: Spec, ki, q_offset=0):
+  """First and last query block that can see key block ki (ints or traced, inclusive; lo > hi when
+  none); positions as in `kv_range`."""
   bq, bk = spec.block_q, spec.block_k
   nq = pl.cdiv(spec.q_len, bq)
   lo, hi = 0, nq - 1
-  k_first, k_last = ki * bk, ki * bk + bk - 1
+  k_first = ki * bk - q_offset  # key positions relative to query row 0
+  k_last = k_first + bk - 1
   if spec.causal:
-    lo = k_first // bq
+    lo = jnp.maximum(k_first, 0) // bq
   elif spec.window:
     lo = jnp.maximum(k_first - spec.window + 1, 0) // bq
   if spec.window:
     hi = jnp.minimum(hi, (k_last + spec.window - 1) // bq)
   return lo, hi
+
+
+def clamp_block(i, lo, hi, n: int):
+  """Block index i moved into [lo, hi] and then into the array's n blocks: an index_map's answer for a
+  hidden block, which then repeats a neighbour's index so the pipeline starts no DMA for it."""
+  return jnp.clip(jnp.clip(i, lo, hi), 0, n - 1)
+
+
+def visited_blocks(spec: Spec, q_offset: int = 0) -> int:
+  """How many (query block, key block) pairs a kernel with this spec computes per (batch, head):
+  the work of one call, e.g. of one sequence shard whose queries start at q_offset."""
+  qi = np.arange(pl.cdiv(spec.q_len, spec.block_q))
+  lo, hi = (np.broadcast_to(np.asarray(x), qi.shape) for x in kv_range(spec, qi, int(q_offset)))
+  return int(np.sum(np.maximum(hi - lo + 1, 0)))

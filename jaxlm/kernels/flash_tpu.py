@@ -13,10 +13,11 @@ under `pl.when(last step)`.
            blocks of every query head in the GQA group, so dK/dV of a shared KV head are summed in
            VMEM and K/V are never repeated per query head.
 
-Masking is computed from block indices (positions are 0..length-1 on both sides), so no mask
-tensor is ever read from memory. Key blocks the causal/window mask hides entirely are skipped twice:
-their compute is under `pl.when(visible)`, and their index_map is clamped to the nearest visible
-block, so the pipeline sees an unchanged block index and issues no DMA for them.
+Masking is computed from block indices (key j is at position j, query row i at q_offset + i, where
+q_offset is a scalar-prefetch operand, so it may be traced: a sequence shard's first row), so no
+mask tensor is ever read from memory. Key blocks the causal/window mask hides entirely are skipped
+twice: their compute is under `pl.when(visible)`, and their index_map is clamped to the nearest
+visible block, so the pipeline sees an unchanged block index and starts no DMA for them.
 
 Row statistics (lse, and delta = rowsum(dO * O)) are stored broadcast over 128 lanes,
 [batch, heads, length, 128], the layout Mosaic tiles without relayout; this costs
@@ -35,7 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxlm.kernels.flash_spec import EMPTY_LSE, MASKED, Spec, kv_range, q_range  # noqa: F401
+from jaxlm.kernels import masking
+from jaxlm.kernels.flash_spec import Spec, clamp_block, kv_range, q_range
+from jaxlm.kernels.masking import EMPTY_LSE, MASKED
 
 LANES = 128  # row statistics are stored broadcast over one vreg's lanes
 
@@ -43,44 +46,25 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T: contract the last dims
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b: contract the first dims
 
 
-def _mask(spec: Spec, qi, ki, q_seg, k_seg):
+def _mask(spec: Spec, q_off, qi, ki, q_seg, k_seg):
   """[block_q, block_k] bool of visible (query, key) pairs, or None when nothing is hidden."""
   shape = (spec.block_q, spec.block_k)
-  q_pos = qi * spec.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+  q_pos = q_off + qi * spec.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
   k_pos = ki * spec.block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
-  conds = []
-  if spec.kv_len % spec.block_k:  # padded keys at the tail
-    conds.append(k_pos < spec.kv_len)
-  if spec.causal:
-    conds.append(k_pos <= q_pos)
-  if spec.window:
-    conds.append(q_pos - k_pos < spec.window)
-    if not spec.causal:
-      conds.append(k_pos - q_pos < spec.window)
-  if q_seg is not None:
-    conds.append(q_seg == k_seg)  # [block_q, 1] == [1, block_k]
-  if not conds:
-    return None
-  mask = conds[0]
-  for c in conds[1:]:
-    mask = mask & c
-  return mask
+  return masking.visible(spec, q_pos, k_pos, q_seg, k_seg)  # segs: [block_q, 1], [1, block_k]
 
 
 def _scores(spec: Spec, q, k):
-  """Scaled (and soft-capped) scores [block_q, block_k] in float32, plus tanh for the capping's grad."""
-  s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * spec.scale
-  if not spec.softcap:
-    return s, None
-  t = jnp.tanh(s / spec.softcap)
-  return spec.softcap * t, t
+  """Scores [block_q, block_k] in float32, plus tanh for the capping's grad (see masking.scores)."""
+  return masking.scores(spec, lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32))
 
 
-def _split(spec: Spec, refs, n_in: int):
-  """(q_seg, k_seg or None, None) + the remaining refs."""
+def _split(spec: Spec, refs):
+  """The query offset, (q_seg, k_seg) or (None, None), then the remaining refs."""
+  q_off = refs[0][0]  # the scalar-prefetch operand, in SMEM
   if spec.segments:
-    return refs[0], refs[1], refs[2:]
-  return None, None, refs
+    return q_off, refs[1], refs[2], refs[3:]
+  return q_off, None, None, refs[1:]
 
 
 def _seg_values(q_seg_ref, k_seg_ref):
@@ -94,10 +78,10 @@ def _seg_values(q_seg_ref, k_seg_ref):
 
 
 def _fwd_kernel(*refs, spec: Spec):
-  q_seg_ref, k_seg_ref, refs = _split(spec, refs, 3)
+  q_off, q_seg_ref, k_seg_ref, refs = _split(spec, refs)
   q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
   qi, ki = pl.program_id(2), pl.program_id(3)
-  lo, hi = kv_range(spec, qi)
+  lo, hi = kv_range(spec, qi, q_off)
 
   @pl.when(ki == 0)
   def _init():
@@ -108,7 +92,7 @@ def _fwd_kernel(*refs, spec: Spec):
   @pl.when((ki >= lo) & (ki <= hi))
   def _step():
     s, _ = _scores(spec, q_ref[...], k_ref[...])
-    mask = _mask(spec, qi, ki, *_seg_values(q_seg_ref, k_seg_ref))
+    mask = _mask(spec, q_off, qi, ki, *_seg_values(q_seg_ref, k_seg_ref))
     if mask is not None:
       s = jnp.where(mask, s, MASKED)
     m_prev = m_scr[...]  # [block_q, 1]
@@ -143,20 +127,22 @@ def _seg_specs(spec: Spec, q_block, k_block):
           pl.BlockSpec((None, 1, spec.block_k), k_block)]
 
 
-def forward(spec: Spec, q, k, v, q_seg=None, k_seg=None):
-  """q: [b, h, tq, d]; k, v: [b, kvh, tk, d] (padded); segs: [b, tq, 1], [b, 1, tk] int32.
+def forward(spec: Spec, q, k, v, q_off, q_seg=None, k_seg=None):
+  """q: [b, h, tq, d]; k, v: [b, kvh, tk, d] (padded); q_off: int32 [1], the position of query row 0;
+  segs: [b, tq, 1], [b, 1, tk] int32.
 
   Returns o [b, h, tq, d] in q's dtype and lse [b, h, tq, LANES] float32.
   """
   b, h, tq, d = q.shape
   g, bq, bk = spec.groups, spec.block_q, spec.block_k
-  grid = (b, h, tq // bq, k.shape[2] // bk)
+  nk = k.shape[2] // bk
+  grid = (b, h, tq // bq, nk)
 
-  def kv_block(bi, hi, qi, ki):
-    lo, top = kv_range(spec, qi)
-    return bi, hi // g, jnp.clip(ki, lo, top), 0  # hidden blocks reuse a visible one: no DMA
+  def kv_block(bi, hi, qi, ki, off_ref):
+    lo, top = kv_range(spec, qi, off_ref[0])
+    return bi, hi // g, clamp_block(ki, lo, top, nk), 0
 
-  def q_block(bi, hi, qi, ki):
+  def q_block(bi, hi, qi, ki, off_ref):
     return bi, hi, qi, 0
 
   in_specs = [pl.BlockSpec((None, None, bq, d), q_block),
@@ -164,33 +150,36 @@ def forward(spec: Spec, q, k, v, q_seg=None, k_seg=None):
               pl.BlockSpec((None, None, bk, d), kv_block)]
   args = [q, k, v]
   if spec.segments:
-    in_specs = _seg_specs(spec, lambda bi, hi, qi, ki: (bi, qi, 0),
-                          lambda bi, hi, qi, ki: (bi, 0, kv_block(bi, hi, qi, ki)[2])) + in_specs
+    in_specs = _seg_specs(spec, lambda bi, hi, qi, ki, off: (bi, qi, 0),
+                          lambda *idx: (idx[0], 0, kv_block(*idx)[2])) + in_specs
     args = [q_seg, k_seg] + args
-  return pl.pallas_call(
-      lambda *r: _fwd_kernel(*r, spec=spec),
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
       grid=grid,
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, bq, d), q_block),
                  pl.BlockSpec((None, None, bq, LANES), q_block)],
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, d), jnp.float32)])
+  return pl.pallas_call(
+      lambda *r: _fwd_kernel(*r, spec=spec),
+      grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tq, LANES), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                      pltpu.VMEM((bq, d), jnp.float32)],
       compiler_params=_params(spec.interpret),
       interpret=spec.interpret,
       name="flash_fwd",
-  )(*args)
+  )(q_off, *args)
 
 
 # ---------------------------------------------------------------------------------------------
 # backward: probabilities are recomputed from lse; ds = p * (dp - delta)
 
 
-def _grad_scores(spec: Spec, qi, ki, q, k, v, do, lse, delta, q_seg, k_seg):
+def _grad_scores(spec: Spec, q_off, qi, ki, q, k, v, do, lse, delta, q_seg, k_seg):
   """p [bq, bk] (input dtype ready) and ds [bq, bk] float32 (w.r.t. the unscaled q.k)."""
   s, t = _scores(spec, q, k)
-  mask = _mask(spec, qi, ki, q_seg, k_seg)
+  mask = _mask(spec, q_off, qi, ki, q_seg, k_seg)
   if mask is not None:
     s = jnp.where(mask, s, MASKED)
   p = jnp.exp(s - lse)
@@ -204,10 +193,10 @@ def _grad_scores(spec: Spec, qi, ki, q, k, v, do, lse, delta, q_seg, k_seg):
 
 
 def _dq_kernel(*refs, spec: Spec):
-  q_seg_ref, k_seg_ref, refs = _split(spec, refs, 6)
+  q_off, q_seg_ref, k_seg_ref, refs = _split(spec, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr = refs
   qi, ki = pl.program_id(2), pl.program_id(3)
-  lo, hi = kv_range(spec, qi)
+  lo, hi = kv_range(spec, qi, q_off)
 
   @pl.when(ki == 0)
   def _init():
@@ -216,7 +205,7 @@ def _dq_kernel(*refs, spec: Spec):
   @pl.when((ki >= lo) & (ki <= hi))
   def _step():
     k = k_ref[...]
-    _, ds = _grad_scores(spec, qi, ki, q_ref[...], k, v_ref[...], do_ref[...],
+    _, ds = _grad_scores(spec, q_off, qi, ki, q_ref[...], k, v_ref[...], do_ref[...],
                          lse_ref[...][:, :1], delta_ref[...][:, :1], *_seg_values(q_seg_ref, k_seg_ref))
     dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
@@ -226,11 +215,11 @@ def _dq_kernel(*refs, spec: Spec):
 
 
 def _dkv_kernel(*refs, spec: Spec, nq: int):
-  q_seg_ref, k_seg_ref, refs = _split(spec, refs, 6)
+  q_off, q_seg_ref, k_seg_ref, refs = _split(spec, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr = refs
   ki, j = pl.program_id(2), pl.program_id(3)
   qi = j % nq
-  lo, hi = q_range(spec, ki)
+  lo, hi = q_range(spec, ki, q_off)
 
   @pl.when(j == 0)
   def _init():
@@ -240,7 +229,7 @@ def _dkv_kernel(*refs, spec: Spec, nq: int):
   @pl.when((qi >= lo) & (qi <= hi))
   def _step():
     q, do = q_ref[...], do_ref[...]
-    p, ds = _grad_scores(spec, qi, ki, q, k_ref[...], v_ref[...], do,
+    p, ds = _grad_scores(spec, q_off, qi, ki, q, k_ref[...], v_ref[...], do,
                          lse_ref[...][:, :1], delta_ref[...][:, :1], *_seg_values(q_seg_ref, k_seg_ref))
     dv_scr[...] += lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
     dk_scr[...] += lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
@@ -251,7 +240,7 @@ def _dkv_kernel(*refs, spec: Spec, nq: int):
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def backward(spec: Spec, q, k, v, o, lse, do, q_seg=None, k_seg=None):
+def backward(spec: Spec, q, k, v, o, lse, do, q_off, q_seg=None, k_seg=None):
   """Gradients (dq, dk, dv) of the padded, head-major forward; shapes as in `forward`."""
   b, h, tq, d = q.shape
   kvh, tk = k.shape[1], k.shape[2]
@@ -262,11 +251,11 @@ def backward(spec: Spec, q, k, v, o, lse, do, q_seg=None, k_seg=None):
   seg_args = [q_seg, k_seg] if spec.segments else []
 
   # dq: grid (b, h, nq, nk), the reduction over key blocks
-  def kv_block(bi, hi, qi, ki):
-    lo, top = kv_range(spec, qi)
-    return bi, hi // g, jnp.clip(ki, lo, top), 0
+  def kv_block(bi, hi, qi, ki, off_ref):
+    lo, top = kv_range(spec, qi, off_ref[0])
+    return bi, hi // g, clamp_block(ki, lo, top, nk), 0
 
-  def q_block(bi, hi, qi, ki):
+  def q_block(bi, hi, qi, ki, off_ref):
     return bi, hi, qi, 0
 
   in_specs = [pl.BlockSpec((None, None, bq, d), q_block),
@@ -276,26 +265,26 @@ def backward(spec: Spec, q, k, v, o, lse, do, q_seg=None, k_seg=None):
               pl.BlockSpec((None, None, bq, LANES), q_block),
               pl.BlockSpec((None, None, bq, LANES), q_block)]
   if spec.segments:
-    in_specs = _seg_specs(spec, lambda bi, hi, qi, ki: (bi, qi, 0),
-                          lambda bi, hi, qi, ki: (bi, 0, kv_block(bi, hi, qi, ki)[2])) + in_specs
+    in_specs = _seg_specs(spec, lambda bi, hi, qi, ki, off: (bi, qi, 0),
+                          lambda *idx: (idx[0], 0, kv_block(*idx)[2])) + in_specs
   dq = pl.pallas_call(
       lambda *r: _dq_kernel(*r, spec=spec),
-      grid=(b, h, nq, nk),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, bq, d), q_block),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(b, h, nq, nk), in_specs=in_specs,
+          out_specs=pl.BlockSpec((None, None, bq, d), q_block),
+          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
       compiler_params=_params(spec.interpret),
       interpret=spec.interpret,
       name="flash_dq",
-  )(*seg_args, q, k, v, do, lse, delta)
+  )(q_off, *seg_args, q, k, v, do, lse, delta)
 
   # dk, dv: grid (b, kvh, nk, g * nq); step j visits query head kh * g + j // nq, block j % nq
-  def qside(bi, kh, ki, j):
-    lo, top = q_range(spec, ki)
-    return bi, kh * g + j // nq, jnp.clip(j % nq, lo, top), 0
+  def qside(bi, kh, ki, j, off_ref):
+    lo, top = q_range(spec, ki, off_ref[0])
+    return bi, kh * g + j // nq, clamp_block(j % nq, lo, top, nq), 0
 
-  def kside(bi, kh, ki, j):
+  def kside(bi, kh, ki, j, off_ref):
     return bi, kh, ki, 0
 
   in_specs = [pl.BlockSpec((None, None, bq, d), qside),
@@ -305,17 +294,17 @@ def backward(spec: Spec, q, k, v, o, lse, do, q_seg=None, k_seg=None):
               pl.BlockSpec((None, None, bq, LANES), qside),
               pl.BlockSpec((None, None, bq, LANES), qside)]
   if spec.segments:
-    in_specs = _seg_specs(spec, lambda bi, kh, ki, j: (bi, qside(bi, kh, ki, j)[2], 0),
-                          lambda bi, kh, ki, j: (bi, 0, ki)) + in_specs
+    in_specs = _seg_specs(spec, lambda *idx: (idx[0], qside(*idx)[2], 0),
+                          lambda bi, kh, ki, j, off: (bi, 0, ki)) + in_specs
   dk, dv = pl.pallas_call(
       lambda *r: _dkv_kernel(*r, spec=spec, nq=nq),
-      grid=(b, kvh, nk, g * nq),
-      in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bk, d), kside), pl.BlockSpec((None, None, bk, d), kside)],
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(b, kvh, nk, g * nq), in_specs=in_specs,
+          out_specs=[pl.BlockSpec((None, None, bk, d), kside), pl.BlockSpec((None, None, bk, d), kside)],
+          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
       compiler_params=_params(spec.interpret),
       interpret=spec.interpret,
       name="flash_dkv",
-  )(*seg_args, q, k, v, do, lse, delta)
+  )(q_off, *seg_args, q, k, v, do, lse, delta)
   return dq, dk, dv

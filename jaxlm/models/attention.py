@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.kernels.flash_spec import MASKED  # finite: a row with every key masked gets uniform weights, never NaN
+from jaxlm.kernels.masking import MASKED  # finite: a row with every key masked gets uniform weights, never NaN
 from jaxlm.models import attention_kernels, rope
 from jaxlm.models.compute import Compute
 from jaxlm.models.layers import Norm, dense, param

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from jaxlm.kernels.flash_spec import MASKED
+from jaxlm.kernels.masking import MASKED
 from jaxlm.models.attention import Attention
 from jaxlm.models.compute import Compute
 from jaxlm.models.layers import MLP, Norm, dense, param
