@@ -1,16 +1,20 @@
-"""`python -m jaxlm.generate --workdir=runs/x [--prompt=...] [--max_new_tokens=...] [--temperature=...]
-[--top_k=...] [--top_p=...] [--min_p=...] [--seed=...]`
+"""`python -m jaxlm.generate --workdir=runs/x [--step=...] [--prompt=...] [--max_new_tokens=...]
+[--temperature=...] [--top_k=...] [--top_p=...] [--min_p=...] [--seed=...]`
 
-Samples from the latest checkpoint of a training run. Sampling defaults come from the run's saved
+Samples from a checkpoint of a training run (the latest by default), reading only its parameters
+onto the default device (jaxlm.runs.load_params). Sampling defaults come from the run's saved
 config (its `sample` section); any flag given overrides them, so a run reproduces its end-of-training
 sample with no flags and can be explored without editing files.
 """
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "train.workdir of a jaxlm run (holds checkpoints).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to sample from; default: the latest.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue; default: the run's sample.prompt.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate; default: sample.max_new_tokens.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "0: greedy; default: sample.temperature.")
@@ -41,13 +45,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep checkpoint-library INFO lines off the terminal
   import jax  # heavy imports after flag parsing, so --help stays fast
 
-  from jaxlm.inference.generate import generate_text
-  from jaxlm.train.checkpoint import load_for_inference
+  from jaxlm import runs
+  from jaxlm.inference.decode import generate_text
 
-  model, tokenizer, config = load_for_inference(_WORKDIR.value)
-  sample_cfg = sample_settings(config.sample)
   try:
-    text = generate_text(model, tokenizer, sample_cfg.prompt, sample_cfg, jax.random.key(_SEED.value))
+    run = runs.load_params(_WORKDIR.value, _STEP.value)
+  except runs.CheckpointError as e:  # the message names the fix; a trace would bury it
+    sys.exit(f"jaxlm: {e}")
+  sample_cfg = sample_settings(run.config.sample)
+  try:
+    text = generate_text((run.graphdef, run.params), run.tokenizer, sample_cfg.prompt, sample_cfg,
+                         jax.random.key(_SEED.value))
   except ValueError as e:  # bad sampling setting or too long a generation: the message says which
     raise app.UsageError(str(e)) from e
   print(f"{sample_cfg.prompt}{text}")

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxlm.config import base_config
-from jaxlm.inference.generate import check_length, generate, generate_text, output_lengths
+from jaxlm.inference.decode import check_length, generate, generate_text, output_lengths
 from jaxlm.inference.sampling import filter_logits, sample_token
 from jaxlm.models import build_model
 
@@ -178,20 +178,21 @@ def test_generate_text_returns_continuation_up_to_eos(model):
 def test_cli_flags_override_the_saved_sample_config(model, monkeypatch, capsys):
   """`python -m jaxlm.generate`: flags given replace the run's sample settings, others are kept.
 
-  load_for_inference is replaced by the tiny model, so this checks the CLI, not checkpointing.
+  load_params is replaced by the tiny model, so this checks the CLI, not checkpoints (see
+  tests/test_load_params.py for the CLI on real run directories).
   """
   from absl import flags
   from absl.testing import flagsaver
 
   import jaxlm.generate as cli
-  import jaxlm.train.checkpoint as checkpoint
+  from jaxlm import runs
 
   graphdef, params = model
   config = base_config()
   config.sample.prompt, config.sample.temperature, config.sample.max_new_tokens = "z", 0.0, N_NEW
   tok = _ToyTokenizer(None)
-  monkeypatch.setattr(checkpoint, "load_for_inference",
-                      lambda workdir: (nnx.merge(graphdef, params), tok, config))
+  monkeypatch.setattr(runs, "load_params",
+                      lambda workdir, step: runs.LoadedParams(graphdef, params, config, tok, step))
   with flagsaver.flagsaver():
     flags.FLAGS(["generate", "--workdir=unused", f"--temperature={SAMPLE_T}", "--prompt=wxyz",
                  "--seed=3"])

@@ -23,7 +23,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   from flax import nnx
 
-  from jaxlm.inference.generate import generate_text
+  from jaxlm.inference.decode import generate_text
   from jaxlm.train.loop import train
 
   from jaxlm.train.checkpoint import CheckpointError

@@ -1,34 +1,25 @@
 """Checkpoints with orbax: train state (params, optimizer state, step, RNG) plus the data iterator.
 
-Layout of a workdir:
-  config.json        the full config the run was started with
-  tokenizer.model    a copy of the SentencePiece model, so the run is self-contained
-  checkpoints/<step>/{state,data}   orbax CheckpointManager items (async, keep-N)
+They live in checkpoints/<step>/{state,data} of the run directory (see jaxlm/runs.py, which also
+reads a run's parameters back for inference), as orbax CheckpointManager items (async, keep-N).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from jaxlm.config import from_saved
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing or unreadable; the message says what to do."""
+# CheckpointError and write_run_files are re-exported: the loop and the CLI import them from here.
+from jaxlm.runs import CheckpointError, checkpoint_dir, write_run_files  # noqa: F401
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, ckpt_cfg):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -70,40 +61,3 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
-
-
-def write_run_files(workdir: str, config, tokenizer_path: str):
-  """Saves what a later process needs to rebuild the model: the config and the tokenizer."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  target = os.path.join(workdir, "tokenizer.model")
-  if os.path.abspath(tokenizer_path) != os.path.abspath(target):
-    shutil.copyfile(tokenizer_path, target)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise CheckpointError(f"{path} not found: is {workdir} the train.workdir of a jaxlm run?")
-  with open(path) as f:
-    return from_saved(json.load(f))
-
-
-def load_for_inference(workdir: str):
-  """Returns (model at the latest checkpoint, tokenizer, config) for a finished or running run."""
-  from jaxlm.data.tokenizer import load_tokenizer
-  from jaxlm.models import build_model
-  from jaxlm.train.optimizer import make_optimizer
-  from jaxlm.train.step import init_state
-
-  config = read_config(workdir)
-  tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
-  abstract_model = nnx.eval_shape(lambda: build_model(config))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  template = jax.eval_shape(
-      lambda p: init_state(p, make_optimizer(config.train), 0), abstract_params)
-  checkpointer = Checkpointer(workdir, config.checkpoint)
-  state = checkpointer.restore(template)
-  checkpointer.close()
-  return nnx.merge(graphdef, state.params), tokenizer, config

@@ -1,0 +1,126 @@
+"""A run directory (a run's train.workdir): what training writes and what inference reads back.
+
+Layout:
+  config.json        the full config the run was started with (model.vocab_size filled in)
+  tokenizer.model    a copy of the SentencePiece model, so the run is self-contained
+  checkpoints/<step>/{state,data}   orbax CheckpointManager items, written by jaxlm/train/checkpoint.py;
+                     "state" is the whole TrainState (step, params, opt_state, rng)
+
+Nothing here imports jaxlm.train, so sampling from a run needs neither the optimizer nor the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxlm.config import from_saved, parse_rules, with_vocab_size
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.models import build_model
+from jaxlm.parallel.mesh import platform
+from jaxlm.parallel.sharding import tree_shardings
+
+
+class CheckpointError(RuntimeError):
+  """A run directory or checkpoint is missing or unreadable; the message says what to do."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def write_run_files(workdir: str, config, tokenizer_path: str):
+  """Saves what a later process needs to rebuild the model: the config and the tokenizer."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  target = os.path.join(workdir, "tokenizer.model")
+  if os.path.abspath(tokenizer_path) != os.path.abspath(target):
+    shutil.copyfile(tokenizer_path, target)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config.json as today's config tree (a run written by an older jaxlm migrates)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} not found: is {workdir} the train.workdir of a jaxlm run?")
+  with open(path) as f:
+    return from_saved(json.load(f))
+
+
+def read_tokenizer(workdir: str) -> Tokenizer:
+  path = os.path.join(workdir, "tokenizer.model")
+  if not os.path.isfile(path):
+    raise CheckpointError(
+        f"{path} not found: a run keeps a copy of its tokenizer there; copy the tokenizer.model the "
+        "run trained with (its tokenizer.path, or the one in tokenizer.cache_dir) into the run directory")
+  return load_tokenizer(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedParams:
+  """A run's parameters at one checkpoint, with what it takes to run them."""
+  graphdef: nnx.GraphDef  # the model's structure; nnx.merge(graphdef, params) is the model
+  params: nnx.State  # the nnx.Param state, every array already in its target sharding
+  config: ml_collections.ConfigDict  # the run's config.json, migrated to today's tree
+  tokenizer: Tokenizer
+  step: int  # the checkpoint's step
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.params)
+
+
+def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> LoadedParams:
+  """Restores only the parameters of a run's checkpoint (the latest by default).
+
+  Each array is read straight into its shards: on `mesh` (from jaxlm.parallel.mesh.make_mesh, any
+  shape) with the sharding the run's rules table gives it, or whole on the first local device when
+  mesh is None. The optimizer state in the same checkpoint is never read. Raises CheckpointError
+  naming the fix when the run directory or the checkpoint is missing or unreadable.
+  """
+  config = read_config(workdir)
+  tokenizer = read_tokenizer(workdir)
+  config = with_vocab_size(config, tokenizer.vocab_size)
+  abstract = nnx.eval_shape(
+      lambda: build_model(config, platform=platform(mesh) if mesh else jax.default_backend()))
+  graphdef, shapes = nnx.split(abstract, nnx.Param)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  else:
+    shardings = tree_shardings(shapes, mesh, parse_rules(config.mesh.rules))
+  target = {"params": jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes, shardings)}
+
+  directory = checkpoint_dir(workdir)
+  # Not read_only=True: it only adds warnings to the terminal; this manager never saves or deletes.
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    saved = list(manager.all_steps())
+    step = max(saved, default=None) if step is None else step
+    if step not in saved:
+      raise CheckpointError(
+          f"no checkpoint {'' if step is None else f'of step {step} '}in {directory} (saved steps: "
+          f"{sorted(saved)}); train the run until it saves one, or pick a saved step")
+    # partial_restore reads the subtree `target` names ("params") and skips the rest of the state.
+    state = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=state))
+    except Exception as e:  # orbax raises many types for truncated or foreign files
+      raise CheckpointError(
+          f"checkpoint {os.path.join(directory, str(step))} could not be read ({type(e).__name__}: "
+          f"{str(e)[:300]}). If config.json was edited since the run saved it, put the run's model "
+          "and compute fields back; if the files are damaged, delete that step's folder (or pick "
+          f"another of the saved steps {sorted(saved)})") from e
+  finally:
+    manager.close()
+  return LoadedParams(graphdef, restored["state"]["params"], config, tokenizer, step)
