@@ -10,9 +10,7 @@
 * Missing or damaged run directories and checkpoints fail with a CheckpointError naming the fix.
 * A ~100M-parameter run trained on an fsdp mesh: a fresh `jaxlm.generate` process reads from disk
   about the parameters' bytes (the checkpoint holds 3x that: Adam's two moments beside them), keeps
-  peak RSS growth under 3x them (what the parameters and moments alone would take), and samples.
-  Measured on CPU: growth 1.6x-2.3x (orbax's read buffers are not handed back to the OS at once);
-  restoring the whole train state instead: 4.4x.
+  peak RSS growth while loading under 2x them, and samples.
 """
 
 import json
@@ -168,7 +166,7 @@ def test_a_100m_parameter_run_loads_without_its_optimizer_state(tmp_path):
         f"{loaded['rss_growth'] / 2**20:.1f} MiB = {ratio:.2f}x the parameters")
   assert (loaded["leaves"], loaded["bytes"]) == (len(params), param_bytes)  # parameters, nothing else
   assert loaded["read"] < 1.2 * param_bytes  # (compressed) parameters only: the rest stayed on disk
-  assert ratio < 3
+  assert ratio < 2
   assert out.stdout.startswith(c.sample.prompt) and len(out.stdout.rstrip("\n")) > len(c.sample.prompt)
 
 
