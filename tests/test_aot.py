@@ -61,6 +61,7 @@ def test_mesh_larger_than_the_slice_names_the_fix():
     plan(c, tpu_devices("v5p:2x2x1"))
 
 
+@pytest.mark.fast
 def test_sweep_order_is_cheapest_first():
   tried = list(candidates(tiny(), 8))
   assert tried[0] == ("none", dict(data=1, stage=1, fsdp=8, sequence=1, tensor=1))

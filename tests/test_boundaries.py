@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.fast
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREES = ("jaxlm", "tests", "benchmarks", "launch", "configs")

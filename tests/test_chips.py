@@ -6,6 +6,8 @@ import pytest
 
 from jaxlm import chips
 
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
+
 
 def test_every_chip_has_both_figures_in_plausible_units():
   for name, c in chips.CHIPS.items():

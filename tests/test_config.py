@@ -11,6 +11,8 @@ from jaxlm import presets
 from jaxlm.config import (ConfigError, base_config, check_overrides, from_saved, validate,
                           with_vocab_size)
 
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -14,6 +14,8 @@ from jaxlm.data import sources
 from jaxlm.data.pipeline import FEATURES, eval_batches, make_train_iterator, packed_rows
 from jaxlm.data.tokenizer import train_tokenizer
 
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
+
 SEQ_LEN, BATCH = 32, 8
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 # Words per training document: longer and shorter than a row, one single word, one empty file.

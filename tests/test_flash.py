@@ -150,6 +150,7 @@ def test_fully_masked_rows_are_zero_and_finite():
     np.testing.assert_array_equal(np.asarray(x), 0.0)
 
 
+@pytest.mark.fast
 def test_bad_arguments_are_clear_errors():
   q = jnp.ones((1, 8, 3, 64))
   with pytest.raises(ValueError, match="multiple of kv_heads"):
@@ -168,6 +169,7 @@ def test_bad_arguments_are_clear_errors():
     flash_attention(q, q, q, q_offset=8, backend="gpu_interpret")
 
 
+@pytest.mark.fast
 def test_backend_comes_from_the_caller_or_the_default_backend_only():
   assert [backend_for_platform(p) for p in ("tpu", "cpu", "gpu")] == ["tpu", "interpret", "gpu"]
   assert resolve_backend("auto") == backend_for_platform(jax.default_backend())
@@ -175,6 +177,7 @@ def test_backend_comes_from_the_caller_or_the_default_backend_only():
     backend_for_platform("metal")
 
 
+@pytest.mark.fast
 def test_kernels_import_nothing_from_the_model_parallel_or_train_layers():
   code = ("import sys, jaxlm.kernels, jaxlm.kernels.splash; "
           "print(sorted(m for m in sys.modules if m.startswith(('jaxlm.models', 'jaxlm.parallel', 'jaxlm.train'))))")
@@ -277,6 +280,7 @@ def test_traced_q_offset_under_jit_and_in_a_sequence_sharded_shard_map():
 @pytest.mark.parametrize("causal,window,q_len,kv_len,block_q,block_k,offset", [
     (True, 0, 32, 128, 8, 16, 96), (True, 24, 20, 128, 8, 8, 40), (False, 24, 20, 100, 16, 8, 50),
     (False, 0, 20, 100, 16, 8, 30), (True, 5, 16, 64, 8, 8, 100)])
+@pytest.mark.fast
 def test_attention_work_counts_exactly_the_blocks_with_a_visible_pair(causal, window, q_len, kv_len,
                                                                      block_q, block_k, offset):
   """Brute force over positions: a (query block, key block) pair is visited iff some query row of
@@ -297,6 +301,7 @@ def test_attention_work_counts_exactly_the_blocks_with_a_visible_pair(causal, wi
   assert work == expected
 
 
+@pytest.mark.fast
 def test_attention_work_of_four_causal_shards_adds_up_to_the_whole_row():
   kw = dict(causal=True, block_q=64, block_k=64, backend="interpret")
   t = 1024
@@ -342,6 +347,7 @@ def test_splash_backward_compiled_ahead_of_time_takes_just_its_arguments():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(compiled(q, q, q)))
 
 
+@pytest.mark.fast
 def test_splash_rejects_blocks_that_do_not_tile_the_sequence():
   q = jnp.ones((1, 200, 2, 64))
   with pytest.raises(ValueError, match="multiple of 128 that divides the sequence length 200"):

@@ -26,6 +26,7 @@ def model_config(**fields):
   return m
 
 
+@pytest.mark.fast
 def test_hand_count_of_a_small_config():
   m = model_config(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
   # head_dim 16. Per layer: q 64x64 = 4,096, k and v 64x32 = 2,048 each, o 64x64 = 4,096: 12,288;
@@ -40,6 +41,7 @@ def test_hand_count_of_a_small_config():
   assert flops.train_flops_per_token(m, 64, causal=False) == 737_280
 
 
+@pytest.mark.fast
 def test_sliding_window_counts_the_keys_in_the_window():
   m = model_config(sliding_window=4096)
   assert flops.attention_context(m, 4096) == 2048  # the window hides nothing: causal half
@@ -78,6 +80,7 @@ def test_matches_xla_cost_analysis_within_10_percent():
   assert abs(xla_per_token / ours - 1) < 0.10, (xla_per_token, ours)
 
 
+@pytest.mark.fast
 def test_peak_is_the_override_else_the_chip_table_else_a_cpu_measurement(monkeypatch):
   assert flops.peak_tflops_per_device(123.0) == 123.0
   if jax.devices()[0].platform == "cpu":

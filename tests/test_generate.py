@@ -19,6 +19,8 @@ from jaxlm.inference.decode import check_length, generate, generate_text, output
 from jaxlm.inference.sampling import filter_logits, sample_token
 from jaxlm.models import build_model
 
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
+
 VOCAB = 64
 PROMPT_LEN, TOTAL_LEN = 5, 14
 

@@ -17,6 +17,8 @@ from jaxlm.train import distributed  # noqa: E402
 from launch import slurm, tpu_vm  # noqa: E402
 from launch.common import LaunchError, Result  # noqa: E402
 
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
+
 
 @pytest.fixture(autouse=True)
 def at_repository_root(monkeypatch):

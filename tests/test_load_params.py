@@ -55,6 +55,7 @@ def generate_cli(workdir, *flags):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.fast
 def test_run_from_before_the_compute_split_loads_its_saved_parameters(old_run):
   run = load_params(old_run)
   assert run.step == 2
@@ -85,6 +86,7 @@ def test_cli_samples_from_a_run_from_before_the_compute_split(old_run):
   assert out.stdout.startswith("ROMEO:") and len(out.stdout.rstrip("\n")) > len("ROMEO:"), out.stdout
 
 
+@pytest.mark.fast
 def test_missing_or_damaged_runs_name_the_fix(old_run, tmp_path):
   with pytest.raises(CheckpointError, match=r"no checkpoint of step 5 .*saved steps: \[2\].*pick a saved"):
     load_params(old_run, step=5)
@@ -170,6 +172,7 @@ def test_a_100m_parameter_run_loads_without_its_optimizer_state(tmp_path):
   assert out.stdout.startswith(c.sample.prompt) and len(out.stdout.rstrip("\n")) > len(c.sample.prompt)
 
 
+@pytest.mark.fast
 def test_inference_imports_nothing_from_train():
   """Sampling a run must not need the optimizer or the loop (nor their dependencies)."""
   code = ("import sys, jaxlm.runs, jaxlm.inference.decode, jaxlm.inference.sampling, jaxlm.generate; "

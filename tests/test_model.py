@@ -35,6 +35,7 @@ def build(seed=0, **overrides):
   return Transformer(tiny(**overrides), nnx.Rngs(seed), Compute(**compute))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("scaling", ["none", "linear", "llama3", "yarn"])
 def test_rope_scores_depend_only_on_relative_offset(scaling):
   cfg = tiny(rope_scaling=scaling, rope_scaling_factor=4.0, rope_original_max_len=16)
@@ -53,6 +54,7 @@ def test_rope_scores_depend_only_on_relative_offset(scaling):
   assert abs(score(7, 0) - score(0, 0)) > 1e-3  # and position does matter
 
 
+@pytest.mark.fast
 def test_rope_scalings_change_low_frequencies_only_where_documented():
   base_inv, _ = rope.inverse_frequencies(tiny(), 64)
   lin, _ = rope.inverse_frequencies(tiny(rope_scaling="linear", rope_scaling_factor=8.0), 64)
@@ -72,6 +74,7 @@ def model():
   return build()
 
 
+@pytest.mark.fast
 def test_causal_mask_future_tokens_do_not_change_past_logits(model):
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
   changed = tokens.at[:, 10:].set((tokens[:, 10:] + 1) % 97)
@@ -80,6 +83,7 @@ def test_causal_mask_future_tokens_do_not_change_past_logits(model):
   assert not np.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
 
 
+@pytest.mark.fast
 def test_segment_mask_isolates_packed_documents(model):
   tokens = jax.random.randint(jax.random.key(3), (1, 16), 0, 97)
   segments = jnp.array([[1] * 6 + [2] * 10])
@@ -94,6 +98,7 @@ def test_segment_mask_isolates_packed_documents(model):
   np.testing.assert_allclose(a[:, 6:], alone, atol=1e-5)
 
 
+@pytest.mark.fast
 def test_sliding_window_limits_what_a_query_sees():
   m = build(sliding_window=4, num_layers=1)
   tokens = jax.random.randint(jax.random.key(4), (1, 16), 0, 97)
@@ -103,6 +108,7 @@ def test_sliding_window_limits_what_a_query_sees():
   assert not np.allclose(a[:, 3:7], b[:, 3:7], atol=1e-4)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("scan", [True, False])
 def test_gqa_equals_mha_with_repeated_kv_heads(scan):
   gqa = build(num_kv_heads=2, scan_layers=scan)
@@ -132,6 +138,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads(scan):
   np.testing.assert_allclose(gqa(tokens), mha(tokens), atol=1e-5)
 
 
+@pytest.mark.fast
 def test_scan_and_unrolled_layers_agree():
   scanned = build(scan_layers=True)
   unrolled = build(scan_layers=False)
@@ -164,6 +171,7 @@ def test_variants_run_and_keep_float32_params(overrides):
     assert float(jnp.abs(logits).max()) <= 10.0
 
 
+@pytest.mark.fast
 def test_every_parameter_has_logical_axes_for_each_dimension(model):
   state = nnx.state(model, nnx.Param)
   names = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", None}
@@ -193,6 +201,7 @@ def test_blocked_attention_equals_the_reference(blocks, window, seq):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("transpose_w,x_dtype", [(False, jnp.float32), (True, jnp.float32), (False, jnp.bfloat16)])
 def test_bf16_matmul_matches_float32_in_value_and_gradient(transpose_w, x_dtype):
   x = jax.random.normal(jax.random.key(8), (3, 32, 64)).astype(x_dtype)
@@ -214,6 +223,7 @@ def test_bf16_matmul_matches_float32_in_value_and_gradient(transpose_w, x_dtype)
     assert 0 < scale(got.astype(jnp.float32) - want) <= 3e-2 * scale(want)  # bf16 operands: close, not equal
 
 
+@pytest.mark.fast
 def test_padded_vocabulary_rows_are_never_predicted():
   plain = build()
   padded = build(vocab_multiple=64)  # 97 ids -> 128 embedding rows

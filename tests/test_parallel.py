@@ -198,6 +198,7 @@ def _check_state_memory(name, got):
     (dict(data=1, fsdp=4, sequence=2), {}, {}, None),  # fits
     (dict(data=4, sequence=2), dict(max_seq_len=24), {}, None),
 ])
+@pytest.mark.fast
 def test_mesh_errors_name_the_axis_and_the_fix(mesh, model, train, message):
   c = tiny_config()
   c.mesh.update(**mesh)
@@ -211,6 +212,7 @@ def test_mesh_errors_name_the_axis_and_the_fix(mesh, model, train, message):
       make_setup(c)
 
 
+@pytest.mark.fast
 def test_sequence_and_stage_errors():
   c = tiny_config(data=4, sequence=2)
   c.data.seq_len = 15
@@ -223,6 +225,7 @@ def test_sequence_and_stage_errors():
     resolve_mesh(c, 8)
 
 
+@pytest.mark.fast
 def test_dcn_sizes_multiply_with_in_slice_sizes():
   c = tiny_config(data=2, fsdp=2)  # dcn_data is -1 by default
   ici, dcn = resolve_mesh(c, 8, num_slices=2)
@@ -240,6 +243,7 @@ def test_dcn_sizes_multiply_with_in_slice_sizes():
     ("rules", "batch:data+model", r"'mesh.rules': 'batch' maps to 'model', not a mesh axis"),
     ("rules", "batch:data, batch:fsdp", r"'batch' is listed twice"),
 ])
+@pytest.mark.fast
 def test_bad_mesh_fields_fail_validation(field, value, message):
   c = tiny_config()
   c.mesh[field] = value
@@ -247,6 +251,7 @@ def test_bad_mesh_fields_fail_validation(field, value, message):
     validate(c)
 
 
+@pytest.mark.fast
 def test_default_rules_parse():
   rules = dict(parse_rules(base_config().mesh.rules))
   assert rules["batch"] == ("data", "fsdp") and rules["embed"] == ("fsdp",)

@@ -38,6 +38,7 @@ def test_gpipe_equals_the_sequential_stack_in_value_and_gradient(stages, microba
     assert rel_err(got, want) <= 1e-6  # micro-batches sum the weight gradient in another order
 
 
+@pytest.mark.fast
 def test_bubble_fraction_on_paper():
   assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
   assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
@@ -85,6 +86,7 @@ def test_pipelined_layout_matches_single_device(reference, name):
   assert len({s.device for s in q.addressable_shards}) == 8
 
 
+@pytest.mark.fast
 def test_pipeline_config_errors():
   c = pipe_config(stage=2, data=4)
   c.compute.scan_layers = False

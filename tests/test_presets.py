@@ -9,7 +9,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxlm import presets
-from jaxlm.config import base_config, with_vocab_size, check_overrides, validate
+from jaxlm.config import base_config, check_overrides, validate, with_vocab_size
+
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE_PRESETS = ["gpt2_small", "llama_350m", "llama_1b", "llama3_8b", "llama3_70b", "llama3_405b",

@@ -60,6 +60,7 @@ def test_each_shard_computes_a_quarter_of_the_attention_and_training_matches_one
   assert per_shard == [whole // SHARDS] * SHARDS  # balanced: each shard exactly a quarter
 
 
+@pytest.mark.fast
 def test_balanced_order_gives_each_shard_an_early_and_a_late_chunk():
   order = sequence.balanced_order(16, 4)  # chunks of 2
   np.testing.assert_array_equal(order, [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9])

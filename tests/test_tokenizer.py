@@ -12,6 +12,8 @@ from jaxlm.config import ConfigError, base_config, with_vocab_size
 from jaxlm.data import sources
 from jaxlm.data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer, train_tokenizer
 
+pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
+
 VOCAB = 400
 SAMPLES = [
     "naïve café — 東京 😀",

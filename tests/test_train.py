@@ -73,6 +73,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kind", ["cosine", "linear", "wsd", "constant"])
 def test_schedules_warm_up_then_follow_their_shape(kind):
   t = base_config().train
@@ -86,6 +87,7 @@ def test_schedules_warm_up_then_follow_their_shape(kind):
     assert float(lr(79)) == pytest.approx(1.0)  # stable until the last 20%
 
 
+@pytest.mark.fast
 def test_weight_decay_skips_norms_biases_and_embeddings():
   c = small_config()
   c.model.update(attention_bias=True, tie_embeddings=False)
