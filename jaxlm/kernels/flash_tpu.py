@@ -240,6 +240,18 @@ def _dkv_kernel(*refs, spec: Spec, nq: int):
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
+def _backward_in_specs(spec: Spec, d: int, q_map, kv_map):
+  """BlockSpecs of both backward kernels' inputs q, k, v, do, lse, delta: query-side blocks by
+  q_map, key-side by kv_map (the two kernels walk their grids differently)."""
+  def query_side(cols):
+    return pl.BlockSpec((None, None, spec.block_q, cols), q_map)
+
+  def key_side():
+    return pl.BlockSpec((None, None, spec.block_k, d), kv_map)
+
+  return [query_side(d), key_side(), key_side(), query_side(d), query_side(LANES), query_side(LANES)]
+
+
 def backward(spec: Spec, q, k, v, o, lse, do, q_off, q_seg=None, k_seg=None):
   """Gradients (dq, dk, dv) of the padded, head-major forward; shapes as in `forward`."""
   b, h, tq, d = q.shape
@@ -258,12 +270,7 @@ def backward(spec: Spec, q, k, v, o, lse, do, q_off, q_seg=None, k_seg=None):
   def q_block(bi, hi, qi, ki, off_ref):
     return bi, hi, qi, 0
 
-  in_specs = [pl.BlockSpec((None, None, bq, d), q_block),
-              pl.BlockSpec((None, None, bk, d), kv_block),
-              pl.BlockSpec((None, None, bk, d), kv_block),
-              pl.BlockSpec((None, None, bq, d), q_block),
-              pl.BlockSpec((None, None, bq, LANES), q_block),
-              pl.BlockSpec((None, None, bq, LANES), q_block)]
+  in_specs = _backward_in_specs(spec, d, q_block, kv_block)
   if spec.segments:
     in_specs = _seg_specs(spec, lambda bi, hi, qi, ki, off: (bi, qi, 0),
                           lambda *idx: (idx[0], 0, kv_block(*idx)[2])) + in_specs
@@ -287,12 +294,7 @@ def backward(spec: Spec, q, k, v, o, lse, do, q_off, q_seg=None, k_seg=None):
   def kside(bi, kh, ki, j, off_ref):
     return bi, kh, ki, 0
 
-  in_specs = [pl.BlockSpec((None, None, bq, d), qside),
-              pl.BlockSpec((None, None, bk, d), kside),
-              pl.BlockSpec((None, None, bk, d), kside),
-              pl.BlockSpec((None, None, bq, d), qside),
-              pl.BlockSpec((None, None, bq, LANES), qside),
-              pl.BlockSpec((None, None, bq, LANES), qside)]
+  in_specs = _backward_in_specs(spec, d, qside, kside)
   if spec.segments:
     in_specs = _seg_specs(spec, lambda *idx: (idx[0], qside(*idx)[2], 0),
                           lambda bi, kh, ki, j, off: (bi, 0, ki)) + in_specs
