@@ -80,7 +80,9 @@ def _compute() -> ConfigDict:
   #   exists there: splash on TPU, cudnn on GPU (xla where cudnn cannot run the config), xla on CPU.
   c.attention = "xla"
   c.flash_block_q = 0  # flash: query rows per block; 0: the backend's default (TPU 512; GPU fixed 128)
-  c.flash_block_k = 0  # flash: keys per block; 0: the backend's default (see jaxlm/kernels)
+  # flash: keys per block; 0: the backend's default (TPU 512; GPU 128, 64 if head_dim > 128, and
+  # on GPU it sets the forward kernel's keys per step only: the backward kernels step by 64)
+  c.flash_block_k = 0
   # xla attention in training/prefill: split the queries into this many blocks, each attending only
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
   # (flash and splash skip hidden key blocks by themselves and ignore this.)

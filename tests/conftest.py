@@ -1,4 +1,4 @@
-"""Test-session settings that must be in place before anything imports jax.
+"""Settings every test process needs in place before anything imports jax.
 
 Eight simulated CPU devices for every test process: code that is not given a mesh still runs on
 one device (jax.jit places unsharded inputs on the first device); tests/test_parallel.py builds

@@ -12,7 +12,7 @@ from flax import nnx
 from jaxlm import presets
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.models import build_model
-from jaxlm.models.compute import resolve_attention
+from jaxlm.models.compute import resolve, resolve_attention
 from jaxlm.train import optimizer
 from jaxlm.train.step import init_state, make_train_step
 
@@ -91,6 +91,7 @@ def test_flash_gradients_match_xla_in_scan_and_remat(scan, remat):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.fast
 def test_attention_choices_resolve_per_platform():
   """auto: the libraries' kernels until benchmarks/attention.py has measured ours faster."""
   assert resolve_attention("auto", "cpu") == ("xla", "")
@@ -107,6 +108,23 @@ def test_attention_choices_resolve_per_platform():
     resolve_attention("splash", "gpu")
 
 
+@pytest.mark.fast
+def test_sequence_shards_take_the_kernel_that_attends_only_their_own_queries():
+  c = base_config().compute
+  c.attention = "auto"
+  sharded = resolve(c, "tpu", sequence_shards=4)
+  assert (sharded.attention, sharded.kernel_backend, sharded.sequence_shards) == ("flash", "tpu", 4)
+  assert resolve(c, "tpu").attention == "splash"
+  assert resolve(c, "cpu", sequence_shards=4).sequence_shards == 1  # xla: no kernel, no reordering
+  c.attention = "splash"
+  with pytest.raises(ConfigError, match="splash.*sequence axis of 4.*'flash'"):
+    resolve(c, "tpu", sequence_shards=4)
+  c.attention = "flash"
+  with pytest.raises(ConfigError, match="GPU kernel cannot yet"):
+    resolve(c, "gpu", sequence_shards=2)
+
+
+@pytest.mark.fast
 def test_attention_config_is_validated():
   c = tiny_config()
   c.compute.attention = "pallas"

@@ -179,7 +179,7 @@ def ring_stages(resident: int, per_stage: int) -> int:
 
 
 def produce(load, free, first, count, stages: int):
-  """The producer warp group: issue load(step, slot) for steps 0..count-1 of a ring of slots.
+  """The producer warp group: start load(step, slot) for steps 0..count-1 of a ring of slots.
 
   A slot is refilled only after every consumer has arrived on each of its `free` barriers."""
   plgpu.set_max_registers(40, action="decrease")  # hand registers to the consumers

@@ -17,6 +17,7 @@ import logging
 
 import jax.numpy as jnp
 
+from jaxlm.config import ConfigError
 from jaxlm.kernels import flash_gpu
 from jaxlm.kernels.flash_attention import backend_for_platform
 
@@ -86,13 +87,30 @@ def resolve_attention(kind: str, platform: str, softcap: float = 0.0) -> tuple[s
 
 
 def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float = 0.0) -> Compute:
-  """config.compute -> Compute for models that run on `platform` ("cpu", "gpu", "tpu")."""
+  """config.compute -> Compute for models that run on `platform` ("cpu", "gpu", "tpu").
+
+  Under sequence parallelism (sequence_shards > 1) only jaxlm's flash kernels attend a shard's
+  own queries (they take the shard's position offset); splash would make every shard compute the
+  whole row, so "auto" takes flash there and an explicit "splash" is refused. (jaxlm's GPU kernel
+  does not take the offset yet: flash on GPU with sequence shards is refused too.)
+  """
   attention, backend = resolve_attention(compute_cfg.attention, platform, softcap)
+  if attention == "splash" and sequence_shards > 1:
+    if compute_cfg.attention != "auto":
+      raise ConfigError(
+          f"compute.attention='splash' with a sequence axis of {sequence_shards}: every sequence "
+          "shard would compute the whole row's attention; use 'flash' (each shard attends only its "
+          "own queries) or mesh.sequence=1")
+    attention, backend = resolve_attention("flash", platform, softcap)
+  if attention == "flash" and backend == "gpu" and sequence_shards > 1:
+    raise ConfigError(
+        f"compute.attention='flash' with a sequence axis of {sequence_shards}: jaxlm's GPU kernel "
+        "cannot yet attend one shard's queries on their own; use 'cudnn' or 'xla', or mesh.sequence=1")
   return Compute(
       param_dtype=compute_cfg.param_dtype, compute_dtype=compute_cfg.compute_dtype,
       matmul_dtype=compute_cfg.matmul_dtype, scan_layers=bool(compute_cfg.scan_layers),
       remat_policy=compute_cfg.remat_policy, attention=attention, kernel_backend=backend,
       flash_block_q=compute_cfg.flash_block_q, flash_block_k=compute_cfg.flash_block_k,
       attention_blocks=compute_cfg.attention_blocks,
-      sequence_shards=sequence_shards if attention in ("flash", "splash") else 1,
+      sequence_shards=sequence_shards if attention == "flash" else 1,
       copy_transposes=platform == "cpu")
