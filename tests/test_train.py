@@ -14,7 +14,7 @@ from jaxlm import presets
 from jaxlm.config import base_config
 from jaxlm.models import build_model
 from jaxlm.train import optimizer
-from jaxlm.train.checkpoint import CheckpointError
+from jaxlm.runs import CheckpointError
 from jaxlm.train.loop import train
 from jaxlm.train.step import init_state, make_train_step
 

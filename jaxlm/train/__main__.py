@@ -24,10 +24,9 @@ def main(argv):
   from flax import nnx
 
   from jaxlm.inference.decode import generate_text
-  from jaxlm.train.loop import train
-
-  from jaxlm.train.checkpoint import CheckpointError
+  from jaxlm.runs import CheckpointError
   from jaxlm.train.distributed import maybe_initialize
+  from jaxlm.train.loop import train
 
   config = _CONFIG.value
   try:

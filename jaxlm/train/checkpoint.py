@@ -12,8 +12,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-# CheckpointError and write_run_files are re-exported: the loop and the CLI import them from here.
-from jaxlm.runs import CheckpointError, checkpoint_dir, write_run_files  # noqa: F401
+from jaxlm.runs import CheckpointError, checkpoint_dir
 
 
 class Checkpointer:

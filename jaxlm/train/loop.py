@@ -18,7 +18,8 @@ from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import global_batch
 from jaxlm.train import flops
-from jaxlm.train.checkpoint import Checkpointer, write_run_files
+from jaxlm.runs import write_run_files
+from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.metrics import MetricsLogger
 from jaxlm.train.setup import init_sharded_state, jit_eval_step, jit_train_step, make_setup
 from jaxlm.train.step import summarize_eval
