@@ -259,47 +259,20 @@ def with_vocab_size(config: ConfigDict, tokenizer_vocab: int) -> ConfigDict:
   return config
 
 
-# Fields that moved from `model` to `compute` when the architecture was split from how it is run.
-MOVED_TO_COMPUTE = ("param_dtype", "compute_dtype", "matmul_dtype", "scan_layers", "remat_policy",
-                    "attention", "flash_block_q", "flash_block_k", "attention_blocks",
-                    "pipeline_microbatches")
-
-
-def from_saved(saved: dict) -> ConfigDict:
-  """A run directory's config.json (any jaxlm version) -> today's config tree.
-
-  Fields that moved are moved (model.attention -> compute.attention, ...); fields added since the
-  run was written take their defaults. A field jaxlm never had is an error, as on the command line.
-  """
-  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
-  model, compute = saved.get("model", {}), saved.setdefault("compute", {})
-  for name in MOVED_TO_COMPUTE:
-    if name in model:
-      compute.setdefault(name, model.pop(name))
-  config = base_config()
-  known = _flat(config)
-  for section, fields in saved.items():
-    if not isinstance(fields, dict):
-      raise ConfigError(f"saved config: '{section}' is not a section; known: {sorted(config)}")
-    for name, value in fields.items():
-      if f"{section}.{name}" not in known:
-        raise _unknown_field_error(f"{section}.{name}", known)
-      config[section][name] = value
-  return config
-
-
-def _flat(cfg: ConfigDict, prefix: str = "") -> dict:
+def flat_fields(cfg: ConfigDict, prefix: str = "") -> dict:
+  """{"section.field": value} of every field in a config tree."""
   out = {}
   for k, v in cfg.items():
     name = f"{prefix}{k}"
     if isinstance(v, ConfigDict):
-      out.update(_flat(v, name + "."))
+      out.update(flat_fields(v, name + "."))
     else:
       out[name] = v
   return out
 
 
-def _unknown_field_error(name: str, known: dict) -> ConfigError:
+def unknown_field_error(name: str, known: dict) -> ConfigError:
+  """The error for a field no config has, listing the fields of its section."""
   section = name.rsplit(".", 1)[0]
   options = sorted(k.rsplit(".", 1)[1] for k in known if k.startswith(section + "."))
   if not options:
@@ -309,12 +282,12 @@ def _unknown_field_error(name: str, known: dict) -> ConfigError:
 
 def check_overrides(argv) -> None:
   """Rejects `--config.<field>=...` flags that name no field, before absl parses them."""
-  known = _flat(base_config())
+  known = flat_fields(base_config())
   for arg in argv:
     if arg.startswith("--config."):
       name = arg[len("--config."):].split("=", 1)[0]
       if name not in known:
-        raise _unknown_field_error(name, known)
+        raise unknown_field_error(name, known)
 
 
 # Mesh axes, outermost (slowest links) to innermost (fastest); see jaxlm/parallel/mesh.py.
@@ -365,10 +338,10 @@ def _validate_mesh(mesh: ConfigDict) -> None:
 
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks every field once; returns the config so callers can chain. Raises ConfigError."""
-  known, given = _flat(base_config()), _flat(config)
+  known, given = flat_fields(base_config()), flat_fields(config)
   for name in given:
     if name not in known:
-      raise _unknown_field_error(name, known)
+      raise unknown_field_error(name, known)
   for name in known:
     if name not in given:
       raise ConfigError(f"config field '{name}' is missing; build configs from jaxlm.config.base_config()")

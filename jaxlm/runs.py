@@ -21,7 +21,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlm.config import from_saved, parse_rules, with_vocab_size
+from jaxlm.config import (ConfigError, base_config, flat_fields, parse_rules, unknown_field_error,
+                          with_vocab_size)
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.models import build_model
 from jaxlm.parallel.mesh import platform
@@ -30,6 +31,35 @@ from jaxlm.parallel.sharding import tree_shardings
 
 class CheckpointError(RuntimeError):
   """A run directory or checkpoint is missing or unreadable; the message says what to do."""
+
+
+# Fields that moved from `model` to `compute` when the architecture was split from how it is run.
+MOVED_TO_COMPUTE = ("param_dtype", "compute_dtype", "matmul_dtype", "scan_layers", "remat_policy",
+                    "attention", "flash_block_q", "flash_block_k", "attention_blocks",
+                    "pipeline_microbatches")
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run directory's config.json (any jaxlm version) -> today's config tree.
+
+  Fields that moved are moved (model.attention -> compute.attention, ...); fields added since the
+  run was written take their defaults. A field jaxlm never had is an error, as on the command line.
+  """
+  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  model, compute = saved.get("model", {}), saved.setdefault("compute", {})
+  for name in MOVED_TO_COMPUTE:
+    if name in model:
+      compute.setdefault(name, model.pop(name))
+  config = base_config()
+  known = flat_fields(config)
+  for section, fields in saved.items():
+    if not isinstance(fields, dict):
+      raise ConfigError(f"saved config: '{section}' is not a section; known: {sorted(config)}")
+    for name, value in fields.items():
+      if f"{section}.{name}" not in known:
+        raise unknown_field_error(f"{section}.{name}", known)
+      config[section][name] = value
+  return config
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from jaxlm import presets
-from jaxlm.config import (ConfigError, base_config, check_overrides, from_saved, validate,
-                          with_vocab_size)
+from jaxlm.config import ConfigError, base_config, check_overrides, validate, with_vocab_size
+from jaxlm.runs import from_saved
 
 pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 

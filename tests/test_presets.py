@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxlm import presets
-from jaxlm.config import base_config, check_overrides, validate, with_vocab_size
+from jaxlm.config import base_config, check_overrides, flat_fields, validate, with_vocab_size
 
 pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
@@ -128,14 +128,8 @@ def test_cli_overrides_reach_every_section_of_a_preset():
 
 def test_every_base_field_is_overridable_on_a_preset():
   """Each preset holds every field of base_config(), so any --config.<field>= override applies."""
-  known = set(_flat(base_config()))
+  known = set(flat_fields(base_config()))
   for name in SCALE_PRESETS:
-    assert set(_flat(presets.load(name).get_config())) == known, name
+    assert set(flat_fields(presets.load(name).get_config())) == known, name
 
 
-def _flat(cfg, prefix=""):
-  for k, v in cfg.items():
-    if hasattr(v, "items"):
-      yield from _flat(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}"
