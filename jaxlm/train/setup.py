@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -72,7 +73,8 @@ def make_setup(config, devices=None) -> Setup:
   """Mesh (validated against the device count, before compiling), Compute and every sharding."""
   mesh = mesh_lib.make_mesh(config, devices)
   rules = parse_rules(config.mesh.rules)
-  shards = mesh.shape["sequence"]
+  # How many pieces the rules cut a row's length into (mesh.sequence with the default rules).
+  shards = math.prod(mesh.shape[a] for a in dict(rules).get("length") or ())
   compute = compute_lib.resolve(config.compute, mesh_lib.platform(mesh), shards,
                                 config.model.attn_logit_softcap)
   if compute.sequence_shards > 1 and config.data.seq_len % (2 * shards):
