@@ -1,0 +1,193 @@
+"""Hugging Face checkpoints into jaxlm: config.json -> config.model, safetensors -> parameters.
+
+    model, config = hf.load_model("path/to/hf_dir")   # config.json + *.safetensors
+
+Supported so far: LlamaForCausalLM (Llama 2, 3, 3.1, 3.2; RoPE scalings llama3, linear, yarn). An
+architecture or a config value jaxlm cannot reproduce exactly is refused with a message naming it;
+nothing is approximated silently.
+
+Layout: HF stores each projection as torch's Linear weight [out, in]; jaxlm keeps [in, *out] with
+heads as their own axis (q: [embed, heads, head_dim], o: [heads, head_dim, embed]). Both use the
+half-split RoPE pairing, so q/k rows need no permutation. Safetensors are memory-mapped and each
+tensor is read once into its parameter's place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from jaxlm.config import ConfigDict, base_config, parse_rules
+from jaxlm.models import build_model
+from jaxlm.parallel.mesh import platform
+from jaxlm.parallel.sharding import tree_shardings
+
+SUPPORTED = ("LlamaForCausalLM",)
+_ROPE_FIELDS = {  # rope_scaling type -> (HF field -> jaxlm model field)
+    "llama3": {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_len"},
+    "linear": {"factor": "rope_scaling_factor"},
+    "yarn": {"factor": "rope_scaling_factor", "beta_fast": "yarn_beta_fast",
+             "beta_slow": "yarn_beta_slow",
+             "original_max_position_embeddings": "rope_original_max_len"},
+}
+
+
+class InteropError(ValueError):
+  """A checkpoint jaxlm cannot load exactly; the message names what and the fix."""
+
+
+def _rope(hf: dict) -> dict:
+  """RoPE fields from `rope_scaling` + `rope_theta` (transformers 4) or `rope_parameters`
+  (transformers 5, theta inside)."""
+  scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  theta = float(scaling.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return {"rope_scaling": "none", "rope_theta": theta}
+  if kind not in _ROPE_FIELDS:
+    raise InteropError(f"rope_scaling type {kind!r} is not one jaxlm implements; it knows "
+                       f"{sorted(_ROPE_FIELDS)} (and none)")
+  unknown = set(scaling) - set(_ROPE_FIELDS[kind]) - {"rope_type", "type"}
+  if unknown:
+    raise InteropError(f"rope_scaling fields {sorted(unknown)} ({kind}) have no jaxlm equivalent; "
+                       "loading would silently change the model")
+  fields = {"rope_scaling": kind, "rope_theta": theta}
+  for hf_name, name in _ROPE_FIELDS[kind].items():
+    if hf_name in scaling:
+      fields[name] = scaling[hf_name]
+  if kind in ("llama3", "yarn") and "original_max_position_embeddings" not in scaling:
+    raise InteropError(f"rope_scaling {kind} without original_max_position_embeddings: the "
+                       "context the model was pretrained with is needed to place the scaling")
+  return fields
+
+
+def config_from_hf(hf: dict) -> ConfigDict:
+  """A full jaxlm config whose `model` section is the HF config.json's architecture."""
+  arch = (hf.get("architectures") or ["?"])[0]
+  if arch not in SUPPORTED:
+    raise InteropError(f"architecture {arch!r} is not supported; jaxlm loads {list(SUPPORTED)}")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise InteropError(f"hidden_act {hf['hidden_act']!r}: Llama's MLP in jaxlm is SwiGLU (silu)")
+  if hf.get("pretraining_tp", 1) != 1:
+    raise InteropError("pretraining_tp > 1 splits the projections differently; save with 1")
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  c = base_config()
+  c.model.update(
+      vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=0 if hf.get("head_dim", d // heads) == d // heads else hf["head_dim"],
+      mlp_dim=hf["intermediate_size"], mlp_kind="swiglu", norm_kind="rmsnorm",
+      norm_eps=hf.get("rms_norm_eps", 1e-6), position_kind="rope",
+      max_seq_len=hf["max_position_embeddings"],
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+      **_rope(hf))
+  c.tokenizer.vocab_size = hf["vocab_size"]
+  return c
+
+
+def _tensors(path: str) -> dict:
+  """name -> (file, name) for every tensor of the checkpoint's safetensors file(s)."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
+  single = os.path.join(path, "model.safetensors")
+  if not os.path.exists(single):
+    raise InteropError(f"no model.safetensors or model.safetensors.index.json in {path}: is it a "
+                       "Hugging Face model directory saved with safe_serialization?")
+  with safe_open(single, framework="numpy") as f:
+    return {name: single for name in f.keys()}
+
+
+def _layer_weights(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
+  """jaxlm block parameter -> (HF name inside layers.<i>., [out, in] -> jaxlm layout)."""
+  def heads_in(n):  # [n * head_dim, embed] -> [embed, n, head_dim]
+    return lambda w: w.T.reshape(w.shape[1], n, head_dim)
+  return {
+      ("attn", "q"): ("self_attn.q_proj.weight", heads_in(num_heads)),
+      ("attn", "k"): ("self_attn.k_proj.weight", heads_in(num_kv_heads)),
+      ("attn", "v"): ("self_attn.v_proj.weight", heads_in(num_kv_heads)),
+      ("attn", "o"): ("self_attn.o_proj.weight", lambda w: w.T.reshape(num_heads, head_dim, -1)),
+      ("attn", "q_bias"): ("self_attn.q_proj.bias", lambda b: b.reshape(num_heads, head_dim)),
+      ("attn", "k_bias"): ("self_attn.k_proj.bias", lambda b: b.reshape(num_kv_heads, head_dim)),
+      ("attn", "v_bias"): ("self_attn.v_proj.bias", lambda b: b.reshape(num_kv_heads, head_dim)),
+      ("mlp", "gate"): ("mlp.gate_proj.weight", lambda w: w.T),
+      ("mlp", "up"): ("mlp.up_proj.weight", lambda w: w.T),
+      ("mlp", "down"): ("mlp.down_proj.weight", lambda w: w.T),
+      ("mlp", "gate_bias"): ("mlp.gate_proj.bias", lambda b: b),
+      ("mlp", "up_bias"): ("mlp.up_proj.bias", lambda b: b),
+      ("mlp", "down_bias"): ("mlp.down_proj.bias", lambda b: b),
+      ("attn_norm", "scale"): ("input_layernorm.weight", lambda w: w),
+      ("mlp_norm", "scale"): ("post_attention_layernorm.weight", lambda w: w),
+  }
+
+
+def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
+  """(Transformer, full jaxlm config) of a Hugging Face model directory.
+
+  mesh: parameters are placed with the rules table's shardings on it (None: the default device).
+  dtype: master-weight dtype (default compute.param_dtype, float32).
+  """
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise InteropError(f"{config_path} not found: point at a Hugging Face model directory")
+  with open(config_path) as f:
+    config = config_from_hf(json.load(f))
+  if dtype is not None:
+    config.compute.param_dtype = np.dtype(dtype).name
+  m = config.model
+  target_platform = platform(mesh) if mesh is not None else jax.default_backend()
+  abstract = nnx.eval_shape(lambda: build_model(config, platform=target_platform))
+  graphdef, state = nnx.split(abstract, nnx.Param)
+  shapes = nnx.to_pure_dict(state)
+  files = _tensors(path)
+  handles = {}
+
+  def read(name):
+    if name not in files:
+      raise InteropError(f"tensor {name!r} missing from the checkpoint in {path}")
+    file = files[name]
+    if file not in handles:
+      handles[file] = safe_open(file, framework="numpy")
+    return handles[file].get_tensor(name)
+
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  out = {"embed": read("model.embed_tokens.weight"), "final_norm": {"scale": read("model.norm.weight")}}
+  if not m.tie_embeddings:
+    out["unembed"] = read("lm_head.weight").T
+  layers = [{} for _ in range(m.num_layers)]
+  for (module, leaf), (hf_name, convert) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
+    blocks = shapes["blocks"]
+    present = (blocks if config.compute.scan_layers else blocks[0]).get(module, {})
+    if leaf not in present:
+      continue
+    for i in range(m.num_layers):
+      layers[i].setdefault(module, {})[leaf] = convert(read(f"model.layers.{i}.{hf_name}"))
+  if config.compute.scan_layers:
+    out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+  else:
+    out["blocks"] = dict(enumerate(layers))
+
+  def place(value, shape):
+    if value.shape != shape.shape:
+      raise InteropError(f"a tensor of shape {value.shape} does not fit the parameter of shape "
+                         f"{shape.shape} that config.json describes; the checkpoint and its "
+                         "config.json disagree")
+    return value.astype(shape.dtype)
+
+  values = jax.tree.map(place, out, shapes)
+  nnx.replace_by_pure_dict(state, values)
+  if mesh is None:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), state)
+  else:
+    shardings = tree_shardings(state, mesh, parse_rules(config.mesh.rules))
+  state = jax.device_put(state, shardings)
+  return nnx.merge(graphdef, state), config

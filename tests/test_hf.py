@@ -1,0 +1,77 @@
+"""Hugging Face checkpoints load into jaxlm with transformers' numbers.
+
+Fixtures (tests/fixtures/hf/<family>/, written by tests/fixtures/make_hf_refs.py with torch and
+transformers, so CI needs neither): a tiny random HF model in safetensors and `refs.npz` with 512
+input ids, transformers' float32 logits for them and its greedy 16-token continuation.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.inference.decode import generate
+from jaxlm.interop import hf
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
+FAMILIES = sorted(os.listdir(FIXTURES))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_greedy_continuation_match_transformers(family):
+  path = os.path.join(FIXTURES, family)
+  refs = np.load(os.path.join(path, "refs.npz"))
+  model, config = hf.load_model(path)
+  ids = refs["ids"][None]  # [1, 512]
+  logits = np.asarray(jax.jit(lambda m, x: m(x))(model, ids))[0]
+  diff = float(np.abs(logits[:, :config.model.vocab_size] - refs["logits"]).max())
+  print(f"\n{family}: {ids.shape[1]} tokens, max |logit difference| {diff:.2e}")
+  assert diff <= 1e-4
+  graphdef, params = nnx.split(model)
+  greedy = generate(graphdef, params, ids, max_new_tokens=len(refs["greedy"]), key=None)
+  np.testing.assert_array_equal(np.asarray(greedy)[0], refs["greedy"])
+
+
+@pytest.mark.fast
+def test_what_cannot_load_exactly_is_refused_by_name(tmp_path):
+  path = tmp_path / "m"
+  shutil.copytree(os.path.join(FIXTURES, "llama3"), path)
+  original = json.loads((path / "config.json").read_text())
+
+  def with_config(**changes):
+    (path / "config.json").write_text(json.dumps({**original, **changes}))
+    return str(path)
+
+  with pytest.raises(hf.InteropError, match=r"'FalconForCausalLM' is not supported.*LlamaForCausalLM"):
+    hf.load_model(with_config(architectures=["FalconForCausalLM"]))
+  with pytest.raises(hf.InteropError, match="rope_scaling type 'dynamic'"):
+    hf.load_model(with_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+  with pytest.raises(hf.InteropError, match=r"rope_scaling fields \['mscale'\]"):
+    hf.load_model(with_config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 2.0,
+                                            "original_max_position_embeddings": 128}))
+  with pytest.raises(hf.InteropError, match="does not fit the parameter"):
+    hf.load_model(with_config(intermediate_size=96))
+  (path / "model.safetensors").unlink()
+  with pytest.raises(hf.InteropError, match="no model.safetensors"):
+    hf.load_model(with_config())
+  with pytest.raises(hf.InteropError, match="config.json not found"):
+    hf.load_model(str(tmp_path / "nowhere"))
+
+
+def test_loads_straight_into_a_mesh_with_the_rules_shardings():
+  from jaxlm.parallel.mesh import make_mesh
+
+  path = os.path.join(FIXTURES, "llama3")
+  refs = np.load(os.path.join(path, "refs.npz"))
+  with open(os.path.join(path, "config.json")) as f:
+    config = hf.config_from_hf(json.load(f))
+  config.mesh.update(data=1, fsdp=4, tensor=2)
+  model, _ = hf.load_model(path, mesh=make_mesh(config))
+  q = nnx.state(model, nnx.Param)["blocks"]["attn"]["q"][...]  # [layers, embed, heads, head_dim]
+  assert q.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
+  logits = np.asarray(jax.jit(lambda m, x: m(x))(model, refs["ids"][None]))[0]
+  assert float(np.abs(logits - refs["logits"]).max()) <= 1e-4
