@@ -2,9 +2,9 @@
 
     model, config = hf.load_model("path/to/hf_dir")   # config.json + *.safetensors
 
-Supported so far: LlamaForCausalLM (Llama 2, 3, 3.1, 3.2; RoPE scalings llama3, linear, yarn). An
-architecture or a config value jaxlm cannot reproduce exactly is refused with a message naming it;
-nothing is approximated silently.
+Supported so far: Llama 2/3/3.1/3.2 (RoPE scalings llama3, linear, yarn), Mistral (sliding window),
+Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm). An architecture or a config value jaxlm cannot
+reproduce exactly is refused with a message naming it; nothing is approximated silently.
 
 Layout: HF stores each projection as torch's Linear weight [out, in]; jaxlm keeps [in, *out] with
 heads as their own axis (q: [embed, heads, head_dim], o: [heads, head_dim, embed]). Both use the
@@ -27,7 +27,14 @@ from jaxlm.models import build_model
 from jaxlm.parallel.mesh import platform
 from jaxlm.parallel.sharding import tree_shardings
 
-SUPPORTED = ("LlamaForCausalLM",)
+# Architecture -> the model fields its family fixes beyond the Llama layout they all share.
+FAMILIES = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"attention_bias": True},  # q, k, v biases; the output projection has none
+    "Qwen3ForCausalLM": {"qk_norm": True},  # RMSNorm over head_dim on queries and keys, before RoPE
+}
+SUPPORTED = tuple(FAMILIES)
 _ROPE_FIELDS = {  # rope_scaling type -> (HF field -> jaxlm model field)
     "llama3": {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
                "high_freq_factor": "rope_high_freq_factor",
@@ -77,6 +84,15 @@ def config_from_hf(hf: dict) -> ConfigDict:
     raise InteropError(f"hidden_act {hf['hidden_act']!r}: Llama's MLP in jaxlm is SwiGLU (silu)")
   if hf.get("pretraining_tp", 1) != 1:
     raise InteropError("pretraining_tp > 1 splits the projections differently; save with 1")
+  window = 0
+  if arch == "MistralForCausalLM":
+    window = hf.get("sliding_window") or 0  # every layer
+  elif hf.get("use_sliding_window"):
+    raise InteropError(f"{arch} with use_sliding_window: a per-layer window pattern is not "
+                       "supported yet; load a checkpoint saved with use_sliding_window=false")
+  if set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"} and arch != "MistralForCausalLM":
+    raise InteropError(f"layer_types {sorted(set(hf['layer_types']))}: per-layer attention "
+                       "patterns are not supported yet")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
   c = base_config()
   c.model.update(
@@ -88,7 +104,8 @@ def config_from_hf(hf: dict) -> ConfigDict:
       max_seq_len=hf["max_position_embeddings"],
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
-      **_rope(hf))
+      sliding_window=window, **_rope(hf))
+  c.model.update(**FAMILIES[arch])
   c.tokenizer.vocab_size = hf["vocab_size"]
   return c
 
@@ -108,7 +125,7 @@ def _tensors(path: str) -> dict:
 
 
 def _layer_weights(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
-  """jaxlm block parameter -> (HF name inside layers.<i>., [out, in] -> jaxlm layout)."""
+  """jaxlm block parameter path -> (HF name inside layers.<i>., HF layout -> jaxlm layout)."""
   def heads_in(n):  # [n * head_dim, embed] -> [embed, n, head_dim]
     return lambda w: w.T.reshape(w.shape[1], n, head_dim)
   return {
@@ -125,9 +142,25 @@ def _layer_weights(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
       ("mlp", "gate_bias"): ("mlp.gate_proj.bias", lambda b: b),
       ("mlp", "up_bias"): ("mlp.up_proj.bias", lambda b: b),
       ("mlp", "down_bias"): ("mlp.down_proj.bias", lambda b: b),
+      ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", lambda w: w),
+      ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", lambda w: w),
       ("attn_norm", "scale"): ("input_layernorm.weight", lambda w: w),
       ("mlp_norm", "scale"): ("post_attention_layernorm.weight", lambda w: w),
   }
+
+
+def _has(tree: dict, keys: tuple) -> bool:
+  for key in keys:
+    if not isinstance(tree, dict) or key not in tree:
+      return False
+    tree = tree[key]
+  return True
+
+
+def _put(tree: dict, keys: tuple, value) -> None:
+  for key in keys[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[keys[-1]] = value
 
 
 def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
@@ -164,13 +197,12 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
   if not m.tie_embeddings:
     out["unembed"] = read("lm_head.weight").T
   layers = [{} for _ in range(m.num_layers)]
-  for (module, leaf), (hf_name, convert) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
-    blocks = shapes["blocks"]
-    present = (blocks if config.compute.scan_layers else blocks[0]).get(module, {})
-    if leaf not in present:
+  block = shapes["blocks"] if config.compute.scan_layers else shapes["blocks"][0]
+  for keys, (hf_name, convert) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
+    if not _has(block, keys):  # an optional weight this architecture does not have
       continue
     for i in range(m.num_layers):
-      layers[i].setdefault(module, {})[leaf] = convert(read(f"model.layers.{i}.{hf_name}"))
+      _put(layers[i], keys, convert(read(f"model.layers.{i}.{hf_name}")))
   if config.compute.scan_layers:
     out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
   else:
