@@ -75,3 +75,56 @@ def test_loads_straight_into_a_mesh_with_the_rules_shardings():
   assert q.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
   logits = np.asarray(jax.jit(lambda m, x: m(x))(model, refs["ids"][None]))[0]
   assert float(np.abs(logits - refs["logits"]).max()) <= 1e-4
+
+
+def _safetensors(path):
+  from safetensors import safe_open
+  out = {}
+  for file in sorted(os.listdir(path)):
+    if file.endswith(".safetensors"):
+      with safe_open(os.path.join(path, file), framework="numpy") as f:
+        out.update({name: f.get_tensor(name) for name in f.keys()})
+  return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_then_export_gives_back_the_same_bytes(family, tmp_path):
+  source = os.path.join(FIXTURES, family)
+  model, _ = hf.load_model(source)
+  hf.save_model(model, str(tmp_path / "out"), max_shard_bytes=100_000)  # several shards + index
+  assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]) > 1
+  before, after = _safetensors(source), _safetensors(tmp_path / "out")
+  assert sorted(after) == sorted(before)
+  for name, value in before.items():
+    assert after[name].dtype == value.dtype and after[name].tobytes() == value.tobytes(), name
+  again, _ = hf.load_model(str(tmp_path / "out"))  # and the exported config.json reads back
+  assert again.cfg == model.cfg
+
+
+def _native_model(**model_fields):
+  """A randomly initialised jaxlm model of the kind training writes (tied, padded vocabulary)."""
+  from jaxlm.config import base_config
+  from jaxlm.models import build_model
+  c = base_config()
+  c.model.update(vocab_size=250, vocab_multiple=128, d_model=64, num_layers=2, num_heads=4,
+                 num_kv_heads=2, mlp_dim=128, max_seq_len=600, init_std=0.1, **model_fields)
+  return build_model(c)
+
+
+@pytest.mark.parametrize("fields", [{}, dict(attention_bias=True, tie_embeddings=False),
+                                    dict(qk_norm=True, sliding_window=0)], ids=["llama", "qwen2", "qwen3"])
+def test_a_jaxlm_model_exported_runs_in_transformers_with_the_same_logits(fields, tmp_path):
+  transformers = pytest.importorskip("transformers")  # the bench extra; CI runs the byte checks above
+  import torch
+  model = _native_model(**fields)
+  hf.save_model(model, str(tmp_path / "out"))
+  loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "out"), output_loading_info=True, dtype=torch.float32)
+  assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+  ids = np.random.default_rng(0).integers(0, 250, (1, 512)).astype(np.int32)
+  with torch.no_grad():
+    theirs = loaded.eval()(torch.from_numpy(ids).long()).logits[0].numpy()
+  ours = np.asarray(jax.jit(lambda m, x: m(x))(model, ids))[0, :, :250]
+  diff = float(np.abs(ours - theirs).max())
+  print(f"\nexported {loaded.config.architectures[0]}: max |logit difference| {diff:.2e}")
+  assert diff <= 1e-4

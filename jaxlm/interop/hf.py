@@ -1,6 +1,7 @@
-"""Hugging Face checkpoints into jaxlm: config.json -> config.model, safetensors -> parameters.
+"""Hugging Face checkpoints in and out of jaxlm: config.json <-> config.model, safetensors <-> parameters.
 
     model, config = hf.load_model("path/to/hf_dir")   # config.json + *.safetensors
+    hf.save_model(model, "path/to/out")             # what transformers.AutoModelForCausalLM loads
 
 Supported so far: Llama 2/3/3.1/3.2 (RoPE scalings llama3, linear, yarn), Mistral (sliding window),
 Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm). An architecture or a config value jaxlm cannot
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxlm.config import ConfigDict, base_config, parse_rules
 from jaxlm.models import build_model
@@ -125,27 +127,34 @@ def _tensors(path: str) -> dict:
 
 
 def _layer_weights(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
-  """jaxlm block parameter path -> (HF name inside layers.<i>., HF layout -> jaxlm layout)."""
-  def heads_in(n):  # [n * head_dim, embed] -> [embed, n, head_dim]
-    return lambda w: w.T.reshape(w.shape[1], n, head_dim)
+  """jaxlm block parameter path -> (HF name inside layers.<i>., HF -> jaxlm, jaxlm -> HF)."""
+  def heads_in(n):  # HF [n * head_dim, embed] <-> jaxlm [embed, n, head_dim]
+    return (lambda w: w.T.reshape(w.shape[1], n, head_dim), lambda p: p.reshape(p.shape[0], -1).T)
+
+  def head_bias(n):  # HF [n * head_dim] <-> jaxlm [n, head_dim]
+    return (lambda b: b.reshape(n, head_dim), lambda p: p.reshape(-1))
+
+  heads_out = (lambda w: w.T.reshape(num_heads, head_dim, -1), lambda p: p.reshape(-1, p.shape[-1]).T)
+  linear = (lambda w: w.T, lambda p: p.T)  # HF [out, in] <-> jaxlm [in, out]
+  same = (lambda w: w, lambda p: p)
   return {
-      ("attn", "q"): ("self_attn.q_proj.weight", heads_in(num_heads)),
-      ("attn", "k"): ("self_attn.k_proj.weight", heads_in(num_kv_heads)),
-      ("attn", "v"): ("self_attn.v_proj.weight", heads_in(num_kv_heads)),
-      ("attn", "o"): ("self_attn.o_proj.weight", lambda w: w.T.reshape(num_heads, head_dim, -1)),
-      ("attn", "q_bias"): ("self_attn.q_proj.bias", lambda b: b.reshape(num_heads, head_dim)),
-      ("attn", "k_bias"): ("self_attn.k_proj.bias", lambda b: b.reshape(num_kv_heads, head_dim)),
-      ("attn", "v_bias"): ("self_attn.v_proj.bias", lambda b: b.reshape(num_kv_heads, head_dim)),
-      ("mlp", "gate"): ("mlp.gate_proj.weight", lambda w: w.T),
-      ("mlp", "up"): ("mlp.up_proj.weight", lambda w: w.T),
-      ("mlp", "down"): ("mlp.down_proj.weight", lambda w: w.T),
-      ("mlp", "gate_bias"): ("mlp.gate_proj.bias", lambda b: b),
-      ("mlp", "up_bias"): ("mlp.up_proj.bias", lambda b: b),
-      ("mlp", "down_bias"): ("mlp.down_proj.bias", lambda b: b),
-      ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", lambda w: w),
-      ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", lambda w: w),
-      ("attn_norm", "scale"): ("input_layernorm.weight", lambda w: w),
-      ("mlp_norm", "scale"): ("post_attention_layernorm.weight", lambda w: w),
+      ("attn", "q"): ("self_attn.q_proj.weight", *heads_in(num_heads)),
+      ("attn", "k"): ("self_attn.k_proj.weight", *heads_in(num_kv_heads)),
+      ("attn", "v"): ("self_attn.v_proj.weight", *heads_in(num_kv_heads)),
+      ("attn", "o"): ("self_attn.o_proj.weight", *heads_out),
+      ("attn", "q_bias"): ("self_attn.q_proj.bias", *head_bias(num_heads)),
+      ("attn", "k_bias"): ("self_attn.k_proj.bias", *head_bias(num_kv_heads)),
+      ("attn", "v_bias"): ("self_attn.v_proj.bias", *head_bias(num_kv_heads)),
+      ("mlp", "gate"): ("mlp.gate_proj.weight", *linear),
+      ("mlp", "up"): ("mlp.up_proj.weight", *linear),
+      ("mlp", "down"): ("mlp.down_proj.weight", *linear),
+      ("mlp", "gate_bias"): ("mlp.gate_proj.bias", *same),
+      ("mlp", "up_bias"): ("mlp.up_proj.bias", *same),
+      ("mlp", "down_bias"): ("mlp.down_proj.bias", *same),
+      ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", *same),
+      ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", *same),
+      ("attn_norm", "scale"): ("input_layernorm.weight", *same),
+      ("mlp_norm", "scale"): ("post_attention_layernorm.weight", *same),
   }
 
 
@@ -198,7 +207,7 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
     out["unembed"] = read("lm_head.weight").T
   layers = [{} for _ in range(m.num_layers)]
   block = shapes["blocks"] if config.compute.scan_layers else shapes["blocks"][0]
-  for keys, (hf_name, convert) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
+  for keys, (hf_name, convert, _) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
     if not _has(block, keys):  # an optional weight this architecture does not have
       continue
     for i in range(m.num_layers):
@@ -223,3 +232,103 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
     shardings = tree_shardings(state, mesh, parse_rules(config.mesh.rules))
   state = jax.device_put(state, shardings)
   return nnx.merge(graphdef, state), config
+
+
+def _family(m) -> str:
+  """The HF architecture that expresses jaxlm model config `m` exactly; InteropError if none does."""
+  unsupported = {
+      "mlp_kind": m.mlp_kind != "swiglu", "norm_kind": m.norm_kind != "rmsnorm",
+      "position_kind": m.position_kind != "rope", "attn_logit_softcap": bool(m.attn_logit_softcap),
+      "final_logit_softcap": bool(m.final_logit_softcap),
+  }
+  if any(unsupported.values()):
+    raise InteropError(f"no supported Hugging Face architecture has model fields "
+                       f"{sorted(k for k, v in unsupported.items() if v)} as this config sets them")
+  if m.qk_norm:
+    return "Qwen3ForCausalLM"
+  if m.attention_bias:
+    return "Qwen2ForCausalLM"
+  return "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
+
+
+def config_to_hf(m) -> dict:
+  """The HF config.json of jaxlm model config `m` (written in the transformers 4 spelling, which
+  transformers 5 reads too)."""
+  arch = _family(m)
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  rope = None
+  if m.rope_scaling != "none":
+    rope = {"rope_type": m.rope_scaling}
+    rope.update({hf_name: m[name] for hf_name, name in _ROPE_FIELDS[m.rope_scaling].items()})
+    if "original_max_position_embeddings" in rope:
+      rope["original_max_position_embeddings"] = m.rope_original_max_len or m.max_seq_len
+  hf = {
+      "architectures": [arch], "model_type": arch.removesuffix("ForCausalLM").lower(),
+      "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
+      "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+      "num_key_value_heads": m.num_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
+      "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
+      "rope_theta": m.rope_theta, "rope_scaling": rope, "tie_word_embeddings": m.tie_embeddings,
+      "torch_dtype": "float32",
+  }
+  if arch == "LlamaForCausalLM":
+    hf.update(attention_bias=False, mlp_bias=m.mlp_bias)
+  elif arch == "MistralForCausalLM":
+    hf["sliding_window"] = m.sliding_window
+  else:
+    hf.update(use_sliding_window=False, sliding_window=None)
+    if arch == "Qwen3ForCausalLM":
+      hf["attention_bias"] = m.attention_bias
+  if m.mlp_bias and arch != "LlamaForCausalLM":
+    raise InteropError(f"{arch} has no MLP biases; this config sets model.mlp_bias")
+  if m.sliding_window and arch != "MistralForCausalLM":
+    raise InteropError(f"{arch} as exported here has no sliding window; this config sets one")
+  return hf
+
+
+def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes `model` (a jaxlm Transformer) as a Hugging Face model directory: config.json,
+  model-0000i-of-0000n.safetensors shards of at most max_shard_bytes, and their index.
+
+  Tensors keep the parameters' dtype; padded vocabulary rows are dropped.
+  """
+  m = model.cfg
+  hf_config = config_to_hf(m)
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  vocab = m.vocab_size
+  tensors = {"model.embed_tokens.weight": params["embed"][:vocab]}
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  blocks = params["blocks"]
+  for keys, (hf_name, _, to_hf) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
+    layer0 = blocks if model.compute.scan_layers else blocks[0]
+    if not _has(layer0, keys):
+      continue
+    for i in range(m.num_layers):
+      value = blocks if model.compute.scan_layers else blocks[i]
+      for key in keys:
+        value = value[key]
+      tensors[f"model.layers.{i}.{hf_name}"] = to_hf(value[i] if model.compute.scan_layers else value)
+  tensors["model.norm.weight"] = params["final_norm"]["scale"]
+  if not m.tie_embeddings:
+    tensors["lm_head.weight"] = params["unembed"][:, :vocab].T
+  tensors = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+  hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+
+  shards, size = [[]], 0
+  for name, value in tensors.items():
+    if shards[-1] and size + value.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += value.nbytes
+  os.makedirs(path, exist_ok=True)
+  weight_map = {}
+  for i, names in enumerate(shards):
+    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file({n: tensors[n] for n in names}, os.path.join(path, file), metadata={"format": "pt"})
+    weight_map.update({n: file for n in names})
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+               "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
