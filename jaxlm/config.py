@@ -155,6 +155,10 @@ def _checkpoint() -> ConfigDict:
   c.keep = 3  # newest checkpoints kept
   c.async_save = True  # write in the background while training goes on
   c.resume = "auto"  # auto: resume if the workdir holds a checkpoint | always: it must | never
+  # A jaxlm run directory (its latest checkpoint) or a Hugging Face model directory whose parameters
+  # start this run: step 0, fresh optimizer state. model.* must describe the same architecture.
+  # Ignored when the run resumes from its own checkpoint.
+  c.init_from = ""
   return c
 
 

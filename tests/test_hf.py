@@ -128,3 +128,18 @@ def test_a_jaxlm_model_exported_runs_in_transformers_with_the_same_logits(fields
   diff = float(np.abs(ours - theirs).max())
   print(f"\nexported {loaded.config.architectures[0]}: max |logit difference| {diff:.2e}")
   assert diff <= 1e-4
+
+
+@pytest.mark.fast
+def test_the_mistral_preset_is_the_published_mistral_architecture():
+  """Mistral-7B-v0.1's published config.json, as README's init_from example relies on."""
+  from jaxlm import presets
+  from jaxlm.config import flat_fields
+  published = {"architectures": ["MistralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 32768,
+               "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+               "tie_word_embeddings": False}
+  theirs = flat_fields(hf.config_from_hf(published).model)
+  ours = flat_fields(presets.load("mistral_7b").get_config().model)
+  assert {k for k in ours if ours[k] != theirs[k]} == {"vocab_multiple"}  # 32000 is a multiple of 128

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import presets
-from jaxlm.config import base_config
+from jaxlm.config import ConfigError, base_config
 from jaxlm.models import build_model
 from jaxlm.train import optimizer
 from jaxlm.runs import CheckpointError
@@ -164,4 +164,34 @@ def test_corrupt_checkpoint_is_a_clear_error(finished_run, tmp_path):
   c = loop_config(workdir)
   c.train.update(steps=3, warmup_steps=1)
   with pytest.raises(CheckpointError, match=r"checkpoint .*2 could not be read"):
+    train(c)
+
+
+def test_init_from_a_run_starts_at_step_0_with_its_weights(finished_run, tmp_path):
+  from jaxlm.runs import load_params
+  c = loop_config(tmp_path / "b")
+  c.checkpoint.init_from = str(finished_run)
+  c.compute.scan_layers = False  # the source's layers are stacked: laid out again, same values
+  state = train(c, stop_at_step=0)["state"]
+  assert int(state.step) == 0
+  source = nnx.to_pure_dict(load_params(str(finished_run)).params)
+  mine = nnx.to_pure_dict(state.params)
+  for i in range(c.model.num_layers):
+    for a, b in zip(jax.tree.leaves(mine["blocks"][i]),
+                    jax.tree.leaves(jax.tree.map(lambda x: x[i], source["blocks"]))):
+      np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(mine["embed"], source["embed"])
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state.opt_state[1][0].mu))
+
+  c = loop_config(tmp_path / "c")
+  c.checkpoint.init_from = str(finished_run)
+  c.model.d_model = 96
+  with pytest.raises(ConfigError, match=r"another architecture: model.d_model 64 there, 96 here"):
+    train(c)
+
+
+def test_init_from_a_hugging_face_model_needs_its_architecture(tmp_path):
+  c = loop_config(tmp_path / "d")
+  c.checkpoint.init_from = os.path.join(ROOT, "tests", "fixtures", "hf", "llama3")
+  with pytest.raises(ConfigError, match=r"another architecture: .*model.vocab_size 256 there, 512 here"):
     train(c)

@@ -21,6 +21,7 @@ from jaxlm.train import flops
 from jaxlm.runs import write_run_files
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.metrics import MetricsLogger
+from jaxlm.train.init_from import start_from
 from jaxlm.train.setup import init_sharded_state, jit_eval_step, jit_train_step, make_setup
 from jaxlm.train.step import summarize_eval
 
@@ -77,6 +78,8 @@ def train(config, stop_at_step: int | None = None) -> dict:
     except Exception:
       checkpointer.close()  # let orbax's background threads end before the error surfaces
       raise
+  elif config.checkpoint.init_from:
+    state = start_from(setup, config.checkpoint.init_from)
   start = int(state.step)
   write_run_files(t.workdir, config, tokenizer.path)  # after a restore, so a failed one keeps the old files
 

@@ -1,0 +1,90 @@
+"""`python -m jaxlm.convert --from_hf=DIR --workdir=RUN` | `--to_hf=DIR --workdir=RUN [--step=N]`
+
+--from_hf: a Hugging Face model directory becomes a jaxlm run directory (config.json, the
+  tokenizer, an orbax checkpoint at step 0 with fresh optimizer state) that `python -m
+  jaxlm.generate --workdir=RUN` samples from and that training resumes or starts from
+  (`--config.checkpoint.init_from=RUN`). The tokenizer must be a SentencePiece `tokenizer.model` in
+  DIR for now (Llama 2, Mistral ship one; `tokenizer.json`-only models are refused by name).
+--to_hf: a jaxlm run's parameters (latest checkpoint, or --step) become a Hugging Face model
+  directory (config.json, sharded safetensors, index) that transformers loads; the run's
+  SentencePiece tokenizer.model is copied beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags, logging
+
+_FROM_HF = flags.DEFINE_string("from_hf", None, "A Hugging Face model directory to import.")
+_TO_HF = flags.DEFINE_string("to_hf", None, "A directory to write the run's model to, in HF format.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The jaxlm run directory (written or read).")
+_STEP = flags.DEFINE_integer("step", None, "--to_hf: the checkpoint step; default the latest.")
+
+
+def from_hf(hf_dir: str, workdir: str) -> None:
+  import jax
+
+  from jaxlm.config import with_vocab_size
+  from jaxlm.data.tokenizer import load_tokenizer
+  from jaxlm.interop import hf
+  from jaxlm.runs import write_run_files
+  from jaxlm.train.checkpoint import Checkpointer
+  from jaxlm.train.init_from import start_from
+  from jaxlm.train.setup import make_setup
+
+  tokenizer = os.path.join(hf_dir, "tokenizer.model")
+  if not os.path.exists(tokenizer):
+    raise hf.InteropError(
+        f"{tokenizer} not found: jaxlm reads SentencePiece tokenizers only so far, and this model "
+        "ships none (a tokenizer.json alone is not supported yet)")
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    config = hf.config_from_hf(json.load(f))
+  config.tokenizer.path = tokenizer
+  config = with_vocab_size(config, load_tokenizer(tokenizer).vocab_size)  # they must agree
+  config.train.workdir = workdir
+  config.checkpoint.async_save = False
+  config.mesh.data = 1  # one device: the checkpoint restores onto any mesh later
+  state = start_from(make_setup(config, jax.devices()[:1]), hf_dir)
+  write_run_files(workdir, config, tokenizer)
+  checkpointer = Checkpointer(workdir, config.checkpoint)
+  checkpointer.save(0, state)
+  checkpointer.wait()
+  checkpointer.close()
+
+
+def to_hf(workdir: str, hf_dir: str, step: int | None) -> None:
+  from jaxlm.interop import hf
+  from jaxlm.runs import load_params
+
+  run = load_params(workdir, step)
+  hf.save_model(run.model(), hf_dir)
+  shutil.copyfile(os.path.join(workdir, "tokenizer.model"), os.path.join(hf_dir, "tokenizer.model"))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value or (_FROM_HF.value is None) == (_TO_HF.value is None):
+    raise app.UsageError("give --workdir and exactly one of --from_hf=DIR or --to_hf=DIR")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from jaxlm.config import ConfigError
+  from jaxlm.interop.hf import InteropError
+  from jaxlm.runs import CheckpointError
+  try:
+    if _FROM_HF.value:
+      from_hf(_FROM_HF.value, _WORKDIR.value)
+      print(f"wrote jaxlm run {_WORKDIR.value} (step 0) from {_FROM_HF.value}")
+    else:
+      to_hf(_WORKDIR.value, _TO_HF.value, _STEP.value)
+      print(f"wrote Hugging Face model {_TO_HF.value} from {_WORKDIR.value}")
+  except (ConfigError, InteropError, CheckpointError, FileNotFoundError) as e:
+    sys.exit(f"jaxlm: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
