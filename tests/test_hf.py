@@ -143,3 +143,16 @@ def test_the_mistral_preset_is_the_published_mistral_architecture():
   theirs = flat_fields(hf.config_from_hf(published).model)
   ours = flat_fields(presets.load("mistral_7b").get_config().model)
   assert {k for k in ours if ours[k] != theirs[k]} == {"vocab_multiple"}  # 32000 is a multiple of 128
+
+
+def test_a_bfloat16_checkpoint_loads_into_float32_master_weights(tmp_path):
+  import jax.numpy as jnp
+  from safetensors.flax import save_file
+  source = os.path.join(FIXTURES, "llama3")
+  shutil.copytree(source, tmp_path / "bf16")
+  tensors = {k: jnp.asarray(v, jnp.bfloat16) for k, v in _safetensors(source).items()}
+  save_file(tensors, str(tmp_path / "bf16" / "model.safetensors"))
+  model, _ = hf.load_model(str(tmp_path / "bf16"))
+  embed = nnx.state(model, nnx.Param)["embed"][...]
+  assert embed.dtype == jnp.float32
+  np.testing.assert_array_equal(embed, tensors["model.embed_tokens.weight"].astype(jnp.float32))

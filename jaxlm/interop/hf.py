@@ -10,7 +10,7 @@ reproduce exactly is refused with a message naming it; nothing is approximated s
 Layout: HF stores each projection as torch's Linear weight [out, in]; jaxlm keeps [in, *out] with
 heads as their own axis (q: [embed, heads, head_dim], o: [heads, head_dim, embed]). Both use the
 half-split RoPE pairing, so q/k rows need no permutation. Safetensors are memory-mapped and each
-tensor is read once into its parameter's place.
+tensor is read once (in its stored dtype, bfloat16 included) into its parameter's place.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _tensors(path: str) -> dict:
   if not os.path.exists(single):
     raise InteropError(f"no model.safetensors or model.safetensors.index.json in {path}: is it a "
                        "Hugging Face model directory saved with safe_serialization?")
-  with safe_open(single, framework="numpy") as f:
+  with safe_open(single, framework="flax") as f:
     return {name: single for name in f.keys()}
 
 
@@ -198,7 +198,8 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
       raise InteropError(f"tensor {name!r} missing from the checkpoint in {path}")
     file = files[name]
     if file not in handles:
-      handles[file] = safe_open(file, framework="numpy")
+      # framework="flax": numpy has no bfloat16, the dtype most published checkpoints are in.
+      handles[file] = safe_open(file, framework="flax")
     return handles[file].get_tensor(name)
 
   head_dim = m.head_dim or m.d_model // m.num_heads
@@ -213,7 +214,7 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
     for i in range(m.num_layers):
       _put(layers[i], keys, convert(read(f"model.layers.{i}.{hf_name}")))
   if config.compute.scan_layers:
-    out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    out["blocks"] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)
   else:
     out["blocks"] = dict(enumerate(layers))
 
