@@ -42,7 +42,7 @@ class Compute:
   flash_block_q: int = 0
   flash_block_k: int = 0
   attention_blocks: int = 1
-  # > 1 (flash/splash under sequence parallelism): each row's tokens arrive in the balanced order of
+  # > 1 (flash under sequence parallelism): each row's tokens arrive in the balanced order of
   # jaxlm.parallel.sequence, and each shard attends only its own queries.
   sequence_shards: int = 1
   # CPU: materialise the transposes that feed low-precision matmuls (see jaxlm/kernels/matmul.py).

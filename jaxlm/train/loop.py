@@ -22,7 +22,8 @@ from jaxlm.runs import write_run_files
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.metrics import MetricsLogger
 from jaxlm.train.init_from import start_from
-from jaxlm.train.setup import init_sharded_state, jit_eval_step, jit_train_step, make_setup
+from jaxlm.train.setup import (abstract_state, init_sharded_state, jit_eval_step, jit_train_step,
+                               make_setup)
 from jaxlm.train.step import summarize_eval
 
 
@@ -67,19 +68,21 @@ def train(config, stop_at_step: int | None = None) -> dict:
 
   setup = make_setup(config)
   graphdef = setup.graphdef
-  state = init_sharded_state(setup)
   train_iter = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
 
   checkpointer = Checkpointer(t.workdir, config.checkpoint)
   resume = config.checkpoint.resume
   if resume == "always" or (resume == "auto" and checkpointer.latest_step() is not None):
     try:
-      state = checkpointer.restore(state, train_iter)
+      # An abstract template: the restored arrays are the only copy ever allocated.
+      state = checkpointer.restore(abstract_state(setup), train_iter)
     except Exception:
       checkpointer.close()  # let orbax's background threads end before the error surfaces
       raise
   elif config.checkpoint.init_from:
     state = start_from(setup, config.checkpoint.init_from)
+  else:
+    state = init_sharded_state(setup)
   start = int(state.step)
   write_run_files(t.workdir, config, tokenizer.path)  # after a restore, so a failed one keeps the old files
 
