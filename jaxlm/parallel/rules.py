@@ -101,14 +101,6 @@ def mesh_axes(logical: str) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def mesh_size(logical: str) -> int:
-  """How many shards the active mesh splits a `logical` dimension into (1 without active rules)."""
-  active = _ACTIVE.get()
-  if active is None:
-    return 1
-  return math.prod(active[1].shape[a] for a in mesh_axes(logical))
-
-
 def axis_position(logical: str):
   """Inside `shard_map`: this shard's index along the mesh axes `logical` maps to (traced int32)."""
   index = jnp.zeros((), jnp.int32)
