@@ -53,13 +53,13 @@ def test_what_cannot_load_exactly_is_refused_by_name(tmp_path):
   with pytest.raises(hf.InteropError, match=r"rope_scaling fields \['mscale'\]"):
     hf.load_model(with_config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 2.0,
                                             "original_max_position_embeddings": 128}))
-  with pytest.raises(hf.InteropError, match="does not fit the parameter"):
+  with pytest.raises(hf.InteropError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \[64, 128\] .* implies \[64, 96\]"):
     hf.load_model(with_config(intermediate_size=96))
   (path / "model.safetensors").unlink()
   with pytest.raises(hf.InteropError, match="no model.safetensors"):
     hf.load_model(with_config())
-  with pytest.raises(hf.InteropError, match="config.json not found"):
-    hf.load_model(str(tmp_path / "nowhere"))
+  with pytest.raises(hf.InteropError, match="nowhere is not a directory"):
+    hf.load_model(str(tmp_path / "nowhere"))  # more broken checkpoints: test_hf_checkpoint_errors.py
 
 
 def test_loads_straight_into_a_mesh_with_the_rules_shardings():

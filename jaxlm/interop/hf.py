@@ -9,22 +9,27 @@ reproduce exactly is refused with a message naming it; nothing is approximated s
 
 Layout: HF stores each projection as torch's Linear weight [out, in]; jaxlm keeps [in, *out] with
 heads as their own axis (q: [embed, heads, head_dim], o: [heads, head_dim, embed]). Both use the
-half-split RoPE pairing, so q/k rows need no permutation. Safetensors are memory-mapped and each
-tensor is read once (in its stored dtype, bfloat16 included) into its parameter's place.
+half-split RoPE pairing, so q/k rows need no permutation. The tables `_top_weights` and
+`_layer_weights` are the one description of which HF tensor holds which parameter and how its
+dimensions map (see sharded_load.Layout); loading reads each device's slice of each tensor on its
+own (in its stored dtype, bfloat16 included, cast to the parameter dtype), straight into the mesh.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxlm.config import ConfigDict, base_config, parse_rules
+from jaxlm.interop.errors import InteropError
+from jaxlm.interop.safetensors_reader import Checkpoint, Recorder
+from jaxlm.interop.sharded_load import Layout, read_param
 from jaxlm.models import build_model
 from jaxlm.parallel.mesh import platform
 from jaxlm.parallel.sharding import tree_shardings
@@ -46,10 +51,6 @@ _ROPE_FIELDS = {  # rope_scaling type -> (HF field -> jaxlm model field)
              "beta_slow": "yarn_beta_slow",
              "original_max_position_embeddings": "rope_original_max_len"},
 }
-
-
-class InteropError(ValueError):
-  """A checkpoint jaxlm cannot load exactly; the message names what and the fix."""
 
 
 def _rope(hf: dict) -> dict:
@@ -112,58 +113,75 @@ def config_from_hf(hf: dict) -> ConfigDict:
   return c
 
 
-def _tensors(path: str) -> dict:
-  """name -> (file, name) for every tensor of the checkpoint's safetensors file(s)."""
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-  single = os.path.join(path, "model.safetensors")
-  if not os.path.exists(single):
-    raise InteropError(f"no model.safetensors or model.safetensors.index.json in {path}: is it a "
-                       "Hugging Face model directory saved with safe_serialization?")
-  with safe_open(single, framework="flax") as f:
-    return {name: single for name in f.keys()}
-
-
-def _layer_weights(num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
-  """jaxlm block parameter path -> (HF name inside layers.<i>., HF -> jaxlm, jaxlm -> HF)."""
-  def heads_in(n):  # HF [n * head_dim, embed] <-> jaxlm [embed, n, head_dim]
-    return (lambda w: w.T.reshape(w.shape[1], n, head_dim), lambda p: p.reshape(p.shape[0], -1).T)
-
-  def head_bias(n):  # HF [n * head_dim] <-> jaxlm [n, head_dim]
-    return (lambda b: b.reshape(n, head_dim), lambda p: p.reshape(-1))
-
-  heads_out = (lambda w: w.T.reshape(num_heads, head_dim, -1), lambda p: p.reshape(-1, p.shape[-1]).T)
-  linear = (lambda w: w.T, lambda p: p.T)  # HF [out, in] <-> jaxlm [in, out]
-  same = (lambda w: w, lambda p: p)
+# Table entries: jaxlm parameter path -> (HF tensor name, the HF tensor's dimensions in the
+# parameter's logical axis names (a tuple: one HF dimension holding those axes flattened row-major),
+# and optionally an elementwise (from_hf, to_hf) pair for values HF stores under another formula).
+# Torch's Linear keeps weights [out, in]; jaxlm keeps [in, *out] with heads as their own axis.
+def _top_weights() -> dict:
+  """Parameters outside the blocks."""
   return {
-      ("attn", "q"): ("self_attn.q_proj.weight", *heads_in(num_heads)),
-      ("attn", "k"): ("self_attn.k_proj.weight", *heads_in(num_kv_heads)),
-      ("attn", "v"): ("self_attn.v_proj.weight", *heads_in(num_kv_heads)),
-      ("attn", "o"): ("self_attn.o_proj.weight", *heads_out),
-      ("attn", "q_bias"): ("self_attn.q_proj.bias", *head_bias(num_heads)),
-      ("attn", "k_bias"): ("self_attn.k_proj.bias", *head_bias(num_kv_heads)),
-      ("attn", "v_bias"): ("self_attn.v_proj.bias", *head_bias(num_kv_heads)),
-      ("mlp", "gate"): ("mlp.gate_proj.weight", *linear),
-      ("mlp", "up"): ("mlp.up_proj.weight", *linear),
-      ("mlp", "down"): ("mlp.down_proj.weight", *linear),
-      ("mlp", "gate_bias"): ("mlp.gate_proj.bias", *same),
-      ("mlp", "up_bias"): ("mlp.up_proj.bias", *same),
-      ("mlp", "down_bias"): ("mlp.down_proj.bias", *same),
-      ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", *same),
-      ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", *same),
-      ("attn_norm", "scale"): ("input_layernorm.weight", *same),
-      ("mlp_norm", "scale"): ("post_attention_layernorm.weight", *same),
+      ("embed",): ("model.embed_tokens.weight", ("vocab", "embed")),
+      ("unembed",): ("lm_head.weight", ("vocab", "embed")),  # jaxlm [embed, vocab]
+      ("final_norm", "scale"): ("model.norm.weight", ("embed",)),
   }
 
 
-def _has(tree: dict, keys: tuple) -> bool:
-  for key in keys:
-    if not isinstance(tree, dict) or key not in tree:
-      return False
-    tree = tree[key]
-  return True
+def _layer_weights() -> dict:
+  """Block parameters (one layer's; HF name inside model.layers.<i>.)."""
+  return {
+      ("attn", "q"): ("self_attn.q_proj.weight", (("heads", "head_dim"), "embed")),
+      ("attn", "k"): ("self_attn.k_proj.weight", (("kv_heads", "head_dim"), "embed")),
+      ("attn", "v"): ("self_attn.v_proj.weight", (("kv_heads", "head_dim"), "embed")),
+      ("attn", "o"): ("self_attn.o_proj.weight", ("embed", ("heads", "head_dim"))),
+      ("attn", "q_bias"): ("self_attn.q_proj.bias", (("heads", "head_dim"),)),
+      ("attn", "k_bias"): ("self_attn.k_proj.bias", (("kv_heads", "head_dim"),)),
+      ("attn", "v_bias"): ("self_attn.v_proj.bias", (("kv_heads", "head_dim"),)),
+      ("mlp", "gate"): ("mlp.gate_proj.weight", ("mlp", "embed")),
+      ("mlp", "up"): ("mlp.up_proj.weight", ("mlp", "embed")),
+      ("mlp", "down"): ("mlp.down_proj.weight", ("embed", "mlp")),
+      ("mlp", "gate_bias"): ("mlp.gate_proj.bias", ("mlp",)),
+      ("mlp", "up_bias"): ("mlp.up_proj.bias", ("mlp",)),
+      ("mlp", "down_bias"): ("mlp.down_proj.bias", ("embed",)),
+      ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", ("head_dim",)),
+      ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", ("head_dim",)),
+      ("attn_norm", "scale"): ("input_layernorm.weight", ("embed",)),
+      ("mlp_norm", "scale"): ("post_attention_layernorm.weight", ("embed",)),
+  }
+
+
+class Source(NamedTuple):
+  """Where one jaxlm parameter comes from: HF tensor(s) (one per layer when layers are stacked)."""
+  path: tuple  # the parameter's path in the model's nnx state
+  names: Sequence[str]
+  layout: Layout  # one tensor's (one layer's) layout
+  shape: tuple[int, ...]  # the whole parameter's shape ([layers, ...] when stacked)
+  dtype: np.dtype
+  values: tuple | None  # elementwise (from_hf, to_hf), or None
+
+
+def tensor_sources(state: nnx.State, scan_layers: bool) -> list[Source]:
+  """Every parameter of `state` (nnx Params, arrays or abstract) with the HF tensors that hold it."""
+  top, layer = _top_weights(), _layer_weights()
+  out = []
+  for path, var in nnx.to_flat_state(state):
+    value = var.get_value()
+    axes, shape = tuple(var.get_metadata().get("out_sharding") or ()), tuple(value.shape)
+    if path[0] == "blocks":
+      keys, layers = (path[1:], None) if scan_layers else (path[2:], [path[1]])
+      entry = layer.get(keys)
+      if scan_layers:  # [layers, ...]: one HF tensor per layer
+        axes, layers = axes[1:], range(shape[0])
+      names = [f"model.layers.{i}.{entry[0]}" for i in layers] if entry else []
+    else:
+      entry = top.get(path)
+      names = [entry[0]] if entry else []
+    if entry is None:
+      raise InteropError(f"parameter {'.'.join(map(str, path))} has no Hugging Face tensor: this "
+                         "model's architecture has no HF equivalent")
+    layout = Layout.of(entry[1], axes, shape[1:] if scan_layers and path[0] == "blocks" else shape)
+    out.append(Source(path, names, layout, shape, np.dtype(value.dtype),
+                      entry[2] if len(entry) > 2 else None))
+  return out
 
 
 def _put(tree: dict, keys: tuple, value) -> None:
@@ -172,66 +190,57 @@ def _put(tree: dict, keys: tuple, value) -> None:
   tree[keys[-1]] = value
 
 
-def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None):
+def read_config(path: str) -> ConfigDict:
+  """The jaxlm config of a Hugging Face model directory's config.json."""
+  if not os.path.isdir(path):
+    raise InteropError(f"{path} is not a directory: point at a Hugging Face model directory "
+                       "(config.json and *.safetensors, e.g. a huggingface_hub snapshot)")
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise InteropError(f"{config_path} not found: point at a Hugging Face model directory "
+                       "(config.json beside the *.safetensors)")
+  with open(config_path) as f:
+    return config_from_hf(json.load(f))
+
+
+def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
+               recorder: Recorder | None = None):
   """(Transformer, full jaxlm config) of a Hugging Face model directory.
 
   mesh: parameters are placed with the rules table's shardings on it (None: the default device).
+    Each device's shard is read from the files on its own, so memory holds the model once, and in a
+    multi-process run each process reads only the slices its own devices hold.
   dtype: master-weight dtype (default compute.param_dtype, float32).
+  recorder: called as recorder(tensor name, ((start, stop) per dim)) for every slice read.
   """
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise InteropError(f"{config_path} not found: point at a Hugging Face model directory")
-  with open(config_path) as f:
-    config = config_from_hf(json.load(f))
+  config = read_config(path)
   if dtype is not None:
     config.compute.param_dtype = np.dtype(dtype).name
-  m = config.model
   target_platform = platform(mesh) if mesh is not None else jax.default_backend()
   abstract = nnx.eval_shape(lambda: build_model(config, platform=target_platform))
   graphdef, state = nnx.split(abstract, nnx.Param)
-  shapes = nnx.to_pure_dict(state)
-  files = _tensors(path)
-  handles = {}
-
-  def read(name):
-    if name not in files:
-      raise InteropError(f"tensor {name!r} missing from the checkpoint in {path}")
-    file = files[name]
-    if file not in handles:
-      # framework="flax": numpy has no bfloat16, the dtype most published checkpoints are in.
-      handles[file] = safe_open(file, framework="flax")
-    return handles[file].get_tensor(name)
-
-  head_dim = m.head_dim or m.d_model // m.num_heads
-  out = {"embed": read("model.embed_tokens.weight"), "final_norm": {"scale": read("model.norm.weight")}}
-  if not m.tie_embeddings:
-    out["unembed"] = read("lm_head.weight").T
-  layers = [{} for _ in range(m.num_layers)]
-  block = shapes["blocks"] if config.compute.scan_layers else shapes["blocks"][0]
-  for keys, (hf_name, convert, _) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
-    if not _has(block, keys):  # an optional weight this architecture does not have
-      continue
-    for i in range(m.num_layers):
-      _put(layers[i], keys, convert(read(f"model.layers.{i}.{hf_name}")))
-  if config.compute.scan_layers:
-    out["blocks"] = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)
-  else:
-    out["blocks"] = dict(enumerate(layers))
-
-  def place(value, shape):
-    if value.shape != shape.shape:
-      raise InteropError(f"a tensor of shape {value.shape} does not fit the parameter of shape "
-                         f"{shape.shape} that config.json describes; the checkpoint and its "
-                         "config.json disagree")
-    return value.astype(shape.dtype)
-
-  values = jax.tree.map(place, out, shapes)
-  nnx.replace_by_pure_dict(state, values)
   if mesh is None:
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), state)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, state)
   else:
     shardings = tree_shardings(state, mesh, parse_rules(config.mesh.rules))
-  state = jax.device_put(state, shardings)
+  shardings = {path: var.get_value() for path, var in nnx.to_flat_state(shardings)}
+  checkpoint = Checkpoint(path, recorder)
+  sources = tensor_sources(state, config.compute.scan_layers)
+  missing = checkpoint.missing([n for s in sources for n in s.names])
+  if missing:
+    raise InteropError(f"{len(missing)} tensors the architecture in config.json needs are missing "
+                       f"from the checkpoint in {path}: {', '.join(map(repr, missing[:6]))}"
+                       f"{' ...' if len(missing) > 6 else ''}; the checkpoint is incomplete or "
+                       "config.json describes another model")
+  for s in sources:  # every shape and dtype checked before anything is read
+    for name in s.names:
+      checkpoint.expect(name, s.layout.hf_shape)
+  values = {}
+  for s in sources:
+    _put(values, s.path, read_param(checkpoint, s.names, s.layout, s.shape, s.dtype,
+                                    shardings[s.path], s.values[0] if s.values else None))
+  nnx.replace_by_pure_dict(state, values)
   return nnx.merge(graphdef, state), config
 
 
@@ -287,6 +296,13 @@ def config_to_hf(m) -> dict:
   return hf
 
 
+def _hf_order(name: str):
+  """Embeddings, then the layers in order, then the final norm and the output head (as HF writes)."""
+  if name.startswith("model.layers."):
+    return (1, int(name.split(".")[2]), name)
+  return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
+
+
 def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes `model` (a jaxlm Transformer) as a Hugging Face model directory: config.json,
   model-0000i-of-0000n.safetensors shards of at most max_shard_bytes, and their index.
@@ -295,23 +311,20 @@ def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
   """
   m = model.cfg
   hf_config = config_to_hf(m)
-  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  vocab = m.vocab_size
-  tensors = {"model.embed_tokens.weight": params["embed"][:vocab]}
-  head_dim = m.head_dim or m.d_model // m.num_heads
-  blocks = params["blocks"]
-  for keys, (hf_name, _, to_hf) in _layer_weights(m.num_heads, m.num_kv_heads, head_dim).items():
-    layer0 = blocks if model.compute.scan_layers else blocks[0]
-    if not _has(layer0, keys):
-      continue
-    for i in range(m.num_layers):
-      value = blocks if model.compute.scan_layers else blocks[i]
-      for key in keys:
-        value = value[key]
-      tensors[f"model.layers.{i}.{hf_name}"] = to_hf(value[i] if model.compute.scan_layers else value)
-  tensors["model.norm.weight"] = params["final_norm"]["scale"]
-  if not m.tie_embeddings:
-    tensors["lm_head.weight"] = params["unembed"][:, :vocab].T
+  state = nnx.state(model, nnx.Param)
+  params = dict(nnx.to_flat_state(state))
+  tensors = {}
+  for s in tensor_sources(state, model.compute.scan_layers):
+    value = np.asarray(jax.device_get(params[s.path].get_value()))
+    if s.values:
+      value = s.values[1](value)
+    for i, name in enumerate(s.names):
+      stacked = value.ndim > len(s.layout.shape)  # [layers, ...]
+      hf_value = s.layout.to_hf(value[i] if stacked else value)
+      # Padded vocabulary rows (model.vocab_multiple) are not part of the HF model.
+      tensors[name] = hf_value[tuple(slice(0, m.vocab_size) if g == ("vocab",) else slice(None)
+                                     for g in s.layout.groups)]
+  tensors = dict(sorted(tensors.items(), key=lambda kv: _hf_order(kv[0])))
   tensors = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
   hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
 
