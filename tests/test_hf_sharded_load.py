@@ -100,6 +100,17 @@ def test_a_split_inner_axis_reads_whole_heads_and_cuts_them():
 
 
 @pytest.mark.fast
+def test_an_elementwise_formula_applies_per_slice():
+  """A table entry's (from_hf, to_hf) pair, e.g. a norm HF stores as scale - 1, acts on each slice."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",))
+  layout = Layout.of(("embed",), ("embed",), (64,))
+  names = [f"model.layers.{i}.input_layernorm.weight" for i in range(2)]
+  scale = read_param(Checkpoint(FIXTURE), names, layout, (2, 64), np.float32,
+                     NamedSharding(mesh, PartitionSpec(None, "x")), from_hf=lambda w: w + 1)
+  np.testing.assert_array_equal(np.asarray(scale), _by_hand()[("blocks", "attn_norm", "scale")] + 1)
+
+
+@pytest.mark.fast
 def test_a_bfloat16_checkpoint_casts_per_shard():
   """dtype= casts each slice as it is read: bfloat16 master weights from the float32 fixture."""
   import jax.numpy as jnp

@@ -156,7 +156,7 @@ class Source(NamedTuple):
   layout: Layout  # one tensor's (one layer's) layout
   shape: tuple[int, ...]  # the whole parameter's shape ([layers, ...] when stacked)
   dtype: np.dtype
-  values: tuple | None  # elementwise (from_hf, to_hf), or None
+  elementwise: tuple | None  # (from_hf, to_hf) of the table entry, or None
 
 
 def tensor_sources(state: nnx.State, scan_layers: bool) -> list[Source]:
@@ -166,11 +166,10 @@ def tensor_sources(state: nnx.State, scan_layers: bool) -> list[Source]:
   for path, var in nnx.to_flat_state(state):
     value = var.get_value()
     axes, shape = tuple(var.get_metadata().get("out_sharding") or ()), tuple(value.shape)
+    stacked = scan_layers and path[0] == "blocks"  # [layers, ...]: one HF tensor per layer
     if path[0] == "blocks":
-      keys, layers = (path[1:], None) if scan_layers else (path[2:], [path[1]])
-      entry = layer.get(keys)
-      if scan_layers:  # [layers, ...]: one HF tensor per layer
-        axes, layers = axes[1:], range(shape[0])
+      entry = layer.get(path[1:] if scan_layers else path[2:])
+      layers = range(shape[0]) if scan_layers else [path[1]]
       names = [f"model.layers.{i}.{entry[0]}" for i in layers] if entry else []
     else:
       entry = top.get(path)
@@ -178,7 +177,7 @@ def tensor_sources(state: nnx.State, scan_layers: bool) -> list[Source]:
     if entry is None:
       raise InteropError(f"parameter {'.'.join(map(str, path))} has no Hugging Face tensor: this "
                          "model's architecture has no HF equivalent")
-    layout = Layout.of(entry[1], axes, shape[1:] if scan_layers and path[0] == "blocks" else shape)
+    layout = Layout.of(entry[1], axes[1:] if stacked else axes, shape[1:] if stacked else shape)
     out.append(Source(path, names, layout, shape, np.dtype(value.dtype),
                       entry[2] if len(entry) > 2 else None))
   return out
@@ -239,7 +238,7 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
   values = {}
   for s in sources:
     _put(values, s.path, read_param(checkpoint, s.names, s.layout, s.shape, s.dtype,
-                                    shardings[s.path], s.values[0] if s.values else None))
+                                    shardings[s.path], s.elementwise[0] if s.elementwise else None))
   nnx.replace_by_pure_dict(state, values)
   return nnx.merge(graphdef, state), config
 
@@ -316,8 +315,8 @@ def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
   tensors = {}
   for s in tensor_sources(state, model.compute.scan_layers):
     value = np.asarray(jax.device_get(params[s.path].get_value()))
-    if s.values:
-      value = s.values[1](value)
+    if s.elementwise:
+      value = s.elementwise[1](value)
     for i, name in enumerate(s.names):
       stacked = value.ndim > len(s.layout.shape)  # [layers, ...]
       hf_value = s.layout.to_hf(value[i] if stacked else value)
