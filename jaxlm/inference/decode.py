@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,7 @@ def bucket(n: int, minimum: int = 8, multiple: int = 1) -> int:
   return -(-size // multiple) * multiple
 
 
-def _stop_matrix(stop_sequences) -> np.ndarray:
+def stop_matrix(stop_sequences) -> np.ndarray:
   """[n_stop, longest] int32, each sequence right-aligned and left-padded with -1 (matches anything);
   at least one row (all -1 never matches: see `_ends_with_stop`)."""
   stops = [list(s) for s in stop_sequences]
@@ -90,62 +91,89 @@ def _ends_with_stop(recent, stops):
   return jnp.any(jnp.all(hit, axis=-1) & real.any(-1)[None], axis=-1)
 
 
+class Rows(NamedTuple):
+  """Per-row output of a decoding program while it runs (batch rows, width = most new tokens)."""
+  out: jax.Array  # [batch, width] int32 new tokens
+  logp: jax.Array  # [batch, width] float32 their log-probabilities
+  count: jax.Array  # [batch] int32 tokens emitted so far
+  recent: jax.Array  # [batch, L] the last L emitted tokens, for stop sequences (-2: none yet)
+  finish: jax.Array  # [batch] int32 index into FINISH, -1 while running
+  done: jax.Array  # [batch] bool
+
+  @classmethod
+  def start(cls, batch: int, width: int, stop_width: int, limits):
+    return cls(jnp.zeros((batch, width), jnp.int32), jnp.zeros((batch, width), jnp.float32),
+               jnp.zeros((batch,), jnp.int32), jnp.full((batch, stop_width), -2, jnp.int32),
+               jnp.full((batch,), -1, jnp.int32), limits <= 0)
+
+  def record(self, token, logp, valid, limits, stops, eos_id) -> "Rows":
+    """Appends token [batch] (with its log-prob) to each row where `valid` and the row is not done,
+    then ends rows that hit eos, a stop sequence or their limit."""
+    take = valid & ~self.done
+    rows = jnp.arange(token.shape[0])
+    at = jnp.minimum(self.count, self.out.shape[1] - 1)
+    out = self.out.at[rows, at].set(jnp.where(take, token, self.out[rows, at]))
+    lp = self.logp.at[rows, at].set(jnp.where(take, logp, self.logp[rows, at]))
+    count = self.count + take
+    shifted = jnp.concatenate([self.recent[:, 1:], token[:, None]], 1)
+    recent = jnp.where(take[:, None], shifted, self.recent)
+    code = jnp.where(token == eos_id, 1, jnp.where(_ends_with_stop(recent, stops), 2,
+                                                    jnp.where(count >= limits, 0, -1)))
+    finish = jnp.where(take, code, self.finish)
+    return Rows(out, lp, count, recent, finish, self.done | (finish >= 0))
+
+
+def token_logprob(logits, token):
+  """logits: [batch, vocab], token: [batch] -> [batch] float32 log softmax(logits)[token]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0]
+
+
+def prefill(model, prompts, lengths, cache_len):
+  """Writes right-padded prompts [batch, P] into a fresh cache; returns (each row's next-token
+  logits [batch, vocab], the cache with row b's index at lengths[b]).
+
+  Row b's padding lands at slots >= lengths[b] and is overwritten by its own new tokens before
+  any query can see it (a query at slot s sees slots <= s)."""
+  cache = model.init_cache(prompts.shape[0], cache_len)
+  logits, cache = model(prompts, cache=cache)  # [batch, P, vocab]
+  cache["index"] = lengths
+  return logits[jnp.arange(prompts.shape[0]), lengths - 1], cache
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "steps", "cache_len", "temperature", "top_k", "top_p", "min_p",
                      "mesh", "rules"))
 def _decode(graphdef, params, prompts, lengths, limits, stops, key, eos_id, *, steps, cache_len,
             temperature, top_k, top_p, min_p, mesh, rules):
-  """prompts: [batch, P] right-padded, lengths/limits: [batch] -> (tokens [batch, steps] int32,
-  logprobs [batch, steps] float32, counts [batch] int32, finish codes [batch] int32 (FINISH)).
+  """prompts: [batch, P] right-padded, lengths/limits: [batch] -> Rows after decoding.
 
-  The prompts are prefilled in one call: row b's tokens sit at cache slots [0, lengths[b]) (its
-  padding after them is overwritten by its own new tokens before any query can see it, since a
-  query at slot s sees slots <= s), then each row's cache index starts at its own length. The loop
-  stops as soon as every row is done. eos_id is traced (-1: none), so changing it never recompiles.
+  The loop stops as soon as every row is done. eos_id is traced (-1: none), so changing it never
+  recompiles.
   """
-  context = axis_rules(rules, mesh) if mesh is not None else contextlib.nullcontext()
-  with context:
+  with axis_rules(rules, mesh) if mesh is not None else contextlib.nullcontext():
     model = nnx.merge(graphdef, params)
-    batch = prompts.shape[0]
     sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p,
                                min_p=min_p)
-    cache = model.init_cache(batch, cache_len)
-    logits, cache = model(prompts, cache=cache)  # [batch, P, vocab]
-    cache["index"] = lengths
-    last = logits[jnp.arange(batch), lengths - 1]  # [batch, vocab]: each row's next-token logits
+    last, cache = prefill(model, prompts, lengths, cache_len)
 
-    def emit(state, logits):
-      """Samples each live row's next token from logits [batch, vocab] and records it."""
-      i, cache, out, logp, count, recent, finish, done = state
+    def emit(i, rows, logits):
       token = sample(jax.random.fold_in(key, i), logits)  # [batch]
-      lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], 1)[:, 0]
-      token, lp = jnp.where(done, 0, token), jnp.where(done, 0.0, lp)
-      out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, 1)
-      logp = jax.lax.dynamic_update_slice_in_dim(logp, lp[:, None], i, 1)
-      count = count + ~done
-      recent = jnp.where(done[:, None], recent, jnp.concatenate([recent[:, 1:], token[:, None]], 1))
-      code = jnp.where(token == eos_id, 1, jnp.where(_ends_with_stop(recent, stops), 2,
-                                                      jnp.where(count >= limits, 0, -1)))
-      finish = jnp.where(done, finish, code)
-      return (i + 1, cache, out, logp, count, recent, finish, done | (finish >= 0))
+      return rows.record(token, token_logprob(logits, token), True, limits, stops, eos_id)
 
-    state = (jnp.int32(0), cache, jnp.zeros((batch, steps), jnp.int32),
-             jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch,), jnp.int32),
-             jnp.full((batch, stops.shape[1]), -2, jnp.int32), jnp.full((batch,), -1, jnp.int32),
-             limits <= 0)
-    state = emit(state, last)
+    rows = emit(0, Rows.start(prompts.shape[0], steps, stops.shape[1], limits), last)
 
     def feed_and_emit(state):
-      i, cache, out = state[:3]
-      logits, cache = model(out[:, i - 1][:, None], cache=cache)  # [batch, 1, vocab]
-      return emit((i, cache, *state[2:]), logits[:, 0])
+      i, cache, rows = state
+      token = rows.out[jnp.arange(rows.out.shape[0]), jnp.maximum(rows.count - 1, 0)]
+      logits, cache = model(token[:, None], cache=cache)  # [batch, 1, vocab]
+      return i + 1, cache, emit(i, rows, logits[:, 0])
 
     def live(state):
-      return (state[0] < steps) & ~jnp.all(state[-1])
+      return (state[0] < steps) & ~jnp.all(state[2].done)
 
-    _, _, out, logp, count, _, finish, _ = jax.lax.while_loop(live, feed_and_emit, state)
-    return out, logp, count, finish
+    return jax.lax.while_loop(live, feed_and_emit, (jnp.int32(1), cache, rows))[2]
 
 
 def generate_batch(graphdef, params, prompts, *, max_new_tokens, key=None, temperature: float = 0.0,
@@ -190,15 +218,19 @@ def generate_batch(graphdef, params, prompts, *, max_new_tokens, key=None, tempe
     inputs = [jax.device_put(x, jax.sharding.NamedSharding(
         mesh, partition_spec(("batch",) + (None,) * (x.ndim - 1), rules, x.shape, mesh)))
               for x in inputs]
-  out, logp, count, finish = _decode(
-      graphdef, params, *inputs, jnp.asarray(_stop_matrix(stop_sequences)),
+  rows = _decode(
+      graphdef, params, *inputs, jnp.asarray(stop_matrix(stop_sequences)),
       jax.random.key(0) if key is None else key,
       jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32), steps=steps,
       cache_len=min(width + steps, cfg.max_seq_len), temperature=float(temperature),
       top_k=int(top_k), top_p=float(top_p), min_p=float(min_p), mesh=mesh,
       rules=None if mesh is None else rules)
-  out, logp, count, finish = (np.asarray(x) for x in (out, logp, count, finish))
-  n = len(prompts)
+  return completions(rows, len(prompts))
+
+
+def completions(rows: Rows, n: int) -> Completions:
+  """The first n rows of a finished decoding program as numpy, each cut to its own length."""
+  out, logp, count, finish = (np.asarray(x) for x in (rows.out, rows.logp, rows.count, rows.finish))
   return Completions(tokens=[out[i, :count[i]] for i in range(n)],
                      logprobs=[logp[i, :count[i]] for i in range(n)],
                      finish=[FINISH[finish[i]] for i in range(n)])
