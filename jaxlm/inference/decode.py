@@ -176,6 +176,47 @@ def _decode(graphdef, params, prompts, lengths, limits, stops, key, eos_id, *, s
     return jax.lax.while_loop(live, feed_and_emit, (jnp.int32(1), cache, rows))[2]
 
 
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """Prompts laid out for a decoding program: right-padded to a bucketed width, rows bucketed."""
+  prompts: jax.Array  # [rows, width] int32
+  lengths: jax.Array  # [rows] int32 (padding rows: 1)
+  limits: jax.Array  # [rows] int32 max new tokens (padding rows: 0, done from the start)
+  n: int  # real rows, the first n
+  width: int  # bucketed prompt width
+  steps: int  # bucketed most new tokens of any row
+  rules: tuple | None  # the rules table in use with a mesh
+
+
+def prepare_batch(prompts, max_new_tokens, max_seq_len: int, mesh=None, rules=None) -> Batch:
+  """Checks and lays out a request (see `generate_batch`); rows go over the mesh's batch axes."""
+  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  if not prompts:
+    raise ValueError("no prompts given")
+  limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (len(prompts),)).copy()
+  for p, n in zip(prompts, limits):
+    check_length(max_seq_len, len(p), int(n))
+  rows_multiple = 1
+  if mesh is not None:
+    rules = parse_rules(base_config().mesh.rules) if rules is None else tuple(rules)
+    rows_multiple = math.prod(mesh.shape[a] for a in (dict(rules).get("batch") or ()))
+  rows = bucket(len(prompts), 1, rows_multiple)
+  width = min(bucket(max(len(p) for p in prompts)), max_seq_len)
+  padded = np.zeros((rows, width), np.int32)
+  lengths = np.ones((rows,), np.int32)
+  row_limits = np.zeros((rows,), np.int32)
+  for i, p in enumerate(prompts):
+    padded[i, :len(p)], lengths[i], row_limits[i] = p, len(p), limits[i]
+  arrays = [padded, lengths, row_limits]
+  if mesh is not None:
+    arrays = [jax.device_put(x, jax.sharding.NamedSharding(
+        mesh, partition_spec(("batch",) + (None,) * (x.ndim - 1), rules, x.shape, mesh)))
+              for x in arrays]
+  steps = min(bucket(int(limits.max()), 1), max_seq_len)
+  return Batch(*arrays, n=len(prompts), width=width, steps=steps,
+               rules=None if mesh is None else rules)
+
+
 def generate_batch(graphdef, params, prompts, *, max_new_tokens, key=None, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                    eos_id: int | None = None, stop_sequences=(), mesh=None,
@@ -191,41 +232,17 @@ def generate_batch(graphdef, params, prompts, *, max_new_tokens, key=None, tempe
   program is reused across requests of similar sizes. Raises ValueError when a row's prompt plus
   its max_new_tokens exceeds model.max_seq_len.
   """
-  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
-  if not prompts:
-    raise ValueError("no prompts given")
-  limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (len(prompts),)).copy()
   cfg = nnx.merge(graphdef, params).cfg  # cheap: wraps the arrays, copies nothing
-  for p, n in zip(prompts, limits):
-    check_length(cfg.max_seq_len, len(p), int(n))
+  batch = prepare_batch(prompts, max_new_tokens, cfg.max_seq_len, mesh, rules)
   if temperature != 0 and key is None:
     raise ValueError("sampling (temperature > 0) needs a PRNG key")
-  rows_multiple = 1
-  if mesh is not None:
-    rules = parse_rules(base_config().mesh.rules) if rules is None else tuple(rules)
-    rows_multiple = math.prod(mesh.shape[a] for a in (dict(rules).get("batch") or ()))
-  batch = bucket(len(prompts), 1, rows_multiple)
-  longest = max(len(p) for p in prompts)
-  width = min(bucket(longest), cfg.max_seq_len)
-  steps = min(bucket(int(limits.max()), 1), cfg.max_seq_len)
-  padded = np.zeros((batch, width), np.int32)
-  lengths = np.ones((batch,), np.int32)  # padding rows: one token, nothing to generate
-  row_limits = np.zeros((batch,), np.int32)
-  for i, p in enumerate(prompts):
-    padded[i, :len(p)], lengths[i], row_limits[i] = p, len(p), limits[i]
-  inputs = [padded, lengths, row_limits]
-  if mesh is not None:
-    inputs = [jax.device_put(x, jax.sharding.NamedSharding(
-        mesh, partition_spec(("batch",) + (None,) * (x.ndim - 1), rules, x.shape, mesh)))
-              for x in inputs]
   rows = _decode(
-      graphdef, params, *inputs, jnp.asarray(stop_matrix(stop_sequences)),
-      jax.random.key(0) if key is None else key,
-      jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32), steps=steps,
-      cache_len=min(width + steps, cfg.max_seq_len), temperature=float(temperature),
-      top_k=int(top_k), top_p=float(top_p), min_p=float(min_p), mesh=mesh,
-      rules=None if mesh is None else rules)
-  return completions(rows, len(prompts))
+      graphdef, params, batch.prompts, batch.lengths, batch.limits,
+      jnp.asarray(stop_matrix(stop_sequences)), jax.random.key(0) if key is None else key,
+      jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32), steps=batch.steps,
+      cache_len=min(batch.width + batch.steps, cfg.max_seq_len), temperature=float(temperature),
+      top_k=int(top_k), top_p=float(top_p), min_p=float(min_p), mesh=mesh, rules=batch.rules)
+  return completions(rows, batch.n)
 
 
 def completions(rows: Rows, n: int) -> Completions:
