@@ -93,10 +93,10 @@ def test_rows_stop_at_eos_and_at_stop_sequences(model, prompts, alone):
 
 
 def test_requests_of_similar_sizes_reuse_one_program(model, prompts):
-  before = decode._decode._cache_size()
+  before = decode.compiled_programs()
   generate_batch(*model, [prompts[0], prompts[2]], max_new_tokens=5)  # width 8, batch 2, 8 steps
   generate_batch(*model, [prompts[2][:3], prompts[2][:6]], max_new_tokens=7)
-  assert decode._decode._cache_size() == before + 1
+  assert decode.compiled_programs() == before + 1
 
 
 def test_bad_requests_are_refused_by_name(model, prompts):

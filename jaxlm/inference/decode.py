@@ -245,6 +245,12 @@ def generate_batch(graphdef, params, prompts, *, max_new_tokens, key=None, tempe
   return completions(rows, batch.n)
 
 
+def compiled_programs() -> int:
+  """How many decoding programs `generate_batch` has compiled in this process (bucketing keeps
+  this to a handful for a stream of requests)."""
+  return _decode._cache_size()
+
+
 def completions(rows: Rows, n: int) -> Completions:
   """The first n rows of a finished decoding program as numpy, each cut to its own length."""
   out, logp, count, finish = (np.asarray(x) for x in (rows.out, rows.logp, rows.count, rows.finish))
