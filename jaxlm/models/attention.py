@@ -70,6 +70,14 @@ def causal_blocked_attention(q, k, v, segments=None, blocks: int = 1, window: in
   return jnp.concatenate(outs, axis=1)
 
 
+def write_rows(cache, new, index):
+  """cache: [batch, S, ...]; new: [batch, t, ...]; index: [batch] -> cache with row b's new entries
+  at slots [index[b], index[b] + t). Rows have their own index, so rows of a batch may hold prompts
+  of different lengths and advance by different amounts (speculative decoding)."""
+  write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, 0)
+  return jax.vmap(write)(cache, new, index)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, out_std: float):
@@ -93,7 +101,8 @@ class Attention(nnx.Module):
       self.rope = (tuple(inv_freq.tolist()), scale)  # static: hashable, not a parameter
 
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None):
-    """x: [batch, t, embed]; positions, slots: [batch, t]; cache: {"k","v": [batch, S, kv_heads, head_dim]}."""
+    """x: [batch, t, embed]; positions, slots: [batch, t]; cache: {"k","v": [batch, S, kv_heads,
+    head_dim]} with cache_index: [batch], where each row's t new entries go."""
     cfg, cp = self.cfg, self.compute
     c, mdt = cp.activations, cp.matmul
     q = dense(x, self.q[...].astype(c), cp)  # [batch, t, heads, head_dim]
@@ -115,9 +124,8 @@ class Attention(nnx.Module):
 
     q_segments = k_segments = segment_ids
     k_slots = slots
-    if cache is not None:  # write this step's keys/values at [cache_index, cache_index + t) and attend to the cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+    if cache is not None:  # write row b's keys/values at [cache_index[b], cache_index[b] + t), attend to the cache
+      k, v = write_rows(cache["k"], k, cache_index), write_rows(cache["v"], v, cache_index)
       cache = {"k": k, "v": v}
       k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
       q_segments = k_segments = None  # decoding continues one document

@@ -87,12 +87,15 @@ class Transformer(nnx.Module):
       self.unembed = param(rngs, (d, self.vocab), ("embed", "vocab"), cfg.init_std, p)
 
   def init_cache(self, batch: int, max_len: int, cache_dtype=None) -> dict:
-    """An empty KV cache: {"k","v": [layers, batch, max_len, kv_heads, head_dim], "index": 0}."""
+    """An empty KV cache: {"k","v": [layers, batch, max_len, kv_heads, head_dim], "index": [batch]}.
+
+    index[b] is where row b's next tokens go (and how many slots of row b are filled): rows advance
+    on their own, so a batch may hold prompts of different lengths."""
     cfg = self.cfg
     hd = cfg.head_dim or cfg.d_model // cfg.num_heads
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, hd)
     cdt = cache_dtype or self.compute.activations
-    return {"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt), "index": jnp.zeros((), jnp.int32)}
+    return {"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt), "index": jnp.zeros((batch,), jnp.int32)}
 
   def embed_tokens(self, tokens, positions):
     """tokens, positions: [batch, t] -> x: [batch, t, embed] in the compute dtype."""
@@ -107,7 +110,7 @@ class Transformer(nnx.Module):
 
   def _layer(self, start):
     """One block applied to x, with compute.remat_policy's recompute: f(block, x, kv, rows).
-    start: where this call's tokens begin in the KV cache (0 without one)."""
+    start: [batch], where each row's tokens of this call begin in the KV cache (zeros without one)."""
     def layer(block, x, layer_cache, rows):  # rows: (positions, slots, segment_ids) of x's rows
       return block(x, *rows, layer_cache, start)
     policy = self.compute.remat_policy
@@ -157,9 +160,9 @@ class Transformer(nnx.Module):
     """slots: [batch, t] each token's index in its row (default 0..t-1; a permuted order under
     balanced sequence parallelism) or, with a cache, in the cache."""
     b, t = tokens.shape
-    start = 0 if cache is None else cache["index"]
+    start = jnp.zeros((b,), jnp.int32) if cache is None else cache["index"]  # [batch]
     if slots is None:
-      slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+      slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)  # [batch, t]
     if positions is None:
       positions = slots
     x = self.embed_tokens(tokens, positions)
