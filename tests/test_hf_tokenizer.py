@@ -19,8 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, pre_tokenizers
 
+from jaxlm.config import ConfigError, base_config, with_vocab_size
 from jaxlm.data import chat_template
 from jaxlm.data.hf_tokenizer import HFTokenizer, byte_level_alphabet
+from jaxlm.data.pipeline import _tokens
+from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.runs import read_tokenizer, write_run_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "tokenizers")
@@ -274,6 +278,84 @@ def test_special_token_resolution(tmp_path):
   assert t.eos_id == base.token_to_id("<|end_of_text|>") and t.vocab_size == base.vocab_size + 1
 
 
+# --- loading, saving, run directories ---------------------------------------------------------------
+
+
+@pytest.mark.fast
+def test_load_tokenizer_picks_the_kind(tmp_path):
+  assert isinstance(load_tokenizer(fixture("sentencepiece")), HFTokenizer)  # tokenizer.json first
+  assert isinstance(load_tokenizer(os.path.join(fixture("llama3"), "tokenizer.json")), HFTokenizer)
+  sp_only = tmp_path / "sp"
+  sp_only.mkdir()
+  shutil.copy(os.path.join(fixture("sentencepiece"), "tokenizer.model"), sp_only)
+  assert isinstance(load_tokenizer(sp_only), Tokenizer)
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model in"):
+    load_tokenizer(tmp_path)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_files_load_back_the_same_tokenizer(tmp_path, name):
+  written = tok(name).save(str(tmp_path / "out"))
+  assert "tokenizer.json" in written and "tokenizer_config.json" in written
+  again = load_tokenizer(tmp_path / "out")
+  texts = REFS[name]["texts"]
+  assert again.vocab_size == tok(name).vocab_size
+  assert again.encode_batch(texts) == tok(name).encode_batch(texts)
+  assert again.chat_template == tok(name).chat_template
+
+
+@pytest.mark.fast
+def test_sentencepiece_save_names_its_special_tokens(tmp_path):
+  sp = Tokenizer(os.path.join(ROOT, "tests", "fixtures", "run_before_compute_split", "tokenizer.model"))
+  assert sorted(sp.save(str(tmp_path))) == ["tokenizer.model", "tokenizer_config.json"]
+  with open(tmp_path / "tokenizer_config.json") as f:
+    config = json.load(f)
+  assert {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token")} == {
+      "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+      "add_bos_token": True}
+  assert sp.encode("To be", add_special_tokens=True) == [sp.bos_id, *sp.encode("To be")]
+
+
+@pytest.mark.fast
+def test_a_run_directory_keeps_the_tokenizer_it_was_given(tmp_path):
+  config = base_config()
+  write_run_files(str(tmp_path), config, tok("chatml"))
+  assert sorted(os.listdir(tmp_path)) == ["chat_template.jinja", "config.json", "tokenizer.json",
+                                          "tokenizer_config.json"]
+  again = read_tokenizer(str(tmp_path))
+  assert isinstance(again, HFTokenizer) and again.chat_template == tok("chatml").chat_template
+  write_run_files(str(tmp_path), config, str(tmp_path))  # the run's own copy: rewritten in place
+  assert read_tokenizer(str(tmp_path)).encode("Hi") == tok("chatml").encode("Hi")
+  # Another kind of tokenizer replaces the old files, so the run never reads back the old one.
+  write_run_files(str(tmp_path), config, os.path.join(fixture("sentencepiece"), "tokenizer.model"))
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "tokenizer.model", "tokenizer_config.json"]
+  assert isinstance(read_tokenizer(str(tmp_path)), Tokenizer)
+
+
+@pytest.mark.fast
+def test_documents_get_bos_only_from_a_tokenizer_that_has_one(tmp_path):
+  (tmp_path / "doc.txt").write_text("To be, or not to be", encoding="utf-8")
+  config = base_config()
+  config.data.source, config.data.train_paths = "text", str(tmp_path / "doc.txt")
+  for name in ("chatml", "llama3"):
+    t = tok(name)
+    docs, _ = _tokens(config, t, "train")
+    bos = [] if t.bos_id is None else [t.bos_id]
+    assert docs[0].tolist() == [*bos, *t.encode("To be, or not to be"), t.eos_id]
+
+
+@pytest.mark.fast
+def test_a_model_may_have_rows_its_hugging_face_tokenizer_never_uses():
+  c = base_config()
+  c.model.vocab_size = 384
+  assert with_vocab_size(c, 365, extra_rows_ok=True).model.vocab_size == 384
+  with pytest.raises(ConfigError, match="model.vocab_size is 384 but the tokenizer has 365"):
+    with_vocab_size(c, 365)
+  with pytest.raises(ConfigError, match="model.vocab_size is 384 but the tokenizer has 400"):
+    with_vocab_size(c, 400, extra_rows_ok=True)  # fewer rows than ids: never
+
+
 # --- against transformers itself, where it is installed ------------------------------------------
 
 
@@ -314,3 +396,19 @@ def test_live_special_token_resolution_matches_transformers(tmp_path, key):
   for text in REFS["llama3"]["texts"]:
     assert t.encode(text, add_special_tokens=True) == hf(text)["input_ids"]
   assert t.special_tokens == hf.special_tokens_map
+
+
+def test_live_an_exported_sentencepiece_tokenizer_loads_in_transformers(tmp_path):
+  sp = Tokenizer(os.path.join(ROOT, "tests", "fixtures", "run_before_compute_split", "tokenizer.model"))
+  sp.save(str(tmp_path))
+  hf = _hf(str(tmp_path))
+  assert len(hf) == sp.vocab_size
+  assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (
+      sp.bos_id, sp.eos_id, sp.pad_id, sp.unk_id)
+  # Text holding the special tokens' strings ("<s>") is where they differ: transformers reads them
+  # as the special tokens, SentencePiece as text.
+  texts = [t for t in REFS["llama3"]["texts"] if "<s>" not in t]
+  for text in texts:
+    assert hf.encode(text, add_special_tokens=False) == sp.encode(text), text
+    assert hf(text)["input_ids"] == sp.encode(text, add_special_tokens=True), text
+    assert hf.decode(sp.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))
