@@ -10,7 +10,8 @@ activations that full remat still keeps per layer); global batch 512 rows x 8192
 a step. On GPUs: 128 nodes of 8 H100 (1024 GPUs), tensor=8 inside a node. Meta trained it with
 pipeline and context parallelism as well; this plan is an estimate, not measured.
 
-Tokenizer: as for llama3_8b (tiktoken; jaxlm trains a SentencePiece of the same size instead).
+Tokenizer: as for llama3_8b (the Hugging Face directory's tokenizer.json, or a SentencePiece of
+the same size trained here).
 """
 
 from jaxlm.presets import llama3_1, pretrain_config

@@ -10,7 +10,8 @@ step, 2 rows a chip, full remat. On GPUs: 32 nodes of 8 H100 (256 GPUs), the sam
 --config.mesh.tensor=8 keeps tensor parallelism inside a node (NVLink) with FSDP across nodes.
 Sizes are planned, not yet measured.
 
-Tokenizer: as for llama3_8b (tiktoken; jaxlm trains a SentencePiece of the same size instead).
+Tokenizer: as for llama3_8b (the Hugging Face directory's tokenizer.json, or a SentencePiece of
+the same size trained here).
 """
 
 from jaxlm.presets import llama3_1, pretrain_config

@@ -11,8 +11,9 @@ Where it runs: a TPU v5p-64 slice (32 chips, 8 hosts), pure FSDP over all 32 chi
 and Adam state: 128 GB, 4 GB a chip); global batch 128 rows x 8192 tokens = 1M tokens a step, 4 rows
 a chip. On GPUs: 4 nodes of 8 H100 (32 GPUs), the same mesh. Sizes are planned, not yet measured.
 
-Tokenizer: Llama 3's is a tiktoken BPE, which jaxlm cannot load (SentencePiece only); left as is,
-jaxlm trains a 128256-piece SentencePiece on the data. Loading the published weights needs both.
+Tokenizer: --config.tokenizer.path=path/to/Llama-3.1-8B (the Hugging Face directory: its
+tokenizer.json); left empty, jaxlm trains a 128256-piece SentencePiece on the data. Loading the
+published weights needs the published tokenizer.
 """
 
 from jaxlm.presets import llama3_1, pretrain_config

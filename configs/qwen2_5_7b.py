@@ -8,8 +8,9 @@ Where it runs: a TPU v5p-64 slice (32 chips), pure FSDP; global batch 256 rows x
 tokens a step (Qwen2.5 pretrains at 4096 and extends the context later). On GPUs: 4 nodes of 8
 H100. Sizes are planned, not yet measured.
 
-Tokenizer: Qwen's is a byte-level BPE (tokenizer.json), which jaxlm cannot load (SentencePiece
-only); left as is, jaxlm trains a 152064-piece SentencePiece on the data.
+Tokenizer: --config.tokenizer.path=path/to/Qwen2.5-7B (the Hugging Face directory: its
+tokenizer.json, fewer ids than the embedding's 152064 rows, which jaxlm allows for a Hugging Face
+tokenizer); left empty, jaxlm trains a 152064-piece SentencePiece on the data.
 """
 
 from jaxlm.presets import pretrain_config

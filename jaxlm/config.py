@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 def _model() -> ConfigDict:
   m = ConfigDict()
   # Token ids the model knows. 0: the tokenizer's vocabulary size, filled in when the run starts
-  # (config.json records the number); > 0 (a published architecture) must equal the tokenizer's.
+  # (config.json records the number); > 0 (a published architecture) must equal the tokenizer's,
+  # or exceed it for a Hugging Face tokenizer (Qwen2.5's embedding has rows past its tokenizer's
+  # ids; those ids never occur in the data).
   m.vocab_size = 0
   # Embedding rows (and logits) are padded up to a multiple of this: 128 keeps TPU/GPU matmuls on
   # whole tiles for any vocabulary. Padded ids' logits are masked, so they are never predicted.
@@ -96,7 +98,11 @@ def _compute() -> ConfigDict:
 
 def _tokenizer() -> ConfigDict:
   t = ConfigDict()
-  t.path = ""  # an existing SentencePiece .model; empty: train one on the training split
+  # An existing tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json (its
+  # tokenizer_config.json beside it names the special tokens and holds the chat template), or a
+  # directory holding either (tokenizer.json first). Empty: train a SentencePiece model on the
+  # training split.
+  t.path = ""
   t.model_type = "bpe"  # bpe | unigram (when training)
   t.vocab_size = 4096  # pieces of a tokenizer trained here (ignored when tokenizer.path is set)
   t.byte_fallback = True  # unknown characters become UTF-8 bytes, never <unk>
@@ -247,12 +253,16 @@ _NON_NEGATIVE = (
 )
 
 
-def with_vocab_size(config: ConfigDict, tokenizer_vocab: int) -> ConfigDict:
+def with_vocab_size(config: ConfigDict, tokenizer_vocab: int, extra_rows_ok: bool = False
+                    ) -> ConfigDict:
   """A copy of config with model.vocab_size = the tokenizer's vocabulary (the one place they meet).
 
-  model.vocab_size 0 takes it; a set value (a published architecture) must equal it.
+  model.vocab_size 0 takes it; a set value (a published architecture) must equal it, or may exceed
+  it when extra_rows_ok (a published model's Hugging Face tokenizer: embedding rows it never uses).
   """
   given = config.model.vocab_size
+  if given and given > tokenizer_vocab and extra_rows_ok:
+    return config.copy_and_resolve_references()
   if given and given != tokenizer_vocab:
     raise ConfigError(
         f"model.vocab_size is {given} but the tokenizer has {tokenizer_vocab} tokens; set "

@@ -3,18 +3,18 @@
 --from_hf: a Hugging Face model directory becomes a jaxlm run directory (config.json, the
   tokenizer, an orbax checkpoint at step 0 with fresh optimizer state) that `python -m
   jaxlm.generate --workdir=RUN` samples from and that training resumes or starts from
-  (`--config.checkpoint.init_from=RUN`). The tokenizer must be a SentencePiece `tokenizer.model` in
-  DIR for now (Llama 2, Mistral ship one; `tokenizer.json`-only models are refused by name).
+  (`--config.checkpoint.init_from=RUN`). The tokenizer is DIR's tokenizer.json (with its
+  tokenizer_config.json and chat template: Llama 3, Qwen) or, when there is none, its SentencePiece
+  tokenizer.model.
 --to_hf: a jaxlm run's parameters (latest checkpoint, or --step) become a Hugging Face model
-  directory (config.json, sharded safetensors, index) that transformers loads; the run's
-  SentencePiece tokenizer.model is copied beside them.
+  directory (config.json, sharded safetensors, index) that transformers loads, with the run's
+  tokenizer beside them: its tokenizer.json files, or tokenizer.model and a tokenizer_config.json.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 from absl import app, flags, logging
@@ -29,6 +29,7 @@ def from_hf(hf_dir: str, workdir: str) -> None:
   import jax
 
   from jaxlm.config import with_vocab_size
+  from jaxlm.data.hf_tokenizer import HFTokenizer
   from jaxlm.data.tokenizer import load_tokenizer
   from jaxlm.interop import hf
   from jaxlm.runs import write_run_files
@@ -36,15 +37,16 @@ def from_hf(hf_dir: str, workdir: str) -> None:
   from jaxlm.train.init_from import start_from
   from jaxlm.train.setup import make_setup
 
-  tokenizer = os.path.join(hf_dir, "tokenizer.model")
-  if not os.path.exists(tokenizer):
-    raise hf.InteropError(
-        f"{tokenizer} not found: jaxlm reads SentencePiece tokenizers only so far, and this model "
-        "ships none (a tokenizer.json alone is not supported yet)")
+  try:
+    tokenizer = load_tokenizer(hf_dir)
+  except FileNotFoundError as e:
+    raise hf.InteropError(f"{e}: a model directory for jaxlm needs its tokenizer") from e
   with open(os.path.join(hf_dir, "config.json")) as f:
     config = hf.config_from_hf(json.load(f))
-  config.tokenizer.path = tokenizer
-  config = with_vocab_size(config, load_tokenizer(tokenizer).vocab_size)  # they must agree
+  config.tokenizer.path = tokenizer.path
+  # They must agree; the model may have rows its tokenizer never uses (Qwen2.5).
+  config = with_vocab_size(config, tokenizer.vocab_size,
+                           extra_rows_ok=isinstance(tokenizer, HFTokenizer))
   config.train.workdir = workdir
   config.checkpoint.async_save = False
   config.mesh.data = 1  # one device: the checkpoint restores onto any mesh later
@@ -61,8 +63,7 @@ def to_hf(workdir: str, hf_dir: str, step: int | None) -> None:
   from jaxlm.runs import load_params
 
   run = load_params(workdir, step)
-  hf.save_model(run.model(), hf_dir)
-  shutil.copyfile(os.path.join(workdir, "tokenizer.model"), os.path.join(hf_dir, "tokenizer.model"))
+  hf.save_model(run.model(), hf_dir, tokenizer=run.tokenizer)
 
 
 def main(argv):

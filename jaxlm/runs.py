@@ -2,7 +2,10 @@
 
 Layout:
   config.json        the full config the run was started with (model.vocab_size filled in)
-  tokenizer.model    a copy of the SentencePiece model, so the run is self-contained
+  tokenizer files    a copy of the run's tokenizer, so the run is self-contained: tokenizer.model (and
+                     a tokenizer_config.json naming its special tokens) for SentencePiece;
+                     tokenizer.json, tokenizer_config.json (and chat_template.jinja,
+                     special_tokens_map.json where the source has them) for a Hugging Face one
   checkpoints/<step>/{state,data}   orbax CheckpointManager items, written by jaxlm/train/checkpoint.py;
                      "state" is the whole TrainState (step, params, opt_state, rng)
 
@@ -23,7 +26,9 @@ from flax import nnx
 
 from jaxlm.config import (ConfigError, base_config, flat_fields, parse_rules, unknown_field_error,
                           with_vocab_size)
-from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxlm.data.hf_tokenizer import (CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CONFIG_FILE,
+                                     SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, HFTokenizer)
+from jaxlm.data.tokenizer import MODEL_FILE, AnyTokenizer, load_tokenizer
 from jaxlm.models import build_model
 from jaxlm.parallel.mesh import platform
 from jaxlm.parallel.sharding import tree_shardings
@@ -66,14 +71,29 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
-def write_run_files(workdir: str, config, tokenizer_path: str):
-  """Saves what a later process needs to rebuild the model: the config and the tokenizer."""
+# Every tokenizer file a run directory may hold; those the run's tokenizer does not write are
+# removed, so a directory reused with another kind of tokenizer never reads back the old one.
+TOKENIZER_FILES = (MODEL_FILE, TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE,
+                   CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR)
+
+
+def write_run_files(workdir: str, config, tokenizer: AnyTokenizer | str):
+  """Saves what a later process needs to rebuild the model: the config and the tokenizer's files.
+
+  tokenizer: a loaded tokenizer, or a path load_tokenizer takes.
+  """
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  target = os.path.join(workdir, "tokenizer.model")
-  if os.path.abspath(tokenizer_path) != os.path.abspath(target):
-    shutil.copyfile(tokenizer_path, target)
+  if isinstance(tokenizer, (str, os.PathLike)):
+    tokenizer = load_tokenizer(tokenizer)
+  written = tokenizer.save(workdir)
+  for name in set(TOKENIZER_FILES) - set(written):
+    stale = os.path.join(workdir, name)
+    if os.path.isdir(stale):
+      shutil.rmtree(stale)
+    elif os.path.exists(stale):
+      os.remove(stale)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -85,13 +105,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return from_saved(json.load(f))
 
 
-def read_tokenizer(workdir: str) -> Tokenizer:
-  path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.isfile(path):
+def read_tokenizer(workdir: str) -> AnyTokenizer:
+  """The run's copy of its tokenizer: tokenizer.json if there is one, else tokenizer.model."""
+  if not any(os.path.isfile(os.path.join(workdir, n)) for n in (TOKENIZER_FILE, MODEL_FILE)):
     raise CheckpointError(
-        f"{path} not found: a run keeps a copy of its tokenizer there; copy the tokenizer.model the "
-        "run trained with (its tokenizer.path, or the one in tokenizer.cache_dir) into the run directory")
-  return load_tokenizer(path)
+        f"no {TOKENIZER_FILE} or {MODEL_FILE} in {workdir}: a run keeps a copy of its tokenizer "
+        "there; copy the files of the tokenizer the run trained with (its tokenizer.path, or the "
+        f"{MODEL_FILE} it trained in tokenizer.cache_dir) into the run directory")
+  return load_tokenizer(workdir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +121,7 @@ class LoadedParams:
   graphdef: nnx.GraphDef  # the model's structure; nnx.merge(graphdef, params) is the model
   params: nnx.State  # the nnx.Param state, every array already in its target sharding
   config: ml_collections.ConfigDict  # the run's config.json, migrated to today's tree
-  tokenizer: Tokenizer
+  tokenizer: AnyTokenizer
   step: int  # the checkpoint's step
 
   def model(self):
@@ -117,7 +138,7 @@ def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh |
   """
   config = read_config(workdir)
   tokenizer = read_tokenizer(workdir)
-  config = with_vocab_size(config, tokenizer.vocab_size)
+  config = with_vocab_size(config, tokenizer.vocab_size, extra_rows_ok=isinstance(tokenizer, HFTokenizer))
   abstract = nnx.eval_shape(
       lambda: build_model(config, platform=platform(mesh) if mesh else jax.default_backend()))
   graphdef, shapes = nnx.split(abstract, nnx.Param)

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxlm import convert
 from jaxlm.config import base_config
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.interop import hf
 from jaxlm.models import build_model
 from jaxlm.runs import load_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_RUN = os.path.join(ROOT, "tests", "fixtures", "run_before_compute_split")  # vocab 384
+CHATML = os.path.join(ROOT, "tests", "fixtures", "tokenizers", "chatml")  # a tokenizer.json of 365 ids
 
 
 def cli(*args):
@@ -33,7 +36,7 @@ def test_a_run_exported_to_hugging_face_computes_the_same_logits(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert sorted(os.listdir(tmp_path / "hf")) == [
       "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
-      "tokenizer.model"]
+      "tokenizer.model", "tokenizer_config.json"]
   ids = np.random.default_rng(0).integers(0, 384, (2, 32)).astype(np.int32)
   exported, _ = hf.load_model(str(tmp_path / "hf"))
   np.testing.assert_allclose(logits(exported, ids), logits(load_params(OLD_RUN).model(), ids),
@@ -65,4 +68,21 @@ def test_bad_invocations_name_the_fix(tmp_path):
   assert out.returncode != 0 and "exactly one of --from_hf=DIR or --to_hf=DIR" in out.stderr
   shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "hf", "llama3"), tmp_path / "hf")
   out = cli("jaxlm.convert", f"--from_hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}")
-  assert out.returncode == 1 and "tokenizer.model not found" in out.stderr
+  assert out.returncode == 1 and "no tokenizer.json or tokenizer.model in" in out.stderr
+
+
+def test_a_hugging_face_model_with_a_tokenizer_json_goes_both_ways(tmp_path):
+  """Qwen-style: tokenizer.json only, and more embedding rows (384) than tokenizer ids (365)."""
+  c = base_config()
+  c.model.update(vocab_size=384, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=64,
+                 max_seq_len=64, init_std=0.1)
+  hf.save_model(build_model(c, seed=4), str(tmp_path / "hf"),
+                tokenizer=load_tokenizer(CHATML))
+  convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))  # in this process: the CLI is tested above
+  run = load_params(str(tmp_path / "run"))
+  assert run.config.model.vocab_size == 384 and run.tokenizer.vocab_size == 365
+  assert run.tokenizer.chat_template is not None
+  convert.to_hf(str(tmp_path / "run"), str(tmp_path / "back"), None)
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    with open(os.path.join(CHATML, name), "rb") as a, open(tmp_path / "back" / name, "rb") as b:
+      assert a.read() == b.read(), name

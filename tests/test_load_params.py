@@ -100,7 +100,7 @@ def test_missing_or_damaged_runs_name_the_fix(old_run, tmp_path):
   out = generate_cli(old_run)
   assert out.returncode == 1 and "jaxlm: no checkpoint in" in out.stderr, out.stderr[-2000:]
   os.remove(old_run / "tokenizer.model")
-  with pytest.raises(CheckpointError, match=r"tokenizer.model not found: .*copy the tokenizer.model"):
+  with pytest.raises(CheckpointError, match=r"no tokenizer.json or tokenizer.model in .*copy the files"):
     load_params(old_run)
   with pytest.raises(CheckpointError, match=r"config.json not found: is .* the train.workdir"):
     load_params(tmp_path / "nowhere")

@@ -71,7 +71,7 @@ import numpy as np
 
 from jaxlm.config import ConfigError
 from jaxlm.data import sources
-from jaxlm.data.tokenizer import Tokenizer
+from jaxlm.data.tokenizer import AnyTokenizer as Tokenizer
 
 Batch = dict[str, np.ndarray]
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -82,13 +82,20 @@ _SHUFFLE_WINDOW_ROWS = 8192
 _EPOCH_SAMPLE_DOCS = 64  # documents tokenized to estimate a lazy source's epoch size
 
 
+def _has(token_id) -> bool:
+  """False for a token the tokenizer lacks: None (Hugging Face) or -1 (SentencePiece)."""
+  return token_id is not None and token_id >= 0
+
+
 def _tokens(config, tokenizer: Tokenizer, split: str, shard: tuple[int, int] = (0, 1)
             ) -> tuple[grain.MapDataset, int] | None:
   """Each document as int32 [bos, *ids, eos], and the tokens in one epoch (estimated if lazy).
 
+  A tokenizer without a bos (Qwen2's) or eos token leaves it out.
+
   shard (index, count): only documents index, index + count, ... are read and tokenized.
 
-  In-memory sources are tokenized now, in one threaded SentencePiece call (~1 s for 5 MB); tfds
+  In-memory sources are tokenized now, in one threaded call (SentencePiece: ~1 s for 5 MB); tfds
   is tokenized lazily, as records are read, so its size does not matter. Its epoch size is
   estimated from an evenly spaced sample of documents (it only bounds the shuffle window).
   """
@@ -102,10 +109,11 @@ def _tokens(config, tokenizer: Tokenizer, split: str, shard: tuple[int, int] = (
           f"the {split} split of data.source '{config.data.source}' has {len(docs)} documents, fewer "
           f"than the {count} processes that each read a share of them; use more (or split) documents")
     docs = docs[index::count]
-  bos, eos = tokenizer.bos_id, tokenizer.eos_id
+  head = [tokenizer.bos_id] if _has(tokenizer.bos_id) else []
+  tail = [tokenizer.eos_id] if _has(tokenizer.eos_id) else []
 
   def wrap(ids) -> np.ndarray:
-    return np.asarray([bos, *ids, eos], np.int32)  # [len(ids) + 2]
+    return np.asarray([*head, *ids, *tail], np.int32)  # [len(ids) + 2] (less a missing bos/eos)
 
   if isinstance(docs, grain.MapDataset):
     tokens = docs.map(lambda text: wrap(tokenizer.encode(text)))

@@ -1,6 +1,12 @@
-"""SentencePiece tokenizer: load, train (cached by content hash), and the lossless round trip.
+"""Tokenizers: loading either kind, and SentencePiece models trained here (cached by content hash).
 
-Training options are chosen so that `decode(encode(text)) == text` for any text: identity
+`load_tokenizer(path)` takes a SentencePiece .model, a Hugging Face tokenizer.json
+(jaxlm/data/hf_tokenizer.py), or a directory holding either; a directory with both is read as
+its tokenizer.json, which is what transformers loads and what carries the added tokens and the
+chat template. Both kinds have the same interface (vocab_size, pad/unk/bos/eos ids, token_bytes,
+encode, encode_batch, decode, id_to_piece, save).
+
+SentencePiece training options are chosen so that `decode(encode(text)) == text` for any text: identity
 normalization (no NFKC), no dummy prefix, no collapsing of whitespace, whitespace-only pieces
 allowed (indentation, markdown's two trailing spaces), `\n` as a dedicated piece (SentencePiece
 trains on lines, so it never sees a newline otherwise), and byte fallback so characters never seen
@@ -17,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -27,8 +34,10 @@ import sentencepiece as spm
 
 from jaxlm.config import ConfigError
 from jaxlm.data import sources
+from jaxlm.data.hf_tokenizer import CONFIG_FILE, TOKENIZER_FILE, HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_FILE = "tokenizer.model"  # a SentencePiece model's name in a run or Hugging Face directory
 _NEWLINE = "\n"
 _SPACE_MARKER = "\u2581"  # "▁"
 # Bump when the trainer options below change: it is part of the cache key.
@@ -75,13 +84,16 @@ class Tokenizer:
         out[i] = len(sp.id_to_piece(i).replace(_SPACE_MARKER, " ").encode("utf-8"))
     return out
 
-  def encode(self, text: str) -> list[int]:
-    """Ids for `text`, without bos/eos; "" -> []."""
-    return self._sp.encode(text)
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Ids for `text`, without bos/eos; "" -> []. add_special_tokens=True puts bos first, as jaxlm
+    trains (and as the tokenizer_config.json `save` writes tells transformers to)."""
+    ids = self._sp.encode(text)
+    return [self.bos_id, *ids] if add_special_tokens and self.bos_id >= 0 else ids
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+  def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
     """`encode` over many texts at once, in SentencePiece's C++ threads (the GIL is released)."""
-    return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+    out = self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+    return [[self.bos_id, *ids] for ids in out] if add_special_tokens and self.bos_id >= 0 else out
 
   def decode(self, ids) -> str:
     """Text for `ids` (list or int array); control ids (pad/bos/eos) decode to nothing."""
@@ -90,18 +102,52 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def save(self, directory: str) -> list[str]:
+    """Writes tokenizer.model and a tokenizer_config.json naming its special tokens, the layout
+    transformers 5's AutoTokenizer loads (as a generic fast tokenizer built from the model's own
+    normalizer settings: ids equal to `encode`'s, except that transformers reads the special
+    tokens' strings in text as those tokens). No tokenizer.json is written: making one takes
+    transformers' converter. Returns the names written."""
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, MODEL_FILE)
+    if not (os.path.exists(target) and os.path.samefile(self.path, target)):
+      shutil.copyfile(self.path, target)
+    named = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id,
+             "pad_token": self.pad_id}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # not LlamaTokenizer: that one adds a prefix space
+        **{name: self.id_to_piece(i) for name, i in named.items() if i >= 0},
+        "add_bos_token": self.bos_id >= 0, "add_eos_token": False,  # jaxlm's documents start with bos
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2, ensure_ascii=False)
+    return [MODEL_FILE, CONFIG_FILE]
+
   def __repr__(self) -> str:
     return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """Loads a SentencePiece .model; a missing file is a FileNotFoundError naming the path."""
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
+  """A SentencePiece .model, a Hugging Face tokenizer.json, or a directory holding either
+  (tokenizer.json first). A missing path is a FileNotFoundError naming it."""
   path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path):
+    for name in (TOKENIZER_FILE, MODEL_FILE):
+      if os.path.isfile(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name))
+    raise FileNotFoundError(
+        f"no {TOKENIZER_FILE} or {MODEL_FILE} in '{path}'; set tokenizer.path to a directory "
+        "holding a tokenizer, or to the tokenizer file itself")
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"tokenizer model '{path}' does not exist; set tokenizer.path to an existing "
-        "SentencePiece .model file, or leave it empty to train one on the training split")
-  return Tokenizer(path)
+        f"tokenizer '{path}' does not exist; set tokenizer.path to an existing SentencePiece "
+        ".model file, a Hugging Face tokenizer.json, or a directory holding either, or leave it "
+        "empty to train one on the training split")
+  return HFTokenizer(path) if path.endswith(".json") else Tokenizer(path)
 
 
 def _trainer_options(tok_cfg) -> dict:
@@ -190,7 +236,7 @@ def train_tokenizer(texts: Iterable[str], tok_cfg) -> Tokenizer:
   return Tokenizer(path)
 
 
-def get_tokenizer(config) -> Tokenizer:
+def get_tokenizer(config) -> AnyTokenizer:
   """The run's tokenizer: tokenizer.path if set, else one trained on the training documents.
 
   model.vocab_size is matched against it by jaxlm.config.with_vocab_size, in one place.

@@ -302,9 +302,10 @@ def _hf_order(name: str):
   return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
 
 
-def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> None:
   """Writes `model` (a jaxlm Transformer) as a Hugging Face model directory: config.json,
-  model-0000i-of-0000n.safetensors shards of at most max_shard_bytes, and their index.
+  model-0000i-of-0000n.safetensors shards of at most max_shard_bytes, and their index; with a
+  tokenizer (jaxlm.data.tokenizer.load_tokenizer's), its files too (its `save`).
 
   Tensors keep the parameters' dtype; padded vocabulary rows are dropped.
   """
@@ -345,3 +346,5 @@ def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
                "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save(path)

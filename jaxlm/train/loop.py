@@ -14,6 +14,7 @@ import jax
 
 from jaxlm.config import validate, with_vocab_size
 from jaxlm.data.pipeline import eval_batches, make_train_iterator
+from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import global_batch
@@ -64,7 +65,8 @@ def train(config, stop_at_step: int | None = None) -> dict:
   t = config.train
   make_mesh(config)  # a config that does not fit the devices fails here, before the tokenizer
   tokenizer = get_tokenizer(config)
-  config = with_vocab_size(config, tokenizer.vocab_size)  # config.json records the number
+  # config.json records the number; a published model may have rows its HF tokenizer never uses
+  config = with_vocab_size(config, tokenizer.vocab_size, extra_rows_ok=isinstance(tokenizer, HFTokenizer))
 
   setup = make_setup(config)
   graphdef = setup.graphdef
@@ -84,7 +86,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
   else:
     state = init_sharded_state(setup)
   start = int(state.step)
-  write_run_files(t.workdir, config, tokenizer.path)  # after a restore, so a failed one keeps the old files
+  write_run_files(t.workdir, config, tokenizer)  # after a restore, so a failed one keeps the old files
 
   train_step = jit_train_step(setup)
   eval_step = jit_eval_step(setup, tokenizer.token_bytes)
