@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app, flags, logging
@@ -23,47 +21,6 @@ _FROM_HF = flags.DEFINE_string("from_hf", None, "A Hugging Face model directory 
 _TO_HF = flags.DEFINE_string("to_hf", None, "A directory to write the run's model to, in HF format.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The jaxlm run directory (written or read).")
 _STEP = flags.DEFINE_integer("step", None, "--to_hf: the checkpoint step; default the latest.")
-
-
-def from_hf(hf_dir: str, workdir: str) -> None:
-  import jax
-
-  from jaxlm.config import with_vocab_size
-  from jaxlm.data.hf_tokenizer import HFTokenizer
-  from jaxlm.data.tokenizer import load_tokenizer
-  from jaxlm.interop import hf
-  from jaxlm.runs import write_run_files
-  from jaxlm.train.checkpoint import Checkpointer
-  from jaxlm.train.init_from import start_from
-  from jaxlm.train.setup import make_setup
-
-  try:
-    tokenizer = load_tokenizer(hf_dir)
-  except FileNotFoundError as e:
-    raise hf.InteropError(f"{e}: a model directory for jaxlm needs its tokenizer") from e
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    config = hf.config_from_hf(json.load(f))
-  config.tokenizer.path = tokenizer.path
-  # They must agree; the model may have rows its tokenizer never uses (Qwen2.5).
-  config = with_vocab_size(config, tokenizer.vocab_size,
-                           extra_rows_ok=isinstance(tokenizer, HFTokenizer))
-  config.train.workdir = workdir
-  config.checkpoint.async_save = False
-  config.mesh.data = 1  # one device: the checkpoint restores onto any mesh later
-  state = start_from(make_setup(config, jax.devices()[:1]), hf_dir)
-  write_run_files(workdir, config, tokenizer)
-  checkpointer = Checkpointer(workdir, config.checkpoint)
-  checkpointer.save(0, state)
-  checkpointer.wait()
-  checkpointer.close()
-
-
-def to_hf(workdir: str, hf_dir: str, step: int | None) -> None:
-  from jaxlm.interop import hf
-  from jaxlm.runs import load_params
-
-  run = load_params(workdir, step)
-  hf.save_model(run.model(), hf_dir, tokenizer=run.tokenizer)
 
 
 def main(argv):
@@ -75,6 +32,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from jaxlm.config import ConfigError
   from jaxlm.interop.hf import InteropError
+  from jaxlm.interop.run_dirs import from_hf, to_hf
   from jaxlm.runs import CheckpointError
   try:
     if _FROM_HF.value:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import convert
+from jaxlm.interop import run_dirs
 from jaxlm.config import base_config
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.interop import hf
@@ -78,11 +78,11 @@ def test_a_hugging_face_model_with_a_tokenizer_json_goes_both_ways(tmp_path):
                  max_seq_len=64, init_std=0.1)
   hf.save_model(build_model(c, seed=4), str(tmp_path / "hf"),
                 tokenizer=load_tokenizer(CHATML))
-  convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))  # in this process: the CLI is tested above
+  run_dirs.from_hf(str(tmp_path / "hf"), str(tmp_path / "run"))  # in this process: the CLI is tested above
   run = load_params(str(tmp_path / "run"))
   assert run.config.model.vocab_size == 384 and run.tokenizer.vocab_size == 365
   assert run.tokenizer.chat_template is not None
-  convert.to_hf(str(tmp_path / "run"), str(tmp_path / "back"), None)
+  run_dirs.to_hf(str(tmp_path / "run"), str(tmp_path / "back"), None)
   for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     with open(os.path.join(CHATML, name), "rb") as a, open(tmp_path / "back" / name, "rb") as b:
       assert a.read() == b.read(), name

@@ -22,7 +22,7 @@ from tokenizers import decoders, pre_tokenizers
 from jaxlm.config import ConfigError, base_config, with_vocab_size
 from jaxlm.data import chat_template
 from jaxlm.data.hf_tokenizer import HFTokenizer, byte_level_alphabet
-from jaxlm.data.pipeline import _tokens
+from jaxlm.data.pipeline import document_tokens
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxlm.runs import read_tokenizer, write_run_files
 
@@ -340,7 +340,7 @@ def test_documents_get_bos_only_from_a_tokenizer_that_has_one(tmp_path):
   config.data.source, config.data.train_paths = "text", str(tmp_path / "doc.txt")
   for name in ("chatml", "llama3"):
     t = tok(name)
-    docs, _ = _tokens(config, t, "train")
+    docs, _ = document_tokens(config, t, "train")
     bos = [] if t.bos_id is None else [t.bos_id]
     assert docs[0].tolist() == [*bos, *t.encode("To be, or not to be"), t.eos_id]
 

@@ -87,7 +87,7 @@ def _has(token_id) -> bool:
   return token_id is not None and token_id >= 0
 
 
-def _tokens(config, tokenizer: Tokenizer, split: str, shard: tuple[int, int] = (0, 1)
+def document_tokens(config, tokenizer: Tokenizer, split: str, shard: tuple[int, int] = (0, 1)
             ) -> tuple[grain.MapDataset, int] | None:
   """Each document as int32 [bos, *ids, eos], and the tokens in one epoch (estimated if lazy).
 
@@ -152,7 +152,7 @@ def packed_rows(config, tokenizer: Tokenizer, split: str, *, shuffle_seed: int |
     epoch and rows within a window. num_epochs: None repeats forever.
   shard: (process index, process count): the rows of that process's share of the documents.
   """
-  made = _tokens(config, tokenizer, split, shard)
+  made = document_tokens(config, tokenizer, split, shard)
   if made is None:
     return None
   ds, epoch_tokens = made
