@@ -195,3 +195,31 @@ def test_init_from_a_hugging_face_model_needs_its_architecture(tmp_path):
   c.checkpoint.init_from = os.path.join(ROOT, "tests", "fixtures", "hf", "llama3")
   with pytest.raises(ConfigError, match=r"another architecture: .*model.vocab_size 256 there, 512 here"):
     train(c)
+
+
+@pytest.mark.fast
+def test_a_custom_objective_trains_only_its_params_and_accumulates_exactly():
+  """An Objective with frozen inputs: weighted squared distance of w to a frozen target, summed per
+  example and divided by the example count of the whole batch; 1 vs 4 micro-batches agree."""
+  from jaxlm.train.step import Objective
+
+  def fn(params, frozen, batch):
+    per_row = jnp.sum((params["w"] - frozen["target"]) ** 2 * batch["x"], axis=-1)  # [rows]
+    return jnp.sum(per_row), {"distance": jnp.sum(per_row)}, jnp.asarray(batch["x"].shape[0], jnp.float32)
+
+  c = small_config()
+  c.train.update(learning_rate=0.1, warmup_steps=0, clip_norm=0.0)
+  tx = optax.sgd(0.1)
+  params, frozen = {"w": jnp.zeros((3,))}, {"target": jnp.asarray([1.0, -2.0, 0.5])}
+  batch = {"x": jnp.asarray(np.random.default_rng(0).uniform(size=(8, 3)), jnp.float32)}
+  updates = []
+  for accum in (1, 4):
+    c.train.grad_accum_steps = accum
+    step = jax.jit(make_train_step(None, tx, c.train, objective=Objective(fn, "rows")))
+    state, metrics = step(init_state(params, tx, 0), batch, frozen)
+    updates.append(np.asarray(state.params["w"]))
+    assert set(metrics) == {"distance", "grad_norm", "learning_rate", "rows"} and metrics["rows"] == 8
+  # d/dw of mean_rows sum_j (w - t)^2 x = 2 (w - t) mean(x): one SGD step from w = 0
+  want = -0.1 * 2 * (0 - frozen["target"]) * batch["x"].mean(0)
+  np.testing.assert_allclose(updates[0], want, rtol=1e-6)
+  np.testing.assert_allclose(updates[1], updates[0], rtol=1e-6)

@@ -126,10 +126,16 @@ def _with_rules(fn, setup: Setup):
   return wrapped
 
 
-def jit_train_step(setup: Setup):
-  """train_step(state, batch) -> (state, metrics): explicit shardings, state donated."""
-  step = make_train_step(setup.graphdef, setup.tx, setup.config.train, forward_fn(setup))
-  return jax.jit(_with_rules(step, setup), in_shardings=(setup.state_shardings, setup.batch_sharding),
+def jit_train_step(setup: Setup, objective=None, frozen_shardings=None):
+  """train_step(state, batch[, frozen]) -> (state, metrics): explicit shardings, state donated.
+
+  objective: a jaxlm.train.step.Objective (default: the language-model one); frozen_shardings: the
+  shardings of the frozen parameters it takes as a third argument (None: it takes none)."""
+  step = make_train_step(setup.graphdef, setup.tx, setup.config.train, forward_fn(setup), objective)
+  in_shardings = (setup.state_shardings, setup.batch_sharding)
+  if frozen_shardings is not None:
+    in_shardings += (frozen_shardings,)
+  return jax.jit(_with_rules(step, setup), in_shardings=in_shardings,
                  out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=0)
 
 

@@ -3,13 +3,15 @@
 A batch is a dict of int32 arrays [rows, seq_len]: inputs, targets, segment_ids, positions, weights
 (see jaxlm/data/pipeline.py). With train.grad_accum_steps = k the rows are split into k
 micro-batches run by a lax.scan; gradients and losses are summed and divided once by the total
-token count, so the update equals the one-big-batch update exactly.
+token count, so the update equals the one-big-batch update exactly. What is minimized is an
+`Objective` (default: next-token cross-entropy); post-training objectives (jaxlm/posttrain/)
+plug in the same way, with their own batches and the frozen parameters they need.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,44 +42,73 @@ def model_forward(model, batch):
   return model(batch["inputs"], batch["positions"], batch["segment_ids"]), batch
 
 
-def loss_sums(graphdef, params, batch, z_loss: float, forward=model_forward):
-  """(nll sum, z-loss sum, token count) of one batch; see loss.cross_entropy."""
-  logits, batch = forward(nnx.merge(graphdef, params), batch)
+def loss_sums(graphdef, params, batch, z_loss: float, forward=model_forward, frozen=None):
+  """(nll sum, z-loss sum, token count) of one batch; see loss.cross_entropy. frozen: parameters
+  the graphdef also needs that are not trained (None: params are the whole model)."""
+  states = (params,) if frozen is None else (params, frozen)
+  logits, batch = forward(nnx.merge(graphdef, *states), batch)
   return cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forward=model_forward):
-  """Returns train_step(state, batch) -> (state, metrics); pure, for jax.jit with donated state."""
-  accum, z_loss, lr_at = train_cfg.grad_accum_steps, train_cfg.z_loss, schedule(train_cfg)
+class Objective(NamedTuple):
+  """What a train step minimizes. fn(params, frozen, batch) -> (loss sum, {metric: sum}, count):
+  sums over the batch's examples (tokens, pairs, sequences), divided once by the count of the whole
+  global batch after gradient accumulation, so micro-batching and packing never change the update.
+  frozen is whatever the objective needs but does not train (a reference model, LoRA's base
+  weights), or None. count_name names the count in the metrics ("tokens", "pairs", ...)."""
+  fn: Callable
+  count_name: str = "tokens"
 
-  def objective(params, batch):
-    nll, z, count = loss_sums(graphdef, params, batch, z_loss, forward)
-    return nll + z, (nll, count)
 
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
+def lm_objective(graphdef, z_loss: float, forward=model_forward) -> Objective:
+  """Next-token cross-entropy over the batch's weighted targets (pretraining, and SFT whose weights
+  mark the assistant's tokens), plus z_loss x log(Z)^2."""
+  def fn(params, frozen, batch):
+    nll, z, count = loss_sums(graphdef, params, batch, z_loss, forward, frozen)
+    return nll + z, {"loss": nll}, count
+  return Objective(fn)
 
-  def train_step(state: TrainState, batch):
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forward=model_forward,
+                    objective: Objective | None = None):
+  """Returns train_step(state, batch, frozen=None) -> (state, metrics); pure, for jax.jit with
+  donated state. objective: default the language-model one (`lm_objective`)."""
+  accum, lr_at = train_cfg.grad_accum_steps, schedule(train_cfg)
+  if objective is None:
+    objective = lm_objective(graphdef, train_cfg.z_loss, forward)
+
+  def total(params, frozen, batch):
+    loss, sums, count = objective.fn(params, frozen, batch)
+    return loss, (sums, count)
+
+  grad_fn = jax.value_and_grad(total, has_aux=True)
+
+  def train_step(state: TrainState, batch, frozen=None):
     if accum == 1:
-      (_, (nll, count)), grads = grad_fn(state.params, batch)
+      (_, (sums, count)), grads = grad_fn(state.params, frozen, batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+      # the objective's metric sums, as shapes, to start the running totals at zero
+      (_, (sums0, _)), _ = jax.eval_shape(grad_fn, state.params, frozen,
+                                          jax.tree.map(lambda x: x[0], micro))
 
       def add(carry, mb):
-        (_, (nll, count)), grads = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, carry, (grads, nll, count)), None
+        (_, (sums, count)), grads = grad_fn(state.params, frozen, mb)
+        return jax.tree.map(jnp.add, carry, (grads, sums, count)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-      (grads, nll, count), _ = jax.lax.scan(add, zeros, micro)
+      zeros = (jax.tree.map(jnp.zeros_like, state.params),
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums0), jnp.zeros(()))
+      (grads, sums, count), _ = jax.lax.scan(add, zeros, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": nll / denom,
+    metrics = {name: value / denom for name, value in sums.items()}
+    metrics.update({
         "grad_norm": optax.global_norm(grads),
         "learning_rate": lr_at(state.step),
-        "tokens": count,
-    }
+        objective.count_name: count,
+    })
     new_state = TrainState(state.step + 1, params, opt_state, jax.random.fold_in(state.rng, state.step))
     return new_state, metrics
 
