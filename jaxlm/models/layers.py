@@ -69,7 +69,8 @@ class Norm(nnx.Module):
     if self.kind == "layernorm":
       h = h - h.mean(-1, keepdims=True)
     scale = self.scale[...].astype(jnp.float32)
-    h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps) * (1 + scale if self.plus_one else scale)
+    h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps)
+    h = h * (1 + scale if self.plus_one else scale)
     if self.kind == "layernorm":
       h = h + self.bias[...]
     return h.astype(x.dtype)
