@@ -224,3 +224,20 @@ def test_a_bfloat16_checkpoint_loads_into_float32_master_weights(tmp_path):
   embed = nnx.state(model, nnx.Param)["embed"][...]
   assert embed.dtype == jnp.float32
   np.testing.assert_array_equal(embed, tensors["model.embed_tokens.weight"].astype(jnp.float32))
+
+
+@pytest.mark.fast
+def test_the_gemma2_2b_preset_is_the_published_gemma2_2b_architecture():
+  """Gemma-2-2B's published config.json (Google's, as transformers 4.42 wrote it)."""
+  from jaxlm import presets
+  from jaxlm.config import flat_fields
+  published = {"architectures": ["Gemma2ForCausalLM"], "attention_bias": False,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "head_dim": 256,
+               "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+               "hidden_size": 2304, "intermediate_size": 9216, "max_position_embeddings": 8192,
+               "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26,
+               "num_key_value_heads": 4, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+               "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000}
+  theirs = flat_fields(hf.config_from_hf(published).model)
+  ours = flat_fields(presets.load("gemma2_2b").get_config().model)
+  assert {k for k in ours if ours[k] != theirs[k]} == {"vocab_multiple"}  # 256000 = 2000 x 128
