@@ -48,7 +48,9 @@ def _model() -> ConfigDict:
   m.qk_norm = False  # RMSNorm on queries and keys per head (Gemma-3, OLMo-2 style)
   m.attention_bias = False  # bias on q/k/v projections (Qwen2 style); the output projection has none
   m.mlp_bias = False
-  m.sliding_window = 0  # 0: full causal attention; w > 0: each query sees the last w keys
+  # 0: full causal attention; w > 0: each query sees the last w keys (q - k < w), in every layer
+  # or, with model.layer_pattern, in its local (L) layers only
+  m.sliding_window = 0
   # Which layers slide: "" (every layer alike: each has model.sliding_window) or a cyclic string of
   # L (local: a sliding window of model.sliding_window keys, RoPE theta rope_local_theta) and G
   # (global: full causal attention, RoPE rope_theta with rope_scaling); layer i is

@@ -95,8 +95,8 @@ class Attention(nnx.Module):
       self.k_norm = Norm(cfg, compute, hd, rngs, axis_name="head_dim")
     if cfg.position_kind == "rope":
       # (global layers' (inv_freq, scale), local layers'): static, hashable, not parameters
-      self.rope = tuple((tuple(inv.tolist()), scale)
-                        for inv, scale in (rope.layer_frequencies(cfg, hd)[kind] for kind in (False, True)))
+      kinds = rope.layer_frequencies(cfg, hd)
+      self.rope = tuple((tuple(kinds[local][0].tolist()), kinds[local][1]) for local in (False, True))
     # Score scale: head_dim**-0.5, or query_pre_attn_scalar**-0.5 (Gemma 2/3)
     self.score_scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
 

@@ -3,8 +3,9 @@
 One architecture config (`config.model`) covers the Llama family and its common variants (GQA/MQA,
 SwiGLU/GeGLU/GELU, RMSNorm/LayerNorm, RoPE with scalings or learned positions, tied embeddings,
 QK-norm, biases, sliding windows, soft-capping) and Gemma's (post-norms, (1 + w) norms, scaled
-embeddings, a query scalar, local and global layers by model.layer_pattern). How it is computed (dtypes, the layer loop,
-recompute, attention kernels) is a `Compute` (jaxlm/models/compute.py) fixed at construction.
+embeddings, a query scalar, local and global layers by model.layer_pattern). How it is computed
+(dtypes, the layer loop, recompute, attention kernels) is a `Compute` (jaxlm/models/compute.py)
+fixed at construction.
 With compute.scan_layers the blocks' parameters are stacked along a leading `layers` axis and run
 by `lax.scan`, so compile time does not grow with depth.
 
@@ -30,7 +31,6 @@ import numpy as np
 from flax import nnx
 
 from jaxlm.config import layer_kinds
-
 from jaxlm.kernels.masking import MASKED
 from jaxlm.models.attention import Attention
 from jaxlm.models.compute import Compute
@@ -156,8 +156,8 @@ class Transformer(nnx.Module):
   def run_layers(self, x, rows, kv=None, start=0):
     """x: [batch, t, embed] through every block; kv: the cache's {"k","v"} or None."""
     if self.compute.scan_layers:
-      params, run = self.layer_stack(start)
-      return run(params, x, rows, kv)
+      layers, run = self.layer_stack(start)
+      return run(layers, x, rows, kv)
     kinds, outs = layer_kinds(self.cfg) or (None,) * self.cfg.num_layers, []
     for i, block in enumerate(self.blocks):
       layer = self._layer(start, kinds[i])  # a static kind: each layer's window is fixed
