@@ -50,9 +50,30 @@ def _model() -> ConfigDict:
   m.qk_norm = False  # RMSNorm on queries and keys per head (Gemma-3, OLMo-2 style)
   m.attention_bias = False  # bias on q/k/v projections (Qwen2 style); the output projection has none
   m.mlp_bias = False
-  m.sliding_window = 0  # 0: full causal attention; w > 0: each query sees the last w keys
+  # 0: full causal attention; w > 0: each query sees the last w keys (q - k < w), in every layer
+  # or, with model.layer_pattern, in its local (L) layers only
+  m.sliding_window = 0
+  # Which layers slide: "" (every layer alike: each has model.sliding_window) or a cyclic string of
+  # L (local: a sliding window of model.sliding_window keys, RoPE theta rope_local_theta) and G
+  # (global: full causal attention, RoPE rope_theta with rope_scaling); layer i is
+  # pattern[i % len(pattern)]. Gemma 2: "LG" (layer 0 local); Gemma 3: "LLLLLG".
+  m.layer_pattern = ""
+  # RoPE theta of the pattern's L layers. 0: they use the G layers' RoPE (rope_theta and
+  # rope_scaling, as Gemma 2); > 0: plain RoPE of this theta, never scaled (Gemma 3's
+  # rope_local_base_freq 10000 beside a global theta of 1e6 with linear scaling).
+  m.rope_local_theta = 0.0
+  # Attention scores are scaled by query_pre_attn_scalar**-0.5 (Gemma 2/3). 0: head_dim, the usual.
+  m.query_pre_attn_scalar = 0.0
   m.attn_logit_softcap = 0.0  # 0: off; c > 0: scores become c * tanh(scores / c) (Gemma-2)
   m.final_logit_softcap = 0.0  # same, on the output logits
+  # Gemma's parametrisations. post_norms: each block also normalizes its attention and MLP outputs
+  # before the residual add ("sandwich" norms, Gemma 2/3: 4 norms a layer). norm_plus_one: every
+  # norm (QK-norm included) stores w, zeros at init, and scales by (1 + w) in float32 (Gemma 1/2/3).
+  # scale_embeddings: token embeddings are multiplied by sqrt(d_model), the factor first rounded to
+  # float32 and then to the activation dtype, as transformers does (Gemma 1/2/3).
+  m.post_norms = False
+  m.norm_plus_one = False
+  m.scale_embeddings = False
   m.init_std = 0.02  # normal init of embeddings and projections; residual outputs scaled by depth
   return m
 
@@ -246,6 +267,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "model.vocab_size", "model.head_dim", "compute.flash_block_q", "compute.flash_block_k",
     "model.sliding_window", "model.attn_logit_softcap", "model.final_logit_softcap",
+    "model.rope_local_theta", "model.query_pre_attn_scalar",
     "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
@@ -350,6 +372,31 @@ def _validate_mesh(mesh: ConfigDict) -> None:
   parse_rules(mesh.rules)
 
 
+def layer_kinds(m) -> tuple[bool, ...] | None:
+  """Per layer of config.model `m`: True where it is local (model.layer_pattern's L), False where
+  global (G); None without a pattern (every layer alike)."""
+  if not m.layer_pattern:
+    return None
+  return tuple(m.layer_pattern[i % len(m.layer_pattern)] == "L" for i in range(m.num_layers))
+
+
+def _validate_layer_pattern(m: ConfigDict) -> None:
+  pattern = m.layer_pattern
+  if not isinstance(pattern, str) or set(pattern) - {"L", "G"}:
+    raise ConfigError(f"config field 'model.layer_pattern' is {pattern!r}; use a string of L (local, "
+                      "sliding window) and G (global) layers, e.g. 'LG' (Gemma 2), or '' (every "
+                      "layer alike)")
+  if "L" in pattern and not m.sliding_window:
+    raise ConfigError(f"config field 'model.layer_pattern' {pattern!r} has local (L) layers but "
+                      "model.sliding_window is 0; set the local layers' window")
+  if m.rope_local_theta and "L" not in pattern:
+    raise ConfigError("config field 'model.rope_local_theta' is set but model.layer_pattern has no "
+                      "local (L) layer to use it; set model.layer_pattern or rope_local_theta=0")
+  if m.rope_local_theta and m.position_kind != "rope":
+    raise ConfigError("config field 'model.rope_local_theta' is set but model.position_kind is "
+                      f"{m.position_kind!r}; local RoPE needs position_kind='rope'")
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks every field once; returns the config so callers can chain. Raises ConfigError."""
   known, given = flat_fields(base_config()), flat_fields(config)
@@ -383,6 +430,7 @@ def validate(config: ConfigDict) -> ConfigDict:
           f"config field 'compute.{name}' must be a multiple of 8 (TPU: of 128), got {config.compute[name]}")
   if config.compute.attention == "cudnn" and m.attn_logit_softcap:
     raise ConfigError("compute.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
+  _validate_layer_pattern(m)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
         f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "

@@ -106,13 +106,23 @@ def _native_model(**model_fields):
   from jaxlm.config import base_config
   from jaxlm.models import build_model
   c = base_config()
-  c.model.update(vocab_size=250, vocab_multiple=128, d_model=64, num_layers=2, num_heads=4,
-                 num_kv_heads=2, mlp_dim=128, max_seq_len=600, init_std=0.1, **model_fields)
+  c.model.update(**{**dict(vocab_size=250, vocab_multiple=128, d_model=64, num_layers=2, num_heads=4,
+                           num_kv_heads=2, mlp_dim=128, max_seq_len=600, init_std=0.1), **model_fields})
   return build_model(c)
 
 
-@pytest.mark.parametrize("fields", [{}, dict(attention_bias=True, tie_embeddings=False),
-                                    dict(qk_norm=True, sliding_window=0)], ids=["llama", "qwen2", "qwen3"])
+GEMMA = dict(mlp_kind="geglu", norm_plus_one=True, scale_embeddings=True)
+GEMMA2 = dict(GEMMA, post_norms=True, num_layers=4, layer_pattern="LG", sliding_window=64,
+              query_pre_attn_scalar=24.0, attn_logit_softcap=5.0, final_logit_softcap=2.0)
+GEMMA3 = dict(GEMMA, post_norms=True, qk_norm=True, num_layers=7, layer_pattern="LLLLLG",
+              sliding_window=64, rope_theta=1e6, rope_scaling="linear", rope_scaling_factor=8.0,
+              rope_local_theta=1e4)
+EXPORTED = {"llama": {}, "qwen2": dict(attention_bias=True, tie_embeddings=False),
+            "qwen3": dict(qk_norm=True, sliding_window=0), "gemma": dict(GEMMA, head_dim=32),
+            "gemma2": GEMMA2, "gemma3": GEMMA3}
+
+
+@pytest.mark.parametrize("fields", list(EXPORTED.values()), ids=list(EXPORTED))
 def test_a_jaxlm_model_exported_runs_in_transformers_with_the_same_logits(fields, tmp_path):
   transformers = pytest.importorskip("transformers")  # the bench extra; CI runs the byte checks above
   import torch
@@ -128,6 +138,64 @@ def test_a_jaxlm_model_exported_runs_in_transformers_with_the_same_logits(fields
   diff = float(np.abs(ours - theirs).max())
   print(f"\nexported {loaded.config.architectures[0]}: max |logit difference| {diff:.2e}")
   assert diff <= 1e-4
+
+
+def _fixture_config(family: str, **changes) -> dict:
+  with open(os.path.join(FIXTURES, family, "config.json")) as f:
+    return {**json.load(f), **changes}
+
+
+@pytest.mark.fast
+def test_what_gemma_cannot_load_exactly_is_refused_by_name():
+  refused = [
+      (_fixture_config("gemma", hidden_act="relu"), r"hidden_act 'relu'.*gelu_pytorch_tanh"),
+      (_fixture_config("gemma2", hidden_activation="gelu"), r"hidden_activation 'gelu'"),
+      (_fixture_config("gemma2", attention_bias=True), r"attention_bias.*output projection"),
+      (_fixture_config("gemma2", layer_types=["sliding_attention"] * 3), r"layer_types.*4 layers"),
+      (_fixture_config("gemma3", attn_logit_softcapping=50.0),
+       r"attn_logit_softcapping 50.0.*does not apply"),
+      (_fixture_config("gemma3", use_bidirectional_attention=True), r"use_bidirectional_attention"),
+      (_fixture_config("gemma3", architectures=["Gemma3ForConditionalGeneration"]), r"text-only"),
+      (_fixture_config("gemma3", rope_parameters={
+          "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+          "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+       r"sliding_attention RoPE.*plain RoPE"),
+  ]
+  for config, message in refused:
+    with pytest.raises(hf.InteropError, match=message):
+      hf.config_from_hf(config)
+
+
+@pytest.mark.fast
+def test_gemma_configs_read_as_transformers_reads_them():
+  """Left-out fields take transformers' defaults; the transformers 4 spellings read alike."""
+  gemma2 = hf.config_from_hf({k: v for k, v in _fixture_config("gemma2").items()
+                              if k not in ("layer_types", "final_logit_softcapping")}).model
+  assert (gemma2.layer_pattern, gemma2.final_logit_softcap) == ("LG", 30.0)  # alternating, capped at 30
+  v4 = {k: v for k, v in _fixture_config("gemma3").items() if k not in ("rope_parameters", "layer_types")}
+  v4.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0})
+  assert hf.config_from_hf(v4).model == hf.config_from_hf(_fixture_config("gemma3")).model
+  gemma3 = hf.config_from_hf(_fixture_config("gemma3")).model
+  assert (gemma3.layer_pattern, gemma3.rope_theta, gemma3.rope_local_theta, gemma3.rope_scaling) == (
+      "LLLLLG", 1e6, 1e4, "linear")
+  every_global = hf.config_from_hf(_fixture_config("gemma2", layer_types=["full_attention"] * 4)).model
+  assert (every_global.layer_pattern, every_global.sliding_window) == ("", 0)
+
+
+@pytest.mark.fast
+def test_what_no_gemma_architecture_expresses_is_refused_on_export():
+  from jaxlm.config import base_config
+  m = base_config().model
+  m.update(vocab_size=256, norm_plus_one=True)
+  with pytest.raises(hf.InteropError, match=r"Gemma.*\['mlp_kind', 'scale_embeddings'\]"):
+    hf.config_to_hf(m)
+  m.update(**GEMMA3)
+  m.rope_local_theta = 0.0  # the local layers would share the global layers' linear scaling
+  with pytest.raises(hf.InteropError, match=r"set model.rope_local_theta"):
+    hf.config_to_hf(m)
+  m.update(**GEMMA, qk_norm=False, post_norms=False, layer_pattern="", sliding_window=64)
+  with pytest.raises(hf.InteropError, match=r"GemmaForCausalLM \(Gemma 1\).*\['sliding_window'\]"):
+    hf.config_to_hf(m)
 
 
 @pytest.mark.fast
@@ -156,3 +224,20 @@ def test_a_bfloat16_checkpoint_loads_into_float32_master_weights(tmp_path):
   embed = nnx.state(model, nnx.Param)["embed"][...]
   assert embed.dtype == jnp.float32
   np.testing.assert_array_equal(embed, tensors["model.embed_tokens.weight"].astype(jnp.float32))
+
+
+@pytest.mark.fast
+def test_the_gemma2_2b_preset_is_the_published_gemma2_2b_architecture():
+  """Gemma-2-2B's published config.json (Google's, as transformers 4.42 wrote it)."""
+  from jaxlm import presets
+  from jaxlm.config import flat_fields
+  published = {"architectures": ["Gemma2ForCausalLM"], "attention_bias": False,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "head_dim": 256,
+               "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+               "hidden_size": 2304, "intermediate_size": 9216, "max_position_embeddings": 8192,
+               "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26,
+               "num_key_value_heads": 4, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+               "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000}
+  theirs = flat_fields(hf.config_from_hf(published).model)
+  ours = flat_fields(presets.load("gemma2_2b").get_config().model)
+  assert {k for k in ours if ours[k] != theirs[k]} == {"vocab_multiple"}  # 256000 = 2000 x 128

@@ -38,7 +38,7 @@ def closed_form_params(m) -> int:
   mlp = d * m.mlp_dim * (3 if gated else 2)  # up (+ gate), down
   if m.mlp_bias:
     mlp += m.mlp_dim * (2 if gated else 1) + d
-  layer = attn + mlp + 2 * norm  # + the pre-attention and pre-MLP norms
+  layer = attn + mlp + (4 if m.post_norms else 2) * norm  # + the pre- (and post-) attention and MLP norms
   total = m.vocab_size * d + m.num_layers * layer + norm  # embedding, layers, final norm
   if m.position_kind == "learned":
     total += m.max_seq_len * d
@@ -59,12 +59,13 @@ def test_closed_form_covers_every_optional_weight():
   m = base_config().model
   m.update(vocab_size=96, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=12, mlp_dim=40,
            mlp_kind="gelu", norm_kind="layernorm", position_kind="learned", max_seq_len=24,
-           tie_embeddings=False, qk_norm=True, attention_bias=True, mlp_bias=True)
+           tie_embeddings=False, qk_norm=True, attention_bias=True, mlp_bias=True, post_norms=True)
   # By hand: q and o 32 x 4 x 12 = 1,536 each, k and v 32 x 2 x 12 = 768 each (4,608); q/k/v biases
   # 48 + 24 + 24 = 96; q/k layernorms 2 x 2 x 12 = 48; MLP 2 x 32 x 40 = 2,560 + biases 40 + 32 =
-  # 72; two layernorms 2 x 64 = 128. A layer: 4,608 + 96 + 48 + 2,560 + 72 + 128 = 7,512; three
-  # 22,536. Embedding 96 x 32 = 3,072, positions 24 x 32 = 768, final norm 64, unembedding 3,072.
-  assert closed_form_params(m) == 29_512 == presets.param_count(m)
+  # 72; four layernorms (post-norms too) 4 x 64 = 256. A layer: 4,608 + 96 + 48 + 2,560 + 72 + 256
+  # = 7,640; three 22,920. Embedding 96 x 32 = 3,072, positions 24 x 32 = 768, final norm 64,
+  # unembedding 3,072.
+  assert closed_form_params(m) == 29_896 == presets.param_count(m)
 
 
 @pytest.mark.parametrize("name", SCALE_PRESETS)
@@ -85,12 +86,10 @@ def test_gpt2_small_is_the_size_of_gpt2_small():
 def test_exact_counts_of_the_published_models():
   """Where every published weight has a counterpart, the count is exact, not merely within 1%."""
   exact = {"llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496, "llama3_405b": 405_853_388_800,
-           "mistral_7b": 7_241_732_096, "qwen2_5_7b": 7_615_616_512}
+           "mistral_7b": 7_241_732_096, "qwen2_5_7b": 7_615_616_512, "gemma2_2b": 2_614_341_888}
   for name, published in exact.items():
     assert presets.param_count(presets.load(name).get_config().model) == published, name
-  # Gemma-2-2B lacks exactly its post-attention and post-MLP norm scales: 26 layers x 2 x 2304.
-  gemma = presets.param_count(presets.load("gemma2_2b").get_config().model)
-  assert gemma == 2_614_341_888 - 26 * 2 * 2304
+  assert presets.load("gemma2_2b").PUBLISHED_PARAMS == 2_614_341_888  # stated exactly, not rounded
 
 
 @pytest.mark.parametrize("name", SCALE_PRESETS)

@@ -4,8 +4,19 @@
     hf.save_model(model, "path/to/out")             # what transformers.AutoModelForCausalLM loads
 
 Supported so far: Llama 2/3/3.1/3.2 (RoPE scalings llama3, linear, yarn), Mistral (sliding window),
-Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm). An architecture or a config value jaxlm cannot
-reproduce exactly is refused with a message naming it; nothing is approximated silently.
+Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm), Gemma 1, Gemma 2 and Gemma 3 text-only (Gemma3ForCausalLM,
+model_type gemma3_text). An architecture or a config value jaxlm cannot reproduce exactly is refused
+with a message naming it; nothing is approximated silently.
+
+Gemma, as transformers computes it: GeGLU with tanh GELU (gelu_pytorch_tanh), RMSNorms that store
+w and scale by (1 + w), embeddings times sqrt(hidden_size) (rounded to the activations' dtype),
+tied embeddings by default. Gemma 2 and 3 add a norm on each sublayer's output
+(post_attention_layernorm, then pre_feedforward_layernorm and post_feedforward_layernorm: in Llama,
+post_attention_layernorm is the MLP's input norm instead), scores scaled by
+query_pre_attn_scalar**-0.5, and local (sliding window: a query sees keys with q - k < window) and
+global layers by layer_types (model.layer_pattern). Gemma 2 soft-caps attention and output logits;
+Gemma 3 has QK-norm and gives its local layers their own RoPE theta (rope_local_base_freq), unscaled,
+while rope_theta and rope_scaling apply to the global layers only.
 
 Layout: HF stores each projection as torch's Linear weight [out, in]; jaxlm keeps [in, *out] with
 heads as their own axis (q: [embed, heads, head_dim], o: [heads, head_dim, embed]). Both use the
@@ -26,7 +37,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxlm.config import ConfigDict, base_config, parse_rules
+from jaxlm.config import ConfigDict, base_config, layer_kinds, parse_rules
 from jaxlm.interop.errors import InteropError
 from jaxlm.interop.safetensors_reader import Checkpoint, Recorder
 from jaxlm.interop.sharded_load import Layout, read_param
@@ -40,7 +51,28 @@ FAMILIES = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"attention_bias": True},  # q, k, v biases; the output projection has none
     "Qwen3ForCausalLM": {"qk_norm": True},  # RMSNorm over head_dim on queries and keys, before RoPE
+    "GemmaForCausalLM": {"mlp_kind": "geglu", "norm_plus_one": True, "scale_embeddings": True},
+    "Gemma2ForCausalLM": {"mlp_kind": "geglu", "norm_plus_one": True, "scale_embeddings": True,
+                          "post_norms": True},
+    "Gemma3ForCausalLM": {"mlp_kind": "geglu", "norm_plus_one": True, "scale_embeddings": True,
+                          "post_norms": True, "qk_norm": True},
 }
+GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# transformers' defaults for the Gemma fields a config.json may leave out (their config classes)
+_GEMMA_DEFAULTS = {
+    "GemmaForCausalLM": {"head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                         "max_position_embeddings": 8192, "rope_theta": 10000.0},
+    "Gemma2ForCausalLM": {"head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                          "max_position_embeddings": 8192, "rope_theta": 10000.0,
+                          "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                          "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "Gemma3ForCausalLM": {"head_dim": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                          "max_position_embeddings": 131072, "rope_theta": 1e6,
+                          "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+                          "sliding_window": 4096, "sliding_window_pattern": 6,
+                          "final_logit_softcapping": None, "attn_logit_softcapping": None},
+}
+_GEMMA_ACTIVATION = "gelu_pytorch_tanh"  # GeGLU with tanh GELU: jaxlm's geglu
 SUPPORTED = tuple(FAMILIES)
 _ROPE_FIELDS = {  # rope_scaling type -> (HF field -> jaxlm model field)
     "llama3": {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
@@ -82,11 +114,29 @@ def config_from_hf(hf: dict) -> ConfigDict:
   """A full jaxlm config whose `model` section is the HF config.json's architecture."""
   arch = (hf.get("architectures") or ["?"])[0]
   if arch not in SUPPORTED:
-    raise InteropError(f"architecture {arch!r} is not supported; jaxlm loads {list(SUPPORTED)}")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise InteropError(f"hidden_act {hf['hidden_act']!r}: Llama's MLP in jaxlm is SwiGLU (silu)")
+    hint = (" (Gemma 3 loads text-only: Gemma3ForCausalLM, model_type gemma3_text)"
+            if arch.startswith("Gemma3") else "")
+    raise InteropError(f"architecture {arch!r} is not supported; jaxlm loads {list(SUPPORTED)}{hint}")
   if hf.get("pretraining_tp", 1) != 1:
     raise InteropError("pretraining_tp > 1 splits the projections differently; save with 1")
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  fields = _gemma_fields(arch, hf) if arch in GEMMA else _llama_fields(arch, hf)
+  head_dim = fields.pop("head_dim")
+  c = base_config()
+  c.model.update(
+      vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=0 if head_dim == d // heads else head_dim, mlp_dim=hf["intermediate_size"],
+      norm_kind="rmsnorm", position_kind="rope", **fields)
+  c.model.update(**FAMILIES[arch])
+  c.tokenizer.vocab_size = hf["vocab_size"]
+  return c
+
+
+def _llama_fields(arch: str, hf: dict) -> dict:
+  """Model fields of the Llama-layout families (Llama, Mistral, Qwen2, Qwen3)."""
+  if hf.get("hidden_act", "silu") != "silu":
+    raise InteropError(f"hidden_act {hf['hidden_act']!r}: Llama's MLP in jaxlm is SwiGLU (silu)")
   window = 0
   if arch == "MistralForCausalLM":
     window = hf.get("sliding_window") or 0  # every layer
@@ -95,22 +145,112 @@ def config_from_hf(hf: dict) -> ConfigDict:
                        "supported yet; load a checkpoint saved with use_sliding_window=false")
   if set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"} and arch != "MistralForCausalLM":
     raise InteropError(f"layer_types {sorted(set(hf['layer_types']))}: per-layer attention "
-                       "patterns are not supported yet")
+                       f"patterns of {arch} are not supported yet")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
-  c = base_config()
-  c.model.update(
-      vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=0 if hf.get("head_dim", d // heads) == d // heads else hf["head_dim"],
-      mlp_dim=hf["intermediate_size"], mlp_kind="swiglu", norm_kind="rmsnorm",
-      norm_eps=hf.get("rms_norm_eps", 1e-6), position_kind="rope",
-      max_seq_len=hf["max_position_embeddings"],
+  return dict(
+      head_dim=hf.get("head_dim") or d // heads, mlp_kind="swiglu",
+      norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf["max_position_embeddings"],
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
       sliding_window=window, **_rope(hf))
-  c.model.update(**FAMILIES[arch])
-  c.tokenizer.vocab_size = hf["vocab_size"]
-  return c
+
+
+def _period(kinds: list[bool]) -> str:
+  """The shortest cyclic model.layer_pattern whose layer i is kinds[i] (True: L, local)."""
+  text = "".join("L" if k else "G" for k in kinds)
+  for p in range(1, len(text) + 1):
+    if all(text[i] == text[i % p] for i in range(len(text))):
+      return text[:p]
+  return text
+
+
+def _gemma_fields(arch: str, hf: dict) -> dict:
+  """Model fields of Gemma 1/2/3 as transformers reads their config.json (its defaults for what is
+  left out); what transformers would compute and jaxlm cannot is refused by name."""
+  defaults = _GEMMA_DEFAULTS[arch]
+
+  def get(name):
+    return hf[name] if name in hf else defaults.get(name)
+
+  if arch == "GemmaForCausalLM":  # transformers reads hidden_act, and takes "gelu" as the tanh GELU
+    allowed = {"hidden_act": ("gelu", _GEMMA_ACTIVATION), "hidden_activation": (None, _GEMMA_ACTIVATION)}
+  else:  # transformers reads hidden_activation
+    allowed = {"hidden_activation": (_GEMMA_ACTIVATION,), "hidden_act": (None, _GEMMA_ACTIVATION)}
+  for name, values in allowed.items():
+    if hf.get(name, values[-1]) not in values:
+      raise InteropError(f"{arch} with {name} {hf[name]!r}: jaxlm's Gemma MLP is GeGLU with the tanh "
+                         f"GELU; only {_GEMMA_ACTIVATION!r} loads exactly")
+  if hf.get("attention_bias"):
+    raise InteropError(f"{arch} with attention_bias: Gemma then biases the output projection too, "
+                       "which jaxlm's attention has no parameter for")
+  if hf.get("use_bidirectional_attention"):
+    raise InteropError(f"{arch} with use_bidirectional_attention: jaxlm's attention is causal")
+  if arch == "Gemma3ForCausalLM" and hf.get("model_type", "gemma3_text") != "gemma3_text":
+    raise InteropError(f"Gemma3ForCausalLM with model_type {hf['model_type']!r}: jaxlm loads the "
+                       "text-only model (model_type gemma3_text)")
+  d, heads, layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+  head_dim = get("head_dim") or d // heads
+  fields = dict(head_dim=head_dim, mlp_kind="geglu", norm_eps=get("rms_norm_eps"),
+                max_seq_len=get("max_position_embeddings"),
+                tie_embeddings=bool(get("tie_word_embeddings")), attention_bias=False, mlp_bias=False)
+  if arch == "GemmaForCausalLM":  # every layer global, scores scaled by head_dim**-0.5, no caps
+    return fields | _rope({**hf, "rope_theta": get("rope_theta")})
+
+  scalar = get("query_pre_attn_scalar")
+  fields["query_pre_attn_scalar"] = 0.0 if scalar == head_dim else float(scalar)
+  fields["final_logit_softcap"] = float(get("final_logit_softcapping") or 0.0)
+  attn_cap = get("attn_logit_softcapping")
+  if arch == "Gemma3ForCausalLM" and attn_cap:
+    raise InteropError(f"Gemma3ForCausalLM with attn_logit_softcapping {attn_cap}: transformers' "
+                       "Gemma 3 attention does not apply it, so jaxlm cannot tell which model is meant; "
+                       "set it to null")
+  fields["attn_logit_softcap"] = float(attn_cap or 0.0)
+
+  types = hf.get("layer_types")
+  if types is None:  # Gemma 2: alternating, layer 0 local; Gemma 3: (pattern - 1) local, then 1 global
+    period = 2 if arch == "Gemma2ForCausalLM" else get("sliding_window_pattern")
+    types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+  if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
+    raise InteropError(f"layer_types {types}: jaxlm reads one of 'sliding_attention' or "
+                       f"'full_attention' per layer ({layers} layers)")
+  pattern = _period([t == "sliding_attention" for t in types])
+  window = get("sliding_window") if "L" in pattern else 0
+  if "L" in pattern and not window:
+    raise InteropError(f"{arch} has sliding_attention layers but sliding_window is {window!r}")
+  if arch == "Gemma3ForCausalLM":
+    rope_fields, local_theta = _gemma3_rope(hf, get)
+    if "L" not in pattern:
+      local_theta = 0.0
+  else:  # one RoPE for every layer
+    rope_fields, local_theta = _rope({**hf, "rope_theta": get("rope_theta")}), 0.0
+    if pattern == "L":
+      pattern = ""  # every layer local: model.sliding_window applies to all
+  if pattern == "G":
+    pattern = ""
+  return fields | rope_fields | dict(layer_pattern=pattern, sliding_window=window,
+                                     rope_local_theta=float(local_theta))
+
+
+def _gemma3_rope(hf: dict, get) -> tuple[dict, float]:
+  """(global layers' RoPE fields, local layers' theta) of a Gemma 3 config.json: transformers 4's
+  rope_theta + rope_scaling (global) + rope_local_base_freq, or transformers 5's rope_parameters
+  {"full_attention": ..., "sliding_attention": ...}."""
+  params = hf.get("rope_parameters")
+  if not params:
+    glob = _rope({"rope_scaling": hf.get("rope_scaling"), "rope_theta": get("rope_theta")})
+    return glob, float(get("rope_local_base_freq"))
+  if set(params) - {"full_attention", "sliding_attention"}:
+    raise InteropError(f"Gemma3ForCausalLM rope_parameters {sorted(params)}: expected one entry per "
+                       "layer type, 'full_attention' and 'sliding_attention'")
+  if hf.get("rope_scaling"):
+    raise InteropError("Gemma3ForCausalLM with both rope_parameters and rope_scaling: give one")
+  full = dict(params.get("full_attention") or {})
+  glob = _rope({"rope_parameters": full, "rope_theta": get("rope_theta")})
+  sliding = dict(params.get("sliding_attention") or {})
+  if sliding.get("rope_type", "default") != "default" or set(sliding) - {"rope_type", "rope_theta"}:
+    raise InteropError(f"Gemma3ForCausalLM sliding_attention RoPE {sliding}: jaxlm's local layers "
+                       "use plain RoPE (rope_type default)")
+  return glob, float(sliding.get("rope_theta", get("rope_local_base_freq")))
 
 
 # Table entries: jaxlm parameter path -> (HF tensor name, the HF tensor's dimensions in the
@@ -126,8 +266,18 @@ def _top_weights() -> dict:
   }
 
 
-def _layer_weights() -> dict:
-  """Block parameters (one layer's; HF name inside model.layers.<i>.)."""
+def _layer_weights(post_norms: bool = False) -> dict:
+  """Block parameters (one layer's; HF name inside model.layers.<i>.).
+
+  post_norms (Gemma 2/3): post_attention_layernorm is the attention output's norm and the MLP's
+  input norm is pre_feedforward_layernorm; in Llama (and Gemma 1) post_attention_layernorm is the
+  MLP's input norm.
+  """
+  norms = {("mlp_norm", "scale"): ("post_attention_layernorm.weight", ("embed",))}
+  if post_norms:
+    norms = {("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", ("embed",)),
+             ("attn_post_norm", "scale"): ("post_attention_layernorm.weight", ("embed",)),
+             ("mlp_post_norm", "scale"): ("post_feedforward_layernorm.weight", ("embed",))}
   return {
       ("attn", "q"): ("self_attn.q_proj.weight", (("heads", "head_dim"), "embed")),
       ("attn", "k"): ("self_attn.k_proj.weight", (("kv_heads", "head_dim"), "embed")),
@@ -145,7 +295,7 @@ def _layer_weights() -> dict:
       ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", ("head_dim",)),
       ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", ("head_dim",)),
       ("attn_norm", "scale"): ("input_layernorm.weight", ("embed",)),
-      ("mlp_norm", "scale"): ("post_attention_layernorm.weight", ("embed",)),
+      **norms,
   }
 
 
@@ -159,9 +309,10 @@ class Source(NamedTuple):
   elementwise: tuple | None  # (from_hf, to_hf) of the table entry, or None
 
 
-def tensor_sources(state: nnx.State, scan_layers: bool) -> list[Source]:
-  """Every parameter of `state` (nnx Params, arrays or abstract) with the HF tensors that hold it."""
-  top, layer = _top_weights(), _layer_weights()
+def tensor_sources(state: nnx.State, scan_layers: bool, post_norms: bool = False) -> list[Source]:
+  """Every parameter of `state` (nnx Params, arrays or abstract) with the HF tensors that hold it;
+  post_norms: the model's model.post_norms (it renames one norm, see _layer_weights)."""
+  top, layer = _top_weights(), _layer_weights(post_norms)
   out = []
   for path, var in nnx.to_flat_state(state):
     value = var.get_value()
@@ -225,7 +376,7 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
     shardings = tree_shardings(state, mesh, parse_rules(config.mesh.rules))
   shardings = {path: var.get_value() for path, var in nnx.to_flat_state(shardings)}
   checkpoint = Checkpoint(path, recorder)
-  sources = tensor_sources(state, config.compute.scan_layers)
+  sources = tensor_sources(state, config.compute.scan_layers, config.model.post_norms)
   missing = checkpoint.missing([n for s in sources for n in s.names])
   if missing:
     raise InteropError(f"{len(missing)} tensors the architecture in config.json needs are missing "
@@ -243,21 +394,77 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
   return nnx.merge(graphdef, state), config
 
 
+_GEMMA_FEATURES = ("norm_plus_one", "scale_embeddings", "post_norms", "layer_pattern",
+                   "rope_local_theta", "query_pre_attn_scalar")
+
+
+def _refuse(what: str, fields: dict) -> None:
+  """InteropError naming the model fields (name -> True where the config sets it so) `what` lacks."""
+  bad = sorted(k for k, v in fields.items() if v)
+  if bad:
+    raise InteropError(f"{what} has no model fields {bad} as this config sets them")
+
+
 def _family(m) -> str:
   """The HF architecture that expresses jaxlm model config `m` exactly; InteropError if none does."""
-  unsupported = {
-      "mlp_kind": m.mlp_kind != "swiglu", "norm_kind": m.norm_kind != "rmsnorm",
-      "position_kind": m.position_kind != "rope", "attn_logit_softcap": bool(m.attn_logit_softcap),
-      "final_logit_softcap": bool(m.final_logit_softcap),
-  }
-  if any(unsupported.values()):
-    raise InteropError(f"no supported Hugging Face architecture has model fields "
-                       f"{sorted(k for k, v in unsupported.items() if v)} as this config sets them")
+  common = {"norm_kind": m.norm_kind != "rmsnorm", "position_kind": m.position_kind != "rope"}
+  if not any(m[name] for name in _GEMMA_FEATURES):
+    _refuse("no supported Hugging Face architecture", {
+        **common, "mlp_kind": m.mlp_kind != "swiglu", "attn_logit_softcap": bool(m.attn_logit_softcap),
+        "final_logit_softcap": bool(m.final_logit_softcap)})
+    if m.qk_norm:
+      return "Qwen3ForCausalLM"
+    if m.attention_bias:
+      return "Qwen2ForCausalLM"
+    return "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
+  # Gemma: GeGLU, (1 + w) RMSNorms and scaled embeddings always come together
+  _refuse("Gemma (the architectures with model fields "
+          f"{[k for k in _GEMMA_FEATURES if m[k]]} set)", {
+              **common, "mlp_kind": m.mlp_kind != "geglu", "norm_plus_one": not m.norm_plus_one,
+              "scale_embeddings": not m.scale_embeddings, "attention_bias": m.attention_bias,
+              "mlp_bias": m.mlp_bias})
   if m.qk_norm:
-    return "Qwen3ForCausalLM"
-  if m.attention_bias:
-    return "Qwen2ForCausalLM"
-  return "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
+    _refuse("Gemma3ForCausalLM", {"post_norms": not m.post_norms,
+                                  "attn_logit_softcap": bool(m.attn_logit_softcap)})
+    kinds = layer_kinds(m) or (bool(m.sliding_window),) * m.num_layers
+    if m.rope_scaling != "none" and any(kinds) and not m.rope_local_theta:
+      raise InteropError("Gemma3ForCausalLM's local layers have unscaled RoPE; this config scales "
+                         "theirs (model.rope_scaling without model.rope_local_theta): set "
+                         "model.rope_local_theta")
+    return "Gemma3ForCausalLM"
+  if m.post_norms:
+    if m.rope_local_theta and (m.rope_local_theta != m.rope_theta or m.rope_scaling != "none"):
+      raise InteropError("Gemma2ForCausalLM has one RoPE for every layer; this config sets "
+                         "model.rope_local_theta")
+    return "Gemma2ForCausalLM"
+  _refuse("GemmaForCausalLM (Gemma 1)", {
+      "sliding_window": bool(m.sliding_window), "layer_pattern": bool(m.layer_pattern),
+      "rope_local_theta": bool(m.rope_local_theta), "query_pre_attn_scalar": bool(m.query_pre_attn_scalar),
+      "attn_logit_softcap": bool(m.attn_logit_softcap), "final_logit_softcap": bool(m.final_logit_softcap),
+      "qk_norm": m.qk_norm})
+  return "GemmaForCausalLM"
+
+
+def _gemma_to_hf(arch: str, m, head_dim: int) -> dict:
+  """The Gemma-specific config.json fields of jaxlm model config `m`."""
+  if arch == "GemmaForCausalLM":
+    return {"hidden_act": _GEMMA_ACTIVATION, "attention_bias": False}
+  kinds = layer_kinds(m) or (bool(m.sliding_window),) * m.num_layers
+  scalar = m.query_pre_attn_scalar or head_dim
+  if scalar != int(scalar):
+    raise InteropError(f"model.query_pre_attn_scalar {scalar}: transformers' {arch} takes a whole number")
+  hf = {
+      "hidden_activation": _GEMMA_ACTIVATION, "attention_bias": False,
+      "query_pre_attn_scalar": int(scalar),
+      # unused when no layer slides; transformers still builds the sliding mask, so give it a size
+      "sliding_window": m.sliding_window or m.max_seq_len,
+      "layer_types": ["sliding_attention" if k else "full_attention" for k in kinds],
+      "attn_logit_softcapping": m.attn_logit_softcap or None,
+      "final_logit_softcapping": m.final_logit_softcap or None,
+  }
+  if arch == "Gemma3ForCausalLM":
+    hf["rope_local_base_freq"] = m.rope_local_theta or m.rope_theta
+  return hf
 
 
 def config_to_hf(m) -> dict:
@@ -271,8 +478,9 @@ def config_to_hf(m) -> dict:
     rope.update({hf_name: m[name] for hf_name, name in _ROPE_FIELDS[m.rope_scaling].items()})
     if "original_max_position_embeddings" in rope:
       rope["original_max_position_embeddings"] = m.rope_original_max_len or m.max_seq_len
+  model_type = {"Gemma3ForCausalLM": "gemma3_text"}.get(arch, arch.removesuffix("ForCausalLM").lower())
   hf = {
-      "architectures": [arch], "model_type": arch.removesuffix("ForCausalLM").lower(),
+      "architectures": [arch], "model_type": model_type,
       "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.mlp_dim,
       "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
       "num_key_value_heads": m.num_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
@@ -280,6 +488,10 @@ def config_to_hf(m) -> dict:
       "rope_theta": m.rope_theta, "rope_scaling": rope, "tie_word_embeddings": m.tie_embeddings,
       "torch_dtype": "float32",
   }
+  if arch in GEMMA:
+    del hf["hidden_act"]
+    hf.update(_gemma_to_hf(arch, m, head_dim))
+    return hf
   if arch == "LlamaForCausalLM":
     hf.update(attention_bias=False, mlp_bias=m.mlp_bias)
   elif arch == "MistralForCausalLM":
@@ -314,7 +526,7 @@ def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30, tokenizer=Non
   state = nnx.state(model, nnx.Param)
   params = dict(nnx.to_flat_state(state))
   tensors = {}
-  for s in tensor_sources(state, model.compute.scan_layers):
+  for s in tensor_sources(state, model.compute.scan_layers, m.post_norms):
     value = np.asarray(jax.device_get(params[s.path].get_value()))
     if s.elementwise:
       value = s.elementwise[1](value)

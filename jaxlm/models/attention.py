@@ -19,23 +19,28 @@ from jaxlm.parallel.rules import constrain
 
 
 def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments=None,
-                          window: int = 0, softcap: float = 0.0, causal: bool = True):
+                          window: int = 0, softcap: float = 0.0, causal: bool = True,
+                          scale: float | None = None, local=None):
   """q: [batch, t, heads, head_dim]; k, v: [batch, s, kv_heads, head_dim]; slots: [batch, t|s].
 
   causal=False drops the k_slot <= q_slot condition (a window then limits |q_slot - k_slot|).
+  scale: of the scores (default head_dim**-0.5). local: None, or a traced bool scalar (a scanned
+  layer's kind, see model.layer_pattern): the window then applies only where it is true.
   Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
   Returns [batch, t, heads, head_dim].
   """
   b, t, h, d = q.shape
   kvh = k.shape[2]
   q = q.reshape(b, t, kvh, h // kvh, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+  scale = d**-0.5 if scale is None else scale
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if softcap:
     scores = softcap * jnp.tanh(scores / softcap)
   delta = q_slots[:, :, None] - k_slots[:, None, :]  # [batch, t, s]
   mask = delta >= 0 if causal else jnp.ones(delta.shape, bool)
   if window:
-    mask &= (delta < window) if causal else (jnp.abs(delta) < window)
+    in_window = (delta < window) if causal else (jnp.abs(delta) < window)
+    mask &= in_window if local is None else (in_window | ~local)
   if q_segments is not None:
     mask &= q_segments[:, :, None] == k_segments[:, None, :]
   scores = jnp.where(mask[:, None, None], scores, MASKED)
@@ -45,7 +50,7 @@ def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments
 
 
 def causal_blocked_attention(q, k, v, segments=None, blocks: int = 1, window: int = 0,
-                             softcap: float = 0.0):
+                             softcap: float = 0.0, scale: float | None = None):
   """Self-attention over whole rows (slot i = position in the row, no cache), in query blocks.
 
   Query block i attends only to keys up to its own end (and, with a window, not before its first
@@ -66,7 +71,7 @@ def causal_blocked_attention(q, k, v, segments=None, blocks: int = 1, window: in
     seg_k = None if segments is None else segments[:, k_lo:hi]
     outs.append(dot_product_attention(
         q[:, lo:hi], k[:, k_lo:hi], v[:, k_lo:hi], slots[:, lo:hi], slots[:, k_lo:hi],
-        seg_q, seg_k, window=window, softcap=softcap))
+        seg_q, seg_k, window=window, softcap=softcap, scale=scale))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -97,12 +102,31 @@ class Attention(nnx.Module):
       self.q_norm = Norm(cfg, compute, hd, rngs, axis_name="head_dim")
       self.k_norm = Norm(cfg, compute, hd, rngs, axis_name="head_dim")
     if cfg.position_kind == "rope":
-      inv_freq, scale = rope.inverse_frequencies(cfg, hd)
-      self.rope = (tuple(inv_freq.tolist()), scale)  # static: hashable, not a parameter
+      # (global layers' (inv_freq, scale), local layers'): static, hashable, not parameters
+      kinds = rope.layer_frequencies(cfg, hd)
+      self.rope = tuple((tuple(kinds[local][0].tolist()), kinds[local][1]) for local in (False, True))
+    # Score scale: head_dim**-0.5, or query_pre_attn_scalar**-0.5 (Gemma 2/3)
+    self.score_scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
 
-  def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None):
+  def _rope(self, x, positions, local):
+    """RoPE of this layer's kind (model.layer_pattern): local None/False global, True local, or a
+    traced bool (a scanned layer) that selects between the two."""
+    glob, loc = self.rope
+    if isinstance(local, jax.Array) and glob != loc:
+      inv_freq = jnp.where(local, jnp.asarray(loc[0], jnp.float32), jnp.asarray(glob[0], jnp.float32))
+      return rope.apply_rope(x, positions, inv_freq, jnp.where(local, loc[1], glob[1]))
+    inv_freq, scale = loc if local is True else glob
+    return rope.apply_rope(x, positions, jnp.asarray(inv_freq, jnp.float32), scale)
+
+  def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None, local=None):
     """x: [batch, t, embed]; positions, slots: [batch, t]; cache: {"k","v": [batch, S, kv_heads,
-    head_dim]} with cache_index: [batch], where each row's t new entries go."""
+    head_dim]} with cache_index: [batch], where each row's t new entries go.
+
+    local: this layer's kind under model.layer_pattern: None (no pattern: model.sliding_window
+    applies), a Python bool (an unscanned layer: its window is static), or a traced bool scalar (a
+    scanned layer: the xla reference masks by it; blocked and kernel attention, whose window is
+    static, run the local or the global variant under lax.cond).
+    """
     cfg, cp = self.cfg, self.compute
     c, mdt = cp.activations, cp.matmul
     q = dense(x, self.q[...].astype(c), cp)  # [batch, t, heads, head_dim]
@@ -113,8 +137,7 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.position_kind == "rope":
-      inv_freq, scale = jnp.asarray(self.rope[0], jnp.float32), self.rope[1]
-      q, k = rope.apply_rope(q, positions, inv_freq, scale), rope.apply_rope(k, positions, inv_freq, scale)
+      q, k = self._rope(q, positions, local), self._rope(k, positions, local)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     # Sequence parallelism: queries stay split along length, but every query shard needs every
     # earlier key, so keys and values are whole along length here (XLA all-gathers them). Simple
@@ -130,14 +153,22 @@ class Attention(nnx.Module):
       k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
       q_segments = k_segments = None  # decoding continues one document
     q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
-    if cache is None and cp.attention != "xla":  # a kernel: self-attention over whole rows
-      out = attention_kernels.self_attention(cfg, cp, q, k, v, segment_ids)
-    elif cache is None and cp.attention_blocks > 1:  # slots are 0..t-1: skip the hidden key blocks
-      out = causal_blocked_attention(q, k, v, segment_ids, cp.attention_blocks,
-                                     cfg.sliding_window, cfg.attn_logit_softcap)
+    traced = isinstance(local, jax.Array) and bool(cfg.sliding_window)
+    window = cfg.sliding_window if local is None or local is True or traced else 0
+    if cache is None and (cp.attention != "xla" or cp.attention_blocks > 1):
+      def attend(window):  # self-attention over whole rows with a static window
+        if cp.attention != "xla":  # a kernel
+          return attention_kernels.self_attention(cfg, cp, q, k, v, segment_ids, window)
+        # slots are 0..t-1: skip the hidden key blocks
+        return causal_blocked_attention(q, k, v, segment_ids, cp.attention_blocks, window,
+                                        cfg.attn_logit_softcap, self.score_scale)
+      if traced:
+        out = jax.lax.cond(local, lambda: attend(window), lambda: attend(0))
+      else:
+        out = attend(window)
     else:
       out = dot_product_attention(
-          q, k, v, slots, k_slots, q_segments, k_segments,
-          window=cfg.sliding_window, softcap=cfg.attn_logit_softcap)
+          q, k, v, slots, k_slots, q_segments, k_segments, window=window,
+          softcap=cfg.attn_logit_softcap, scale=self.score_scale, local=local if traced else None)
     out = dense(out, self.o[...].astype(c), cp, contract=2, out_dtype=c)  # [batch, t, embed]
     return out, cache

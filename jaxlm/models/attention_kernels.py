@@ -45,14 +45,19 @@ def _head_axes() -> tuple[str, str]:
   return "heads", "kv_heads"
 
 
-def self_attention(cfg, compute: Compute, q, k, v, segments):
+def self_attention(cfg, compute: Compute, q, k, v, segments, window: int):
   """q: [batch, t, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim]; segments: [batch, t]|None.
+  window: this layer's sliding window (0: none), static.
 
   Rows are in natural order unless compute.sequence_shards > 1 (then in sequence.balanced_order).
   Returns [batch, t, heads, head_dim].
   """
+  head_dim = q.shape[-1]
+  if cfg.query_pre_attn_scalar and cfg.query_pre_attn_scalar != head_dim:
+    # the kernels scale scores by head_dim**-0.5: fold the rest of query_pre_attn_scalar**-0.5 into q
+    q = q * jnp.asarray((head_dim / cfg.query_pre_attn_scalar) ** 0.5, q.dtype)
   if compute.attention == "cudnn":
-    return _cudnn(q, k, v, segments, cfg.sliding_window)
+    return _cudnn(q, k, v, segments, window)
   if segments is not None:
     segments = segments.astype(jnp.int32)
   heads, kv_heads = _head_axes()
@@ -60,13 +65,13 @@ def self_attention(cfg, compute: Compute, q, k, v, segments):
     from jaxlm.kernels.splash import splash_attention  # pylint: disable=g-import-not-at-top
 
     def kernel(q, k, v, seg):
-      return splash_attention(q, k, v, seg, causal=True, window=cfg.sliding_window,
+      return splash_attention(q, k, v, seg, causal=True, window=window,
                               softcap=cfg.attn_logit_softcap,
                               interpret=compute.kernel_backend == "interpret")
   else:
     def kernel(q, k, v, seg, k_seg=None, q_offset=None):
       return flash_attention(
-          q, k, v, seg, seg if k_seg is None else k_seg, causal=True, window=cfg.sliding_window,
+          q, k, v, seg, seg if k_seg is None else k_seg, causal=True, window=window,
           softcap=cfg.attn_logit_softcap, block_q=compute.flash_block_q or None,
           block_k=compute.flash_block_k or None, backend=compute.kernel_backend, q_offset=q_offset)
 

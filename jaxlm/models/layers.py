@@ -51,11 +51,16 @@ def dense(x, w, compute: Compute, contract: int = 1, out_dtype=None, transpose_w
 
 
 class Norm(nnx.Module):
-  """RMSNorm (scale only) or LayerNorm (scale and bias), computed in float32."""
+  """RMSNorm (scale only) or LayerNorm (scale and bias), computed in float32.
+
+  With model.norm_plus_one the stored `scale` is w (zeros at init) and the norm multiplies by
+  (1 + w) in float32 (Gemma); otherwise it stores the multiplier itself (ones at init).
+  """
 
   def __init__(self, cfg, compute: Compute, size: int, rngs: nnx.Rngs, axis_name: str = "embed"):
-    self.kind, self.eps = cfg.norm_kind, cfg.norm_eps
-    self.scale = nnx.Param(jnp.ones((size,), compute.params), out_sharding=(axis_name,))
+    self.kind, self.eps, self.plus_one = cfg.norm_kind, cfg.norm_eps, cfg.norm_plus_one
+    init = jnp.zeros if self.plus_one else jnp.ones
+    self.scale = nnx.Param(init((size,), compute.params), out_sharding=(axis_name,))
     if self.kind == "layernorm":
       self.bias = nnx.Param(jnp.zeros((size,), compute.params), out_sharding=(axis_name,))
 
@@ -63,7 +68,9 @@ class Norm(nnx.Module):
     h = x.astype(jnp.float32)
     if self.kind == "layernorm":
       h = h - h.mean(-1, keepdims=True)
-    h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    scale = self.scale[...].astype(jnp.float32)
+    h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.eps)
+    h = h * (1 + scale if self.plus_one else scale)
     if self.kind == "layernorm":
       h = h + self.bias[...]
     return h.astype(x.dtype)

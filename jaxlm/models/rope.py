@@ -45,8 +45,22 @@ def inverse_frequencies(cfg, head_dim: int) -> tuple[np.ndarray, float]:
   return inv.astype(np.float32), 1.0
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray, scale: float = 1.0):
-  """Rotates x: [batch, length, heads, head_dim] by positions: [batch, length]."""
+def layer_frequencies(cfg, head_dim: int) -> dict[bool, tuple[np.ndarray, float]]:
+  """{False: global layers' (inv_freq, scale), True: local layers'} (see model.layer_pattern).
+
+  Local layers use the global RoPE unless model.rope_local_theta is set; then plain RoPE of that
+  theta, never scaled (Gemma 3: rope_local_base_freq beside a scaled global RoPE).
+  """
+  glob = inverse_frequencies(cfg, head_dim)
+  if not cfg.rope_local_theta:
+    return {False: glob, True: glob}
+  inv = 1.0 / (cfg.rope_local_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  return {False: glob, True: (inv.astype(np.float32), 1.0)}
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq, scale=1.0):
+  """Rotates x: [batch, length, heads, head_dim] by positions: [batch, length].
+  inv_freq: [head_dim / 2]; scale: a float or a traced scalar (a scanned layer's own RoPE)."""
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, head_dim/2]
   cos = (jnp.cos(angles) * scale)[:, :, None, :]
   sin = (jnp.sin(angles) * scale)[:, :, None, :]

@@ -2,15 +2,18 @@
 
 One architecture config (`config.model`) covers the Llama family and its common variants (GQA/MQA,
 SwiGLU/GeGLU/GELU, RMSNorm/LayerNorm, RoPE with scalings or learned positions, tied embeddings,
-QK-norm, biases, sliding windows, soft-capping). How it is computed (dtypes, the layer loop,
-recompute, attention kernels) is a `Compute` (jaxlm/models/compute.py) fixed at construction.
+QK-norm, biases, sliding windows, soft-capping) and Gemma's (post-norms, (1 + w) norms, scaled
+embeddings, a query scalar, local and global layers by model.layer_pattern). How it is computed
+(dtypes, the layer loop, recompute, attention kernels) is a `Compute` (jaxlm/models/compute.py)
+fixed at construction.
 With compute.scan_layers the blocks' parameters are stacked along a leading `layers` axis and run
 by `lax.scan`, so compile time does not grow with depth.
 
 The model is a pure function of its parameters, in three parts that callers may compose
 differently (the pipeline schedule in jaxlm/parallel/pipeline.py runs the layer stack by stages):
   embed_tokens(tokens, positions) -> x [batch, t, embed]
-  layer_stack() -> (stacked layer parameters, run(params, x, rows, kv) -> (x, kv))   (scanned only)
+  layer_stack() -> (layers, run(layers, x, rows, kv) -> (x, kv))   (scanned only; layers: the
+      stacked block parameters and each layer's kind, every leaf [layers, ...])
   head(x) -> logits [batch, t, padded vocab] (float32)
 and their composition:
   model(tokens [batch, t], positions=None, segment_ids=None) -> logits
@@ -24,8 +27,10 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
+from jaxlm.config import layer_kinds
 from jaxlm.kernels.masking import MASKED
 from jaxlm.models.attention import Attention
 from jaxlm.models.compute import Compute
@@ -48,7 +53,8 @@ def padded_vocab_size(cfg) -> int:
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with model.post_norms each
+  sublayer's output is normalized too before it is added (Gemma 2/3: x + norm(attn(norm(x))))."""
 
   def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs):
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # keeps the residual stream's scale with depth
@@ -56,11 +62,21 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, compute, rngs, out_std)
     self.mlp_norm = Norm(cfg, compute, cfg.d_model, rngs)
     self.mlp = MLP(cfg, compute, rngs, out_std)
+    self.post_norms = cfg.post_norms
+    if cfg.post_norms:
+      self.attn_post_norm = Norm(cfg, compute, cfg.d_model, rngs)
+      self.mlp_post_norm = Norm(cfg, compute, cfg.d_model, rngs)
 
-  def __call__(self, x, positions, slots, segment_ids, cache=None, cache_index=None):
-    h, cache = self.attn(self.attn_norm(x), positions, slots, segment_ids, cache, cache_index)
+  def __call__(self, x, positions, slots, segment_ids, cache=None, cache_index=None, local=None):
+    """local: the layer's kind (see Attention.__call__)."""
+    h, cache = self.attn(self.attn_norm(x), positions, slots, segment_ids, cache, cache_index, local)
+    if self.post_norms:
+      h = self.attn_post_norm(h)
     x = constrain(x + h, ("batch", "length", "embed"))
-    x = x + self.mlp(self.mlp_norm(x))
+    h = self.mlp(self.mlp_norm(x))
+    if self.post_norms:
+      h = self.mlp_post_norm(h)
+    x = x + h
     return constrain(x, ("batch", "length", "embed")), cache
 
 
@@ -104,41 +120,51 @@ class Transformer(nnx.Module):
     # weight), so the looked-up rows can be split by batch instead of along embed.
     table = constrain(self.embed[...], ("vocab", None))  # [vocab, embed]
     x = table.astype(c)[tokens]  # [batch, t, embed]
+    if self.cfg.scale_embeddings:  # sqrt(d_model) rounded to float32, then to the activations' dtype
+      x = x * jnp.asarray(np.float32(math.sqrt(self.cfg.d_model)), c)
     if self.cfg.position_kind == "learned":
       x = x + self.pos_embed[...].astype(c)[positions]
     return constrain(x, ("batch", "length", "embed"))
 
-  def _layer(self, start):
-    """One block applied to x, with compute.remat_policy's recompute: f(block, x, kv, rows).
-    start: [batch], where each row's tokens of this call begin in the KV cache (zeros without one)."""
-    def layer(block, x, layer_cache, rows):  # rows: (positions, slots, segment_ids) of x's rows
-      return block(x, *rows, layer_cache, start)
+  def _layer(self, start, static_local=None):
+    """One block applied to x, with compute.remat_policy's recompute: f(block, x, kv, rows, local).
+    start: [batch], where each row's tokens of this call begin in the KV cache (zeros without one).
+    The layer's kind is
+    `local` (traced, scanned layers) or else static_local (a Python bool, unscanned layers)."""
+    def layer(block, x, layer_cache, rows, local=None):  # rows: (positions, slots, segment_ids) of x's rows
+      return block(x, *rows, layer_cache, start, static_local if local is None else local)
     policy = self.compute.remat_policy
     if policy == "none":
       return layer
     return nnx.remat(layer, policy=REMAT_POLICIES[policy], prevent_cse=not self.compute.scan_layers)
 
   def layer_stack(self, start=0):
-    """(params, run) of the scanned layers: params leaves are [layers, ...];
-    run(params, x, rows, kv=None) -> (x, kv) runs them in order (any leading slice of layers)."""
+    """(layers, run) of the scanned layers: layers = (block parameters, kinds), every leaf [layers, ...];
+    kinds: bool, True for model.layer_pattern's local layers (None without a pattern), so any
+    slice of the stack (a pipeline stage's) carries its own layers' kinds.
+    run(layers, x, rows, kv=None) -> (x, kv) runs them in order (any leading slice of layers)."""
     if not self.compute.scan_layers:
       raise ValueError("layer_stack needs compute.scan_layers=True (layers stacked along one axis)")
     graphdef, params = nnx.split(self.blocks)
     layer = self._layer(start)
+    kinds = layer_kinds(self.cfg)
+    kinds = None if kinds is None else jnp.asarray(kinds)
 
-    def run(params, x, rows, kv=None):
-      def body(x, xs):  # one layer: xs = (its parameters, its cache slice)
-        return layer(nnx.merge(graphdef, xs[0]), x, xs[1], rows)
-      return jax.lax.scan(body, x, (params, kv))
-    return params, run
+    def run(layers, x, rows, kv=None):
+      def body(x, xs):  # one layer: xs = ((its parameters, its kind), its cache slice)
+        (params, local), layer_kv = xs
+        return layer(nnx.merge(graphdef, params), x, layer_kv, rows, local)
+      return jax.lax.scan(body, x, (layers, kv))
+    return (params, kinds), run
 
   def run_layers(self, x, rows, kv=None, start=0):
     """x: [batch, t, embed] through every block; kv: the cache's {"k","v"} or None."""
     if self.compute.scan_layers:
-      params, run = self.layer_stack(start)
-      return run(params, x, rows, kv)
-    layer, outs = self._layer(start), []
+      layers, run = self.layer_stack(start)
+      return run(layers, x, rows, kv)
+    kinds, outs = layer_kinds(self.cfg) or (None,) * self.cfg.num_layers, []
     for i, block in enumerate(self.blocks):
+      layer = self._layer(start, kinds[i])  # a static kind: each layer's window is fixed
       x, layer_kv = layer(block, x, None if kv is None else jax.tree.map(lambda a: a[i], kv), rows)
       outs.append(layer_kv)
     return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)

@@ -85,8 +85,9 @@ def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int,
   if slots is None:
     slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   x = model.embed_tokens(tokens, positions)
-  params, run = model.layer_stack()
-  staged = jax.tree.map(lambda a: a.reshape(stages, -1, *a.shape[1:]), params)  # [stages, layers / stages, ...]
+  layers, run = model.layer_stack()  # block parameters and layer kinds, every leaf [layers, ...]
+  # [stages, layers / stages, ...]: each stage gets its own layers' parameters and kinds
+  staged = jax.tree.map(lambda a: a.reshape(stages, -1, *a.shape[1:]), layers)
   x = gpipe(lambda p, x, rows: run(p, x, rows)[0], staged, x, (positions, slots, segment_ids),
             microbatches)
   return model.head(x)

@@ -2,9 +2,10 @@
 
 Counted: every matmul (2 FLOPs per multiply-add) in q/k/v/o, the MLP and the output logits, plus
 the attention score and value products (QK^T and PV) with causal attention counted as half (with a
-sliding window: the keys in the window). Not counted: the embedding lookup, norms, softmax, the
-optimizer. Training = forward + backward = 3 x forward. Recomputation (remat) is not counted either:
-these are model FLOPs, so MFU does not reward recomputing.
+sliding window: the keys in the window; under model.layer_pattern only its local layers have
+one). Not counted: the embedding lookup, norms, softmax, the optimizer. Training = forward +
+backward = 3 x forward. Recomputation (remat) is not counted either: these are model FLOPs, so MFU
+does not reward recomputing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import chips
+from jaxlm.config import layer_kinds
 
 
 def matmul_params(m) -> int:
@@ -25,8 +27,10 @@ def matmul_params(m) -> int:
   return m.num_layers * (attn + mlp) + m.d_model * m.vocab_size  # + the output logits
 
 
-def attention_context(m, seq_len: int, causal: bool = True) -> float:
+def attention_context(m, seq_len: int, causal: bool = True, window: int | None = None) -> float:
   """Keys each query attends to, averaged over a row of seq_len tokens.
+
+  window: the layer's sliding window (default model.sliding_window; 0: none).
 
   causal: the causal mask counts as half the score matrix (seq_len / 2); with a sliding window w <
   seq_len the same convention gives w - w^2 / (2 seq_len): the first w queries see a half
@@ -34,7 +38,7 @@ def attention_context(m, seq_len: int, causal: bool = True) -> float:
   causal=False: every query meets every key of the row, window or not: the score matrix a dense
   masked attention computes, and what XLA's cost_analysis() counts for it.
   """
-  w = m.sliding_window
+  w = m.sliding_window if window is None else window
   if not causal:
     return float(seq_len)
   if not w or w >= seq_len:
@@ -46,7 +50,9 @@ def train_flops_per_token(m, seq_len: int, causal: bool = True) -> float:
   """Model FLOPs of one training token (forward + backward) at rows of seq_len tokens."""
   hd = m.head_dim or m.d_model // m.num_heads
   # QK^T and PV: 2 products x 2 FLOPs x heads x head_dim per key attended to.
-  attention = m.num_layers * 2 * 2 * m.num_heads * hd * attention_context(m, seq_len, causal)
+  kinds = layer_kinds(m) or (True,) * m.num_layers  # model.layer_pattern's G layers have no window
+  context = sum(attention_context(m, seq_len, causal, None if local else 0) for local in kinds)
+  attention = 2 * 2 * m.num_heads * hd * context
   return 3 * (2 * matmul_params(m) + attention)
 
 
