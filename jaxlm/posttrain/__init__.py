@@ -1,0 +1,1 @@
+"""Post-training: preference, reward-model and reinforcement-learning objectives on jaxlm models."""
