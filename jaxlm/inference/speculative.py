@@ -1,7 +1,7 @@
 """Speculative decoding: a small draft model proposes k tokens, the target checks them in one call.
 
 Each round, for every row: the draft decodes k tokens d_1..d_k one at a time (sampling from its own
-distribution q); the target runs once over [last token, d_1..d_k] and gives its distributions
+distribution q; k draft calls a round); the target runs once over [last token, d_1..d_k] and gives its distributions
 p_1..p_{k+1}. Draft token d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j)) until the
 first rejection; at the first rejected position the row samples from max(p - q, 0) (normalized),
 and when all k are accepted it samples a bonus token from p_{k+1}. A round so emits 1 to k + 1
@@ -97,17 +97,28 @@ def _speculate(target_def, target_params, draft_def, draft_params, prompts, leng
       r, cache_t, cache_d, rows, counts = state
       keys = jax.random.split(jax.random.fold_in(key, r), 3)
       base = cache_t["index"]  # [batch]: the current token `cur` goes here in both caches
-      cur = rows.out[jnp.arange(batch), jnp.maximum(rows.count - 1, 0)]
+      rows_i = jnp.arange(batch)
+      cur = rows.out[rows_i, jnp.maximum(rows.count - 1, 0)]
+      # The token before cur (the prompt's last on the first round). The draft never saw it when the
+      # previous round kept all k drafts (it fed d_1..d_{k-1} only), so every round's first draft
+      # call feeds [prev, cur] at base - 1: one call instead of a k + 1-th each round.
+      prev = jnp.where(rows.count >= 2, rows.out[rows_i, jnp.maximum(rows.count - 2, 0)],
+                       prompts[rows_i, lengths - 1])
+      cache_d["index"] = base - 1
+      logits, cache_d = draft(jnp.stack([prev, cur], 1), cache=cache_d)
+      q1 = dist(logits[:, 1])  # [batch, vocab]
+      d1 = draw(jax.random.fold_in(keys[0], 0), q1)
 
-      def draft_step(carry, j):  # feeds cur, d_1, ..., d_k in turn; samples d_1, ..., d_{k+1}
+      def draft_step(carry, j):  # feeds d_j, samples d_{j+1}
         cache_d, token = carry
         logits, cache_d = draft(token[:, None], cache=cache_d)
-        q = dist(logits[:, 0])  # [batch, vocab]
+        q = dist(logits[:, 0])
         nxt = draw(jax.random.fold_in(keys[0], j), q)
         return (cache_d, nxt), (nxt, q)
 
-      (cache_d, _), (drafts, q) = jax.lax.scan(draft_step, (cache_d, cur), jnp.arange(k + 1))
-      drafts, q = drafts[:k].T, q[:k].transpose(1, 0, 2)  # [batch, k], [batch, k, vocab]
+      (cache_d, _), (rest, q_rest) = jax.lax.scan(draft_step, (cache_d, d1), jnp.arange(1, k))
+      drafts = jnp.concatenate([d1[:, None], rest.T], 1)  # [batch, k]
+      q = jnp.concatenate([q1[:, None], q_rest.transpose(1, 0, 2)], 1)  # [batch, k, vocab]
       logits, cache_t = target(jnp.concatenate([cur[:, None], drafts], 1), cache=cache_t)
       u = jax.random.uniform(keys[1], drafts.shape)
       accepted, nxt = rule(dist(logits), q, drafts, u)  # logits: [batch, k + 1, vocab]
