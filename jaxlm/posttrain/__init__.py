@@ -1,0 +1,1 @@
+"""Post-training: supervised fine-tuning and preference data, and the arithmetic task the demos use."""
