@@ -62,6 +62,20 @@ def test_mask_is_exactly_the_assistant_tokens_of_a_template(name, close):
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize("path", [SENTENCEPIECE, os.path.join(FIXTURES, "llama3")])
+def test_offsets_are_character_spans(path):
+  tok = load_tokenizer(path)
+  text = "héllo wörld\n12 ✓ naïve"
+  ids, offsets = tok.encode_with_offsets(text)
+  assert ids == tok.encode(text)
+  # spans start where the previous one ended (the byte tokens of one character share its span)
+  assert offsets[0][0] == 0 and offsets[-1][1] == len(text)
+  assert all(b[0] in (a[0], a[1]) for a, b in zip(offsets, offsets[1:]))
+  assert "".join(text[s:e] for (s, e), nxt in zip(offsets, [*offsets[1:], (None, None)])
+                 if (s, e) != nxt) == text
+
+
+@pytest.mark.fast
 def test_default_template_with_sentencepiece():
   tok = Tokenizer(SENTENCEPIECE)
   encoded = chat.encode_chat(tok, CONVERSATION)

@@ -264,8 +264,7 @@ class HFTokenizer:
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """`encode(text)`'s ids and each one's (start, end) character offsets in `text`, as the
-    `tokenizers` library reports them (a byte-level tokenizer leaves a token's leading space out
-    of its span; the bytes of one character share its span)."""
+    `tokenizers` library reports them (the byte tokens of one character share its span)."""
     encoding = self._backend.encode(text, add_special_tokens=False)
     return encoding.ids, encoding.offsets
 

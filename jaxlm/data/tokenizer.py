@@ -103,7 +103,7 @@ class Tokenizer:
     start)."""
     try:
       pieces = self._sp.encode(text, out_type="proto").pieces
-    except ValueError:  # sentencepiece < 0.2.1 names it differently
+    except ValueError:  # releases that predate out_type="proto" call it "immutable_proto"
       pieces = self._sp.encode(text, out_type="immutable_proto").pieces
     char_at = np.zeros(len(text.encode("utf-8")) + 1, np.int64)  # byte offset -> character offset
     byte = 0
