@@ -134,15 +134,22 @@ def _tokenizer() -> ConfigDict:
 
 def _data() -> ConfigDict:
   d = ConfigDict()
-  d.source = "shakespeare"  # shakespeare (embedded, no download) | text | jsonl | tfds
-  d.train_paths = ""  # text/jsonl: comma-separated files or globs for training
-  d.eval_paths = ""  # text/jsonl: held-out files; empty: no evaluation split
+  # shakespeare (embedded, no download) | text | jsonl | tfds: documents for pretraining |
+  # chat: JSONL examples for supervised fine-tuning, {"messages": [...]} or {"prompt", "completion"}
+  # a line, packed whole into rows with only assistant/completion tokens weighted
+  # (jaxlm/posttrain/sft.py; needs tokenizer.path)
+  d.source = "shakespeare"
+  d.train_paths = ""  # text/jsonl/chat: comma-separated files or globs for training
+  d.eval_paths = ""  # text/jsonl/chat: held-out files; empty: no evaluation split
   d.jsonl_field = "text"  # jsonl: the field that holds each document
   d.tfds_name = ""  # tfds: a prepared dataset, e.g. "lm1b" or "c4/en:3.1.0"
   d.tfds_data_dir = ""  # tfds: the data_dir holding it (ArrayRecord format)
   d.tfds_train_split = "train"
   d.tfds_eval_split = "validation"
   d.tfds_text_key = "text"
+  # chat: "" the tokenizer's chat template (jaxlm's default template when it has none) |
+  # "default" jaxlm's default template (jaxlm/posttrain/chat.py) | a path to a .jinja template file
+  d.chat_template = ""
   d.seq_len = 256  # tokens per packed row
   d.shuffle = True  # training order is shuffled with train.seed; evaluation is never shuffled
   d.prefetch_threads = 2  # grain read threads for tokenization
@@ -253,7 +260,7 @@ _CHOICES = {
     "compute.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "compute.attention": ("xla", "flash", "splash", "cudnn", "auto"),
     "tokenizer.model_type": ("bpe", "unigram"),
-    "data.source": ("shakespeare", "text", "jsonl", "tfds"),
+    "data.source": ("shakespeare", "text", "jsonl", "tfds", "chat"),
     "train.schedule": ("cosine", "linear", "wsd", "constant"),
     "checkpoint.resume": ("auto", "always", "never"),
 }
@@ -449,8 +456,14 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError(f"model.rope_scaling_factor must be >= 1, got {m.rope_scaling_factor}")
   if not 0 < config.sample.top_p <= 1:
     raise ConfigError(f"sample.top_p must be in (0, 1], got {config.sample.top_p}")
-  if d.source in ("text", "jsonl") and not d.train_paths:
+  if d.source in ("text", "jsonl", "chat") and not d.train_paths:
     raise ConfigError(f"data.source is '{d.source}' but data.train_paths is empty; give file paths or globs")
+  if d.source == "chat" and not config.tokenizer.path:
+    raise ConfigError("data.source is 'chat' but tokenizer.path is empty; give the tokenizer of the "
+                      "model being fine-tuned (a run directory, tokenizer.json or .model)")
+  if d.chat_template not in ("", "default") and not d.chat_template.endswith((".jinja", ".j2")):
+    raise ConfigError(f"data.chat_template is {d.chat_template!r}; use '' (the tokenizer's own), "
+                      "'default' or a path to a .jinja file")
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset, e.g. 'lm1b'")
   _validate_mesh(config.mesh)

@@ -262,6 +262,12 @@ class HFTokenizer:
     strings in the text become their ids either way, as in transformers."""
     return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)`'s ids and each one's (start, end) character offsets in `text`, as the
+    `tokenizers` library reports them (the byte tokens of one character share its span)."""
+    encoding = self._backend.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
+
   def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
     """`encode` over many texts, in the library's Rust threads."""
     return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

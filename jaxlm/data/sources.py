@@ -78,6 +78,11 @@ def _expand(field: str, spec: str) -> list[str]:
   return files
 
 
+def expand_paths(field: str, spec: str) -> list[str]:
+  """data.<field>'s comma-separated paths/globs -> its files (each entry must match one)."""
+  return _expand(field, spec)
+
+
 def _read_text(files: list[str]) -> list[str]:
   docs = []
   for f in files:
@@ -173,6 +178,9 @@ def documents(data_cfg, split: str) -> Sequence[str] | grain.MapDataset | None:
     if not data_cfg.tfds_name:
       raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset")
     return _tfds(data_cfg, split)
+  if source == "chat":
+    raise ConfigError("data.source 'chat' holds conversations, not documents: they are read by "
+                      "jaxlm.posttrain.sft (make_sft_iterator, sft_eval_batches)")
   if source not in ("text", "jsonl"):
     raise ConfigError(f"data.source is {source!r}; choose shakespeare, text, jsonl or tfds")
 

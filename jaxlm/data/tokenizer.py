@@ -95,6 +95,26 @@ class Tokenizer:
     out = self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
     return [[self.bos_id, *ids] for ids in out] if add_special_tokens and self.bos_id >= 0 else out
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode(text)`'s ids and each one's (start, end) character offsets in `text`.
+
+    SentencePiece reports UTF-8 byte offsets; they are turned into character offsets. The
+    byte-fallback pieces of one character share its span (the first ones start and end at its
+    start)."""
+    try:
+      pieces = self._sp.encode(text, out_type="proto").pieces
+    except ValueError:  # releases that predate out_type="proto" call it "immutable_proto"
+      pieces = self._sp.encode(text, out_type="immutable_proto").pieces
+    char_at = np.zeros(len(text.encode("utf-8")) + 1, np.int64)  # byte offset -> character offset
+    byte = 0
+    for i, char in enumerate(text):
+      width = len(char.encode("utf-8"))
+      char_at[byte:byte + width] = i
+      byte += width
+    char_at[byte] = len(text)
+    return ([int(p.id) for p in pieces],
+            [(int(char_at[p.begin]), int(char_at[p.end])) for p in pieces])
+
   def decode(self, ids) -> str:
     """Text for `ids` (list or int array); control ids (pad/bos/eos) decode to nothing."""
     return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])

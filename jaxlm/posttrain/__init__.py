@@ -1,1 +1,1 @@
-"""Post-training: preference, reward-model and reinforcement-learning objectives on jaxlm models."""
+"""Post-training: supervised fine-tuning and preference data, and the arithmetic task the demos use."""
