@@ -1,1 +1,1 @@
-"""Post-training: supervised fine-tuning and preference data, and the arithmetic task the demos use."""
+"""Post-training: SFT and preference data, the losses and objectives the train step minimizes, and the arithmetic task the demos use."""
