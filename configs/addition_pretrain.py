@@ -18,35 +18,8 @@ the same on a rerun; the time is not. Longer training goes past partial accuracy
 3-digit problems need far more than this budget.
 """
 
-from jaxlm.config import base_config
 from jaxlm.posttrain import addition
-
-DATA_DIR = "runs/addition/data"
-DIGITS = 2
 
 
 def get_config():
-  addition.write_pretrain_data(DATA_DIR, digits=DIGITS, train_docs=10_000)
-  c = base_config()
-  c.data.source = "jsonl"
-  c.data.train_paths = f"{DATA_DIR}/train.jsonl"
-  c.data.eval_paths = f"{DATA_DIR}/eval.jsonl"
-  c.data.seq_len = 128  # about one document of 8 problems (~90 tokens) a row
-  c.tokenizer.path = DATA_DIR  # its tokenizer.json: 259 ids, one per byte
-  m = c.model
-  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 128, 2, 4, 4, 512
-  m.max_seq_len = 128
-  c.compute.scan_layers = False  # 2 layers compile fast unrolled
-  c.compute.matmul_dtype = "bfloat16"  # bf16 operands, float32 accumulation: ~2x XLA:CPU matmul rate
-  t = c.train
-  t.batch_size = 16
-  t.steps = 300
-  t.warmup_steps = 50
-  t.learning_rate = 3e-3
-  t.weight_decay = 0.0
-  t.log_every = 50
-  t.workdir = "runs/addition/pretrain"
-  c.sample.prompt = "12+45="
-  c.sample.max_new_tokens = 4
-  c.sample.temperature = 0.0
-  return c
+  return addition.pretrain_config(data_dir="runs/addition/data", digits=2)

@@ -40,6 +40,7 @@ import tempfile
 
 import numpy as np
 
+from jaxlm.config import base_config
 from jaxlm.inference import prompts as prompt_text
 
 HELD_OUT_FRACTION = 0.1  # of all problems (pairs {a, b}), fixed by hash
@@ -251,6 +252,51 @@ def write_pretrain_data(directory: str, *, digits: int = 3, train_docs: int = 40
     for name in sorted(os.listdir(tmp), key=lambda n: n == MANIFEST):  # the manifest last
       os.replace(os.path.join(tmp, name), os.path.join(directory, name))
   return directory
+
+
+def write_sft_data(directory: str, *, digits: int = 3, n: int = 20_000, seed: int = 0) -> str:
+  """sft_train.jsonl ({"prompt", "completion"} of n training-side problems) and sft_eval.jsonl
+  (held-out ones, for the validation loss) in `directory`, unless already there. Returns it."""
+  names = {"sft_train.jsonl": sft_records(n, seed, digits),
+           "sft_eval.jsonl": [{"prompt": p.prompt, "completion": p.completion}
+                              for p in problems(min(n, 300), "eval", seed, digits)]}
+  os.makedirs(directory, exist_ok=True)
+  for name, records in names.items():
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      continue
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(f.name, path)
+  return directory
+
+
+def pretrain_config(data_dir: str = "runs/addition/data", digits: int = 2):
+  """The config of configs/addition_pretrain.py (the data written into data_dir first)."""
+  write_pretrain_data(data_dir, digits=digits, train_docs=10_000)
+  c = base_config()
+  c.data.source = "jsonl"
+  c.data.train_paths = f"{data_dir}/train.jsonl"
+  c.data.eval_paths = f"{data_dir}/eval.jsonl"
+  c.data.seq_len = 128  # about one document of 8 problems (~90 tokens) a row
+  c.tokenizer.path = data_dir  # its tokenizer.json: 259 ids, one per byte
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.mlp_dim = 128, 2, 4, 4, 512
+  m.max_seq_len = 128
+  c.compute.scan_layers = False  # 2 layers compile fast unrolled
+  c.compute.matmul_dtype = "bfloat16"  # bf16 operands, float32 accumulation: ~2x XLA:CPU matmul rate
+  t = c.train
+  t.batch_size = 16
+  t.steps = 300
+  t.warmup_steps = 50
+  t.learning_rate = 3e-3
+  t.weight_decay = 0.0
+  t.log_every = 50
+  t.workdir = "runs/addition/pretrain"
+  c.sample.prompt = "12+45="
+  c.sample.max_new_tokens = 4
+  c.sample.temperature = 0.0
+  return c
 
 
 def run_digits(config) -> int | None:

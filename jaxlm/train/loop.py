@@ -7,6 +7,7 @@ step k and resumed produces exactly the losses and parameters of an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -17,6 +18,7 @@ from jaxlm.data.pipeline import eval_batches, make_train_iterator
 from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.parallel.mesh import make_mesh
+from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.parallel.sharding import global_batch
 from jaxlm.train import flops
 from jaxlm.runs import write_run_files
@@ -33,10 +35,23 @@ def _mesh_text(mesh) -> str:
   return " x ".join(sizes) if sizes else "1 device"
 
 
+def train_batches(config, tokenizer):
+  """(this process's training batch iterator, {data stat: value} to log or {}). data.source "chat"
+  is supervised fine-tuning: conversations packed with the assistant's tokens as the only targets."""
+  if config.data.source == "chat":
+    batches, stats = make_sft_iterator(config, tokenizer, jax.process_index(), jax.process_count())
+    return batches, {k: float(v) for k, v in dataclasses.asdict(stats).items()}
+  return make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count()), {}
+
+
 def held_out_batches(config, tokenizer) -> list | None:
   """This process's rows of every evaluation batch (train.eval_batches of them; 0: all), read and
   tokenized once per run; None if there is no held-out split."""
-  batches = eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
+  if config.data.source == "chat":
+    made = sft_eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
+    batches = None if made is None else made[0]
+  else:
+    batches = eval_batches(config, tokenizer, jax.process_index(), jax.process_count())
   if batches is None:
     return None
   return list(itertools.islice(batches, config.train.eval_batches or None))
@@ -70,7 +85,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
 
   setup = make_setup(config)
   graphdef = setup.graphdef
-  train_iter = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
+  train_iter, data_stats = train_batches(config, tokenizer)
 
   checkpointer = Checkpointer(t.workdir, config.checkpoint)
   resume = config.checkpoint.resume
@@ -100,6 +115,9 @@ def train(config, stop_at_step: int | None = None) -> dict:
             f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s over "
             f"{jax.device_count()} device(s); starting at step {start} of {t.steps}; "
             f"mesh {_mesh_text(setup.mesh)}")
+  if data_stats:  # how many examples were truncated or dropped, in metrics.jsonl from the start
+    log.print("data: " + ", ".join(f"{k} {v:,.0f}" for k, v in data_stats.items()))
+    log.write(start, data_stats, prefix="data")
   # Tokens of the global batch: every process loads batch_size / process_count rows, and MFU divides
   # by the peak of all devices, so throughput must count all processes' rows.
   tokens_per_step = t.batch_size * config.data.seq_len
