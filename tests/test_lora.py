@@ -284,3 +284,19 @@ def test_adapter_checkpoints_resume_exactly_from_the_recorded_base(base_run, cap
   to_hf(str(root / "resumed"), str(root / "hf"), None)
   exported, _ = hf.load_model(str(root / "hf"))
   np.testing.assert_allclose(exported(ids), adapted(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_aot_plan_of_a_lora_job_holds_the_base_once():
+  """On 4 abstract v5p chips (fsdp 4): a LoRA step's arguments are the base's shards plus small
+  adapters, far under the parameters and two Adam moments a full fine-tune holds."""
+  pytest.importorskip("libtpu", reason="the planner needs libtpu (pip install -e '.[test]' installs it)")
+  from jaxlm.aot.plan import plan, tpu_devices
+  c = presets.load("tiny").get_config()
+  c.model.update(d_model=512, mlp_dim=2048)  # TPU tiles pad dims to 128: shards of 64/4 would not shrink
+  c.mesh.update(data=1, fsdp=4)
+  c.lora.rank = 8
+  p = plan(validate(c), tpu_devices("v5p:2x2x1"))
+  n_adapters, n_all = lora.parameter_counts(nnx.eval_shape(lambda: build_model(c)))
+  base_bytes_per_chip = 4 * (n_all - n_adapters) / 4  # float32, split over fsdp 4
+  print(f"\nLoRA plan arguments {p.arguments:,} bytes per chip; base shards {base_bytes_per_chip:,.0f}")
+  assert p.fits and base_bytes_per_chip < p.arguments < 1.5 * base_bytes_per_chip
