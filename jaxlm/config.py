@@ -198,6 +198,8 @@ def _lora() -> ConfigDict:
   A [in, rank] normal(0, 1/sqrt(fan_in)) and B [rank, out] zeros, so training starts from exactly
   the base model. Only A and B train and have optimizer state; checkpoints hold them alone, and
   the base is re-read from checkpoint.init_from (recorded in the run's config.json) on resume.
+  train.* applies to the adapters as to any weights (weight_decay included: 0 is the usual LoRA
+  choice).
   """
   lo = ConfigDict()
   lo.rank = 0  # 0: off (every parameter trains); r > 0: adapters of rank r, every base weight frozen

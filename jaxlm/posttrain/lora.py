@@ -1,14 +1,15 @@
 """LoRA: training low-rank adapters on frozen base weights, and merging them back.
 
 Design. jaxlm implements LoRA on NNX itself rather than through a library such as qwix (what
-Tunix uses). qwix adds adapters by intercepting the matmuls of Flax modules (nnx.Linear,
-nnx.Einsum, jnp.einsum calls) whose module path a rule matches; jaxlm's projections are raw
-nnx.Params contracted by its own `dense` (a 2-D matmul after reshapes, or its low-precision matmul
-kernel), so interception would have to follow that code path, the adapters would be created on the
-first call rather than with the model, and a dependency would come with it. Here, instead:
+Tunix uses). qwix adds LoRA by model surgery: rules matched against module paths decide which Flax
+modules' matmuls (dot_general / einsum) get adapters. jaxlm's projections are raw nnx.Params
+contracted by its own `dense` (a 2-D matmul after reshapes, or its low-precision matmul kernel), so
+the surgery would have to reach into that code, the adapters' parameters would be declared by the
+library rather than beside their weights with jaxlm's logical axis names, and it would be a new
+dependency. Here, instead:
   * the model owns its adapters (jaxlm/models/layers.py, `Adapter`): a targeted projection W gets
     `<name>_lora` beside it with factors A [*in, lora] and B [lora, *out] of type nnx.LoRAParam,
-    and computes x W + (alpha / rank) (x A) B. The forward pass changes in one helper (`project`)
+    and computes x W + (alpha / rank) (x A) B. The forward pass changes in one function (`project`)
     and nowhere else, so attention kernels, sequence parallelism and the pipeline schedule never
     see LoRA: they see the same activations as before.
   * adapters are built inside the blocks, so scan_layers stacks them [layers, ...] with the
