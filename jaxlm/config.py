@@ -191,9 +191,33 @@ def _checkpoint() -> ConfigDict:
   c.resume = "auto"  # auto: resume if the workdir holds a checkpoint | always: it must | never
   # A jaxlm run directory (its latest checkpoint) or a Hugging Face model directory whose parameters
   # start this run: step 0, fresh optimizer state. model.* must describe the same architecture.
-  # Ignored when the run resumes from its own checkpoint.
+  # Ignored when the run resumes from its own checkpoint, except with LoRA (lora.rank > 0): there
+  # it is the frozen base, read again on every start (a resume takes it from the run's config.json).
   c.init_from = ""
   return c
+
+
+def _lora() -> ConfigDict:
+  """LoRA: train low-rank adapters on frozen base weights (jaxlm/posttrain/lora.py).
+
+  A training choice, not part of the architecture: `model.*` still describes the base (what
+  checkpoint.init_from must match). Each targeted projection W computes with W + (alpha / rank) A B,
+  A [in, rank] normal(0, 1/sqrt(fan_in)) and B [rank, out] zeros, so training starts from exactly
+  the base model. Only A and B train and have optimizer state; checkpoints hold them alone, and
+  the base is re-read from checkpoint.init_from (recorded in the run's config.json) on resume.
+  train.* applies to the adapters as to any weights (weight_decay included: 0 is the usual LoRA
+  choice).
+  """
+  lo = ConfigDict()
+  lo.rank = 0  # 0: off (every parameter trains); r > 0: adapters of rank r, every base weight frozen
+  lo.alpha = 16.0  # the update is scaled by alpha / rank (2.0 at rank 8)
+  # Dropout on the adapters' input. Only 0 is implemented: a rate > 0 is refused at start-up.
+  lo.dropout = 0.0
+  # Comma-separated projections that get adapters, in every layer: q, k, v, o (attention: queries,
+  # keys, values, output) and up, gate, down (MLP; gate only for swiglu/geglu), or the groups
+  # "attn" (q,k,v,o), "mlp" (up, gate where the MLP has one, down) and "all" (both).
+  lo.targets = "q,k,v,o"
+  return lo
 
 
 def _mesh() -> ConfigDict:
@@ -243,6 +267,7 @@ def base_config() -> ConfigDict:
   c.data = _data()
   c.train = _train()
   c.checkpoint = _checkpoint()
+  c.lora = _lora()
   c.mesh = _mesh()
   c.sample = _sample()
   c.lock()  # a misspelt or moved field is an error at assignment, not a silently unused value
@@ -337,8 +362,9 @@ def check_overrides(argv) -> None:
 MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
 # The names model code gives array dimensions; see jaxlm/parallel/rules.py.
 # "stage" is the pipeline's stage dimension (jaxlm/parallel/pipeline.py).
+# "lora" is a LoRA adapter's rank dimension (replicated unless the rules name it).
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-                "stage")
+                "stage", "lora")
 
 
 def parse_rules(text: str) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
@@ -385,6 +411,44 @@ def layer_kinds(m) -> tuple[bool, ...] | None:
   if not m.layer_pattern:
     return None
   return tuple(m.layer_pattern[i % len(m.layer_pattern)] == "L" for i in range(m.num_layers))
+
+
+# Projections LoRA can adapt (lora.targets), and the groups that name several.
+LORA_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
+_LORA_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("up", "gate", "down"),
+                "all": LORA_TARGETS}
+
+
+def lora_targets(lora: ConfigDict, model: ConfigDict) -> tuple[str, ...]:
+  """The projections lora.targets names, in LORA_TARGETS order; raises ConfigError naming the field.
+  A group leaves out what the model lacks (gate under a gelu MLP); a name it lacks is an error."""
+  names = set()
+  for entry in (e.strip() for e in str(lora.targets).split(",")):
+    if entry in _LORA_GROUPS:
+      names.update(n for n in _LORA_GROUPS[entry] if n != "gate" or model.mlp_kind != "gelu")
+    elif entry in LORA_TARGETS:
+      if entry == "gate" and model.mlp_kind == "gelu":
+        raise ConfigError("config field 'lora.targets' names 'gate' but model.mlp_kind is 'gelu', "
+                          "whose MLP has no gate projection; drop 'gate'")
+      names.add(entry)
+    else:
+      raise ConfigError(f"config field 'lora.targets': {entry!r} is not a projection; use a "
+                        f"comma-separated list of {LORA_TARGETS} or the groups {tuple(_LORA_GROUPS)}")
+  return tuple(n for n in LORA_TARGETS if n in names)
+
+
+def _validate_lora(config: ConfigDict) -> None:
+  lo = config.lora
+  if not isinstance(lo.rank, int) or lo.rank < 0:
+    raise ConfigError(f"config field 'lora.rank' must be an integer >= 0 (0: off), got {lo.rank!r}")
+  if not lo.rank:
+    return
+  if not lo.alpha > 0:
+    raise ConfigError(f"config field 'lora.alpha' must be > 0, got {lo.alpha!r}")
+  if lo.dropout:
+    raise ConfigError(f"config field 'lora.dropout' is {lo.dropout!r}, but LoRA dropout is not "
+                      "implemented; set lora.dropout=0")
+  lora_targets(lo, config.model)
 
 
 def _validate_layer_pattern(m: ConfigDict) -> None:
@@ -438,6 +502,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   if config.compute.attention == "cudnn" and m.attn_logit_softcap:
     raise ConfigError("compute.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
   _validate_layer_pattern(m)
+  _validate_lora(config)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
         f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "

@@ -9,6 +9,8 @@
 --to_hf: a jaxlm run's parameters (latest checkpoint, or --step) become a Hugging Face model
   directory (config.json, sharded safetensors, index) that transformers loads, with the run's
   tokenizer beside them: its tokenizer.json files, or tokenizer.model and a tokenizer_config.json.
+  A LoRA run (lora.rank > 0) is exported merged: its adapters added into the base its config.json
+  names (checkpoint.init_from), as one plain model.
 """
 
 from __future__ import annotations

@@ -7,9 +7,12 @@ Layout:
                      tokenizer.json, tokenizer_config.json (and chat_template.jinja,
                      special_tokens_map.json where the source has them) for a Hugging Face one
   checkpoints/<step>/{state,data}   orbax CheckpointManager items, written by jaxlm/train/checkpoint.py;
-                     "state" is the whole TrainState (step, params, opt_state, rng)
+                     "state" is the whole TrainState (step, params, opt_state, rng); a LoRA
+                     run's params are its adapters alone, its base is config.json's
+                     checkpoint.init_from
 
-Nothing here imports jaxlm.train, so sampling from a run needs neither the optimizer nor the loop.
+Nothing here imports jaxlm.train, so sampling from a run needs neither the optimizer nor the loop
+(except a LoRA run's: its base is read as checkpoint.init_from is, see jaxlm/posttrain/lora.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from jaxlm.data.hf_tokenizer import (CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CONF
                                      SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILE, HFTokenizer)
 from jaxlm.data.tokenizer import MODEL_FILE, AnyTokenizer, load_tokenizer
 from jaxlm.models import build_model
+from jaxlm.models.layers import ADAPTERS
 from jaxlm.parallel.mesh import platform
 from jaxlm.parallel.sharding import tree_shardings
 
@@ -131,6 +135,8 @@ class LoadedParams:
 def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> LoadedParams:
   """Restores only the parameters of a run's checkpoint (the latest by default).
 
+  A LoRA run's (lora.rank > 0) come back merged: its adapters added into the base weights its
+  config.json names (jaxlm/posttrain/lora.py, `merged_run_params`), as a plain model's parameters.
   Each array is read straight into its shards: on `mesh` (from jaxlm.parallel.mesh.make_mesh, any
   shape) with the sharding the run's rules table gives it, or whole on the first local device when
   mesh is None. The optimizer state in the same checkpoint is never read. Raises CheckpointError
@@ -141,7 +147,8 @@ def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh |
   config = with_vocab_size(config, tokenizer.vocab_size, extra_rows_ok=isinstance(tokenizer, HFTokenizer))
   abstract = nnx.eval_shape(
       lambda: build_model(config, platform=platform(mesh) if mesh else jax.default_backend()))
-  graphdef, shapes = nnx.split(abstract, nnx.Param)
+  # What the checkpoint holds: every parameter, or a LoRA run's adapters alone
+  graphdef, shapes, _ = nnx.split(abstract, ADAPTERS if config.lora.rank else nnx.Param, ...)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
@@ -174,4 +181,8 @@ def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh |
           f"another of the saved steps {sorted(saved)})") from e
   finally:
     manager.close()
-  return LoadedParams(graphdef, restored["state"]["params"], config, tokenizer, step)
+  params = restored["state"]["params"]
+  if config.lora.rank:
+    from jaxlm.posttrain.lora import merged_run_params
+    graphdef, params = merged_run_params(config, params, mesh)
+  return LoadedParams(graphdef, params, config, tokenizer, step)

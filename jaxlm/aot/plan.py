@@ -81,13 +81,14 @@ class MemoryPlan:
 
 def plan(config, devices, assumed_mfu: float = 0.5) -> MemoryPlan:
   """Compiles config's train step for `devices` (abstract TPU devices) and measures it."""
-  from jaxlm.train.setup import abstract_state, jit_train_step, make_setup
+  from jaxlm.train.setup import abstract_frozen, abstract_state, jit_train_step, make_setup
 
   validate(config)
   if not config.model.vocab_size:  # a tokenizer the run trains will have tokenizer.vocab_size ids
     config = with_vocab_size(config, config.tokenizer.vocab_size)
   setup = make_setup(config, devices)  # ConfigError before compiling if the mesh cannot work
   state = abstract_state(setup)
+  frozen = abstract_frozen(setup)  # LoRA's base weights (none without LoRA)
   rows, seq = config.train.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((rows, seq), "int32", sharding=setup.batch_sharding)
            for k in ("inputs", "targets", "segment_ids", "positions", "weights")}
@@ -98,14 +99,14 @@ def plan(config, devices, assumed_mfu: float = 0.5) -> MemoryPlan:
       MemoryPlan, mesh=dict(setup.mesh.shape), remat=remat, hbm=chip.hbm_bytes,
       flops_per_step=step_flops,
       step_seconds=step_flops / (len(devices) * chip.peak_tflops * 1e12 * assumed_mfu))
-  lowered = jit_train_step(setup).lower(state, batch)
+  lowered = jit_train_step(setup, frozen_shardings=setup.frozen_shardings).lower(state, batch, *frozen)
   try:
     mem = lowered.compile().memory_analysis()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that exceed HBM
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     needed = re.search(r"required for [\w ]+ \(([\d.]+)G\)", str(e))
-    return result(arguments=_shard_bytes(state) + _shard_bytes(batch), outputs=0,
+    return result(arguments=_shard_bytes((state, batch, frozen)), outputs=0,
                   temporaries=int(float(needed.group(1)) * 2**30) if needed else 0, code=0,
                   note=str(e).split("\n")[0][:200])
   return result(arguments=mem.argument_size_in_bytes,

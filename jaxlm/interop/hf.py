@@ -522,6 +522,10 @@ def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30, tokenizer=Non
   Tensors keep the parameters' dtype; padded vocabulary rows are dropped.
   """
   m = model.cfg
+  if getattr(model, "lora", None) is not None:
+    raise InteropError("this model has LoRA adapters, which a Hugging Face model has no place for; "
+                       "export jaxlm.posttrain.lora.merge(model) (their update merged into the "
+                       "weights) instead")
   hf_config = config_to_hf(m)
   state = nnx.state(model, nnx.Param)
   params = dict(nnx.to_flat_state(state))

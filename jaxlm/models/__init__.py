@@ -4,16 +4,18 @@ import jax
 from flax import nnx
 
 from jaxlm.models.compute import Compute, resolve
+from jaxlm.models.layers import lora_spec
 from jaxlm.models.transformer import Transformer
 
 
 def build_model(config, seed: int = 0, platform: str | None = None) -> Transformer:
   """The Transformer a full config describes: architecture `config.model`, computed as
   `config.compute` resolves on `platform` (default: JAX's default backend, for models run where
-  they are built; a mesh's caller passes the mesh's platform, see jaxlm/train/setup.py)."""
+  they are built; a mesh's caller passes the mesh's platform, see jaxlm/train/setup.py), with the
+  LoRA adapters `config.lora` asks for (none when lora.rank is 0)."""
   compute = resolve(config.compute, platform or jax.default_backend(), 1,
                     config.model.attn_logit_softcap)
-  return Transformer(config.model, nnx.Rngs(seed), compute)
+  return Transformer(config.model, nnx.Rngs(seed), compute, lora_spec(config))
 
 
 __all__ = ["Compute", "Transformer", "build_model"]

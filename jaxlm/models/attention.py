@@ -14,7 +14,7 @@ from flax import nnx
 from jaxlm.kernels.masking import MASKED  # finite: a row with every key masked gets uniform weights, never NaN
 from jaxlm.models import attention_kernels, rope
 from jaxlm.models.compute import Compute
-from jaxlm.models.layers import Norm, dense, param
+from jaxlm.models.layers import LoraSpec, Norm, adapter, param, project
 from jaxlm.parallel.rules import constrain
 
 
@@ -84,8 +84,10 @@ def write_rows(cache, new, index):
 
 
 class Attention(nnx.Module):
+  """lora: which projections get LoRA adapters (drawn from lora_rngs), or None."""
 
-  def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, out_std: float):
+  def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, out_std: float,
+               lora: LoraSpec | None = None, lora_rngs: nnx.Rngs | None = None):
     self.cfg, self.compute = cfg, compute
     d, h, kvh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
     hd = cfg.head_dim or d // h
@@ -94,6 +96,10 @@ class Attention(nnx.Module):
     self.k = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, p)
     self.v = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, p)
     self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, p)
+    self.q_lora = adapter(lora, "q", self.q, compute, lora_rngs)
+    self.k_lora = adapter(lora, "k", self.k, compute, lora_rngs)
+    self.v_lora = adapter(lora, "v", self.v, compute, lora_rngs)
+    self.o_lora = adapter(lora, "o", self.o, compute, lora_rngs, contract=2)
     if cfg.attention_bias:
       self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), 0, p)
       self.k_bias = param(rngs, (kvh, hd), ("kv_heads", "head_dim"), 0, p)
@@ -129,9 +135,9 @@ class Attention(nnx.Module):
     """
     cfg, cp = self.cfg, self.compute
     c, mdt = cp.activations, cp.matmul
-    q = dense(x, self.q[...].astype(c), cp)  # [batch, t, heads, head_dim]
-    k = dense(x, self.k[...].astype(c), cp)  # [batch, t, kv_heads, head_dim]
-    v = dense(x, self.v[...].astype(c), cp)
+    q = project(x, self.q, self.q_lora, cp)  # [batch, t, heads, head_dim]
+    k = project(x, self.k, self.k_lora, cp)  # [batch, t, kv_heads, head_dim]
+    v = project(x, self.v, self.v_lora, cp)
     if cfg.attention_bias:
       q, k, v = q + self.q_bias[...].astype(c), k + self.k_bias[...].astype(c), v + self.v_bias[...].astype(c)
     if cfg.qk_norm:
@@ -170,5 +176,5 @@ class Attention(nnx.Module):
       out = dot_product_attention(
           q, k, v, slots, k_slots, q_segments, k_segments, window=window,
           softcap=cfg.attn_logit_softcap, scale=self.score_scale, local=local if traced else None)
-    out = dense(out, self.o[...].astype(c), cp, contract=2, out_dtype=c)  # [batch, t, embed]
+    out = project(out, self.o, self.o_lora, cp, contract=2, out_dtype=c)  # [batch, t, embed]
     return out, cache

@@ -5,7 +5,8 @@ SwiGLU/GeGLU/GELU, RMSNorm/LayerNorm, RoPE with scalings or learned positions, t
 QK-norm, biases, sliding windows, soft-capping) and Gemma's (post-norms, (1 + w) norms, scaled
 embeddings, a query scalar, local and global layers by model.layer_pattern). How it is computed
 (dtypes, the layer loop, recompute, attention kernels) is a `Compute` (jaxlm/models/compute.py)
-fixed at construction.
+fixed at construction, and so are LoRA adapters (a `LoraSpec`, jaxlm/models/layers.py): the
+projections it targets compute with W + scale A B.
 With compute.scan_layers the blocks' parameters are stacked along a leading `layers` axis and run
 by `lax.scan`, so compile time does not grow with depth.
 
@@ -34,7 +35,7 @@ from jaxlm.config import layer_kinds
 from jaxlm.kernels.masking import MASKED
 from jaxlm.models.attention import Attention
 from jaxlm.models.compute import Compute
-from jaxlm.models.layers import MLP, Norm, dense, param
+from jaxlm.models.layers import MLP, LoraSpec, Norm, dense, param
 from jaxlm.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -56,12 +57,13 @@ class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with model.post_norms each
   sublayer's output is normalized too before it is added (Gemma 2/3: x + norm(attn(norm(x))))."""
 
-  def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs):
+  def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, lora: LoraSpec | None = None,
+               lora_rngs: nnx.Rngs | None = None):
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # keeps the residual stream's scale with depth
     self.attn_norm = Norm(cfg, compute, cfg.d_model, rngs)
-    self.attn = Attention(cfg, compute, rngs, out_std)
+    self.attn = Attention(cfg, compute, rngs, out_std, lora, lora_rngs)
     self.mlp_norm = Norm(cfg, compute, cfg.d_model, rngs)
-    self.mlp = MLP(cfg, compute, rngs, out_std)
+    self.mlp = MLP(cfg, compute, rngs, out_std, lora, lora_rngs)
     self.post_norms = cfg.post_norms
     if cfg.post_norms:
       self.attn_post_norm = Norm(cfg, compute, cfg.d_model, rngs)
@@ -81,10 +83,13 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
+  """lora: LoRA adapters on the projections it targets (None: none). They draw from their own
+  stream (a key folded from rngs'), so the base weights are those of the same seed without them."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs, compute: Compute = Compute()):
+  def __init__(self, cfg, rngs: nnx.Rngs, compute: Compute = Compute(), lora: LoraSpec | None = None):
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it lives in the static graphdef
-    self.cfg, self.compute = cfg, compute
+    self.cfg, self.compute, self.lora = cfg, compute, lora
+    lora_rngs = None if lora is None else nnx.Rngs(lora=jax.random.fold_in(rngs.default.key[...], 1))
     d, p = cfg.d_model, compute.params
     self.vocab = padded_vocab_size(cfg)
     self.embed = param(rngs, (self.vocab, d), ("vocab", "embed"), cfg.init_std, p)
@@ -93,11 +98,11 @@ class Transformer(nnx.Module):
     if compute.scan_layers:
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def stacked(rngs):
-        return Block(cfg, compute, rngs)
-      self.blocks = stacked(rngs)
+      def stacked(rngs, lora_rngs):
+        return Block(cfg, compute, rngs, lora, lora_rngs)
+      self.blocks = stacked(rngs, lora_rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, compute, rngs) for _ in range(cfg.num_layers)])
+      self.blocks = nnx.List([Block(cfg, compute, rngs, lora, lora_rngs) for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg, compute, d, rngs)
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (d, self.vocab), ("embed", "vocab"), cfg.init_std, p)

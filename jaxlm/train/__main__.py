@@ -44,7 +44,8 @@ def main(argv):
   if "eval_bits_per_byte" in metrics:
     print(f"validation: loss {metrics['eval_loss']:.4f} nats/token, perplexity "
           f"{metrics['eval_perplexity']:.2f}, bits per byte {metrics['eval_bits_per_byte']:.4f}")
-  model = nnx.merge(result["graphdef"], result["state"].params)
+  frozen = () if result["frozen"] is None else (result["frozen"],)  # LoRA's base weights
+  model = nnx.merge(result["graphdef"], result["state"].params, *frozen)
   key = jax.random.fold_in(result["state"].rng, 1)
   text = generate_text(model, result["tokenizer"], config.sample.prompt, config.sample, key)
   print(f"sample:\n{config.sample.prompt}{text}")

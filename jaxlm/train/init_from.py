@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxlm.config import ConfigError, flat_fields
 from jaxlm.interop import hf
+from jaxlm.models.layers import BASE
 from jaxlm.models.transformer import padded_vocab_size
 from jaxlm.runs import load_params, read_config
 from jaxlm.train.setup import Setup, abstract_model
@@ -60,25 +61,35 @@ def _source_params(path: str, mesh) -> dict:
 _NOT_ARCHITECTURE = ("init_std", "vocab_multiple")
 
 
-def start_from(setup: Setup, path: str) -> TrainState:
-  """The run's initial state with the parameters of `path`; raises ConfigError on a mismatch."""
+def read_source(path: str, config, compute, mesh, shardings) -> nnx.State:
+  """The parameters of `path` (a jaxlm run or a Hugging Face directory) as a run of `config` lays
+  them out: architecture checked against config.model (ConfigError naming each field that
+  differs), layers stacked or not as compute.scan_layers, cast to the run's compute.param_dtype,
+  each array placed as `shardings` (a tree like the model's base parameters) says. mesh: where the
+  source is read (None: one device). LoRA adapters are never read: this is the base."""
   source = _source_model_config(path)
-  ours, theirs = flat_fields(setup.config.model), flat_fields(source)
+  ours, theirs = flat_fields(config.model), flat_fields(source)
   differ = sorted(n for n in ours if n not in _NOT_ARCHITECTURE and ours[n] != theirs.get(n))
-  if padded_vocab_size(setup.config.model) != padded_vocab_size(source):
+  if padded_vocab_size(config.model) != padded_vocab_size(source):
     differ.append("vocab_multiple")
   if differ:
     raise ConfigError(
         f"checkpoint.init_from={path!r} has another architecture: "
         + ", ".join(f"model.{n} {theirs.get(n)!r} there, {ours[n]!r} here" for n in differ)
         + "; set these fields to the source's values (or init_from a matching model)")
-  params = _source_params(path, setup.mesh)
-  params["blocks"] = _restack(params["blocks"], setup.compute.scan_layers, source.num_layers)
-  state = nnx.state(abstract_model(setup.config, setup.compute), nnx.Param)
+  params = _source_params(path, mesh)
+  params["blocks"] = _restack(params["blocks"], compute.scan_layers, source.num_layers)
+  state = nnx.state(abstract_model(config, compute), BASE)
   # Master weights in the run's compute.param_dtype, whatever the source stored.
   params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, params)
-  state = jax.device_put(state, setup.state_shardings.params)  # the run's own layout of each array
+  return jax.device_put(state, shardings)  # the run's own layout of each array
+
+
+def start_from(setup: Setup, path: str) -> TrainState:
+  """The run's initial state with the parameters of `path`; raises ConfigError on a mismatch.
+  (Not for LoRA runs, whose state is fresh adapters: see jaxlm/posttrain/lora.py.)"""
+  state = read_source(path, setup.config, setup.compute, setup.mesh, setup.state_shardings.params)
 
   def init(params) -> TrainState:
     return init_state(params, setup.tx, setup.config.train.seed)

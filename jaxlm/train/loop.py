@@ -2,7 +2,9 @@
 
 The math it calls is pure: `train_step(state, batch)` and `eval_step(params, batch)`, each jitted
 once. Resume restores params, optimizer state, step, RNG and the data iterator, so a run stopped at
-step k and resumed produces exactly the losses and parameters of an uninterrupted run.
+step k and resumed produces exactly the losses and parameters of an uninterrupted run. With LoRA
+(lora.rank > 0) the state's params are the adapters and both steps also take the frozen base
+weights, read from checkpoint.init_from at every start (jaxlm/posttrain/lora.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.parallel.sharding import global_batch
+from jaxlm.posttrain import lora
 from jaxlm.train import flops
 from jaxlm.runs import write_run_files
 from jaxlm.train.checkpoint import Checkpointer
@@ -57,13 +60,14 @@ def held_out_batches(config, tokenizer) -> list | None:
   return list(itertools.islice(batches, config.train.eval_batches or None))
 
 
-def evaluate(eval_step, params, batches, sharding) -> dict | None:
+def evaluate(eval_step, params, batches, sharding, frozen=None) -> dict | None:
   """Loss, perplexity and bits per byte over the held-out batches (None if there are none)."""
   if batches is None:
     return None
   sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+  frozen_args = () if frozen is None else (frozen,)
   for batch in batches:
-    out = jax.device_get(eval_step(params, global_batch(batch, sharding)))
+    out = jax.device_get(eval_step(params, global_batch(batch, sharding), *frozen_args))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   return summarize_eval(sums)
 
@@ -73,8 +77,9 @@ def train(config, stop_at_step: int | None = None) -> dict:
 
   stop_at_step ends the run early, as a preemption would, after checkpointing that step; the
   schedule is still the one for train.steps, so resuming continues the same run.
-  Returns {"state", "graphdef", "tokenizer", "metrics", "config"}: metrics holds the last train and
-  eval values; config is the one the run used (model.vocab_size filled in).
+  Returns {"state", "frozen", "graphdef", "tokenizer", "metrics", "config"}: metrics holds the last
+  train and eval values; config is the one the run used (model.vocab_size filled in); frozen is
+  LoRA's base weights (None without LoRA): the model is nnx.merge(graphdef, state.params[, frozen]).
   """
   validate(config)
   t = config.train
@@ -82,6 +87,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
   tokenizer = get_tokenizer(config)
   # config.json records the number; a published model may have rows its HF tokenizer never uses
   config = with_vocab_size(config, tokenizer.vocab_size, extra_rows_ok=isinstance(tokenizer, HFTokenizer))
+  config = lora.with_recorded_base(config)  # LoRA: the base's path, as the run recorded it
 
   setup = make_setup(config)
   graphdef = setup.graphdef
@@ -96,22 +102,26 @@ def train(config, stop_at_step: int | None = None) -> dict:
     except Exception:
       checkpointer.close()  # let orbax's background threads end before the error surfaces
       raise
-  elif config.checkpoint.init_from:
+  elif config.checkpoint.init_from and not config.lora.rank:  # (LoRA: init_from is the frozen base)
     state = start_from(setup, config.checkpoint.init_from)
   else:
     state = init_sharded_state(setup)
+  frozen = lora.frozen_base(setup)  # LoRA's base weights, an argument of every step; None otherwise
+  frozen_args = () if frozen is None else (frozen,)
   start = int(state.step)
   write_run_files(t.workdir, config, tokenizer)  # after a restore, so a failed one keeps the old files
 
-  train_step = jit_train_step(setup)
+  train_step = jit_train_step(setup, frozen_shardings=setup.frozen_shardings)
   eval_step = jit_eval_step(setup, tokenizer.token_bytes)
   held_out = None  # read at the first evaluation, then kept
   flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
   peak = flops.peak_tflops_per_device(t.peak_tflops, str(setup.compute.matmul)) * jax.device_count()
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
+  trains = f", {lora.describe(config, n_params, n_frozen)}" if frozen is not None else ""
 
   log = MetricsLogger(t.workdir, t.steps, start, t.progress_bar)
-  log.print(f"jaxlm: {n_params / 1e6:.2f}M parameters, {config.data.seq_len} x {t.batch_size} tokens "
+  log.print(f"jaxlm: {(n_params + n_frozen) / 1e6:.2f}M parameters{trains}, {config.data.seq_len} x {t.batch_size} tokens "
             f"per step, {flops_per_token / 1e6:.1f} MFLOP per token, peak {peak:.3f} TFLOP/s over "
             f"{jax.device_count()} device(s); starting at step {start} of {t.steps}; "
             f"mesh {_mesh_text(setup.mesh)}")
@@ -125,7 +135,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   for step in range(start + 1, end + 1):
     batch = global_batch(next(train_iter), setup.batch_sharding)  # this process's rows -> global arrays
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, batch, *frozen_args)
     log.advance()
     window_tokens += tokens_per_step
     if step % t.log_every == 0 or step == t.steps:
@@ -141,7 +151,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
       if held_out is None:
         held_out = held_out_batches(config, tokenizer)
-      result = evaluate(eval_step, state.params, held_out, setup.batch_sharding)
+      result = evaluate(eval_step, state.params, held_out, setup.batch_sharding, frozen)
       if result:
         log.write(step, result, prefix="eval")
     if config.checkpoint.every and step % config.checkpoint.every == 0:
@@ -153,12 +163,12 @@ def train(config, stop_at_step: int | None = None) -> dict:
   result = None
   if final_step == t.steps:
     held_out = held_out if held_out is not None else held_out_batches(config, tokenizer)
-    result = evaluate(eval_step, state.params, held_out, setup.batch_sharding)
+    result = evaluate(eval_step, state.params, held_out, setup.batch_sharding, frozen)
   if result:
     log.write(final_step, result, prefix="eval")
     last = {**last, **{f"eval_{k}": v for k, v in result.items()}}
   log.close()
   checkpointer.wait()
   checkpointer.close()
-  return {"state": state, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last,
+  return {"state": state, "frozen": frozen, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last,
           "config": config}

@@ -5,6 +5,10 @@ Nothing here is specific to one layout: the mesh comes from `config.mesh`, every
 from the rules table and the parameters' logical axis names (jaxlm/parallel/). On the default
 config on one device every sharding is the single device and this is plain jax.jit.
 
+With LoRA (config.lora.rank > 0) the train state's params are the adapters alone (`Setup.trainable`)
+and the base weights are an argument of the steps, frozen, laid out by `Setup.frozen_shardings`
+(jaxlm/posttrain/lora.py reads them).
+
 The config must hold the run's vocabulary size (model.vocab_size > 0): the loop fills it in from
 the tokenizer before calling `make_setup`.
 """
@@ -24,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm.config import ConfigError, parse_rules
 from jaxlm.models import Transformer
 from jaxlm.models import compute as compute_lib
+from jaxlm.models.layers import ADAPTERS, BASE, lora_spec
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import pipeline, sequence
 from jaxlm.parallel.rules import axis_rules
@@ -43,6 +48,14 @@ class Setup:
   state_shardings: Any  # TrainState-shaped tree of NamedShardings
   batch_sharding: NamedSharding  # every batch feature
   replicated: NamedSharding
+  # The shardings of the parameters the steps take frozen: LoRA's base weights; None when every
+  # parameter trains (config.lora.rank 0).
+  frozen_shardings: Any = None
+
+  @property
+  def trainable(self):
+    """The nnx filter of the parameters the train state holds and the optimizer updates."""
+    return trainable_filter(self.config)
 
   @functools.cached_property
   def graphdef(self) -> nnx.GraphDef:
@@ -50,15 +63,25 @@ class Setup:
     return nnx.split(abstract_model(self.config, self.compute), nnx.Param)[0]
 
 
+def trainable_filter(config):
+  """What trains: every nnx.Param, or with LoRA (config.lora.rank > 0) the adapters alone."""
+  return ADAPTERS if config.lora.rank else nnx.Param
+
+
+def new_model(config, compute: compute_lib.Compute) -> Transformer:
+  """The run's model, freshly initialized from train.seed (LoRA adapters included)."""
+  return Transformer(config.model, nnx.Rngs(config.train.seed), compute, lora_spec(config))
+
+
 def abstract_model(config, compute: compute_lib.Compute) -> Transformer:
   """The model as ShapeDtypeStructs (nnx.eval_shape): no memory is allocated."""
-  return nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(config.train.seed), compute))
+  return nnx.eval_shape(lambda: new_model(config, compute))
 
 
 def _init(config, compute, tx):
   def init() -> TrainState:
-    model = Transformer(config.model, nnx.Rngs(config.train.seed), compute)
-    return init_state(nnx.split(model, nnx.Param)[1], tx, config.train.seed)
+    params = nnx.state(new_model(config, compute), trainable_filter(config))
+    return init_state(params, tx, config.train.seed)
   return init
 
 
@@ -67,6 +90,16 @@ def abstract_state(setup: Setup) -> TrainState:
   shapes = jax.eval_shape(_init(setup.config, setup.compute, setup.tx))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, setup.state_shardings)
+
+
+def abstract_frozen(setup: Setup) -> tuple:
+  """The steps' frozen arguments as sharded ShapeDtypeStructs: (LoRA's base weights,), or () when
+  every parameter trains (for AOT compiles)."""
+  if setup.frozen_shardings is None:
+    return ()
+  shapes = nnx.state(abstract_model(setup.config, setup.compute), BASE)
+  return (jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       shapes, setup.frozen_shardings),)
 
 
 def make_setup(config, devices=None) -> Setup:
@@ -84,8 +117,11 @@ def make_setup(config, devices=None) -> Setup:
         "each shard two chunks of every row; change data.seq_len or mesh.sequence")
   tx = make_optimizer(config.train)
   shapes = jax.eval_shape(_init(config, compute, tx))
+  frozen = None
+  if config.lora.rank:
+    frozen = tree_shardings(nnx.state(abstract_model(config, compute), BASE), mesh, rules)
   return Setup(config, mesh, rules, compute, tx, tree_shardings(shapes, mesh, rules),
-               batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()))
+               batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()), frozen)
 
 
 def init_sharded_state(setup: Setup) -> TrainState:
@@ -140,7 +176,9 @@ def jit_train_step(setup: Setup, objective=None, frozen_shardings=None):
 
 
 def jit_eval_step(setup: Setup, token_bytes):
-  """eval_step(params, batch) -> replicated sums."""
+  """eval_step(params, batch[, frozen]) -> replicated sums; frozen when setup has frozen_shardings."""
   step = make_eval_step(setup.graphdef, token_bytes, forward_fn(setup))
-  return jax.jit(_with_rules(step, setup), in_shardings=(setup.state_shardings.params, setup.batch_sharding),
-                 out_shardings=setup.replicated)
+  in_shardings = (setup.state_shardings.params, setup.batch_sharding)
+  if setup.frozen_shardings is not None:
+    in_shardings += (setup.frozen_shardings,)
+  return jax.jit(_with_rules(step, setup), in_shardings=in_shardings, out_shardings=setup.replicated)

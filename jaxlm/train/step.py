@@ -116,14 +116,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
 
 
 def make_eval_step(graphdef, token_bytes, forward=model_forward):
-  """Returns eval_step(params, batch) -> sums of nll (nats), tokens and UTF-8 bytes of the targets.
+  """Returns eval_step(params, batch, frozen=None) -> sums of nll (nats), tokens and UTF-8 bytes of
+  the targets; frozen: parameters the graphdef also needs (LoRA's base weights), as in train_step.
 
   Bits per byte = nll_sum / ln 2 / bytes is comparable across tokenizers, unlike perplexity.
   """
   token_bytes = jnp.asarray(token_bytes, jnp.float32)
 
-  def eval_step(params, batch):
-    nll, _, count = loss_sums(graphdef, params, batch, 0.0, forward)
+  def eval_step(params, batch, frozen=None):
+    nll, _, count = loss_sums(graphdef, params, batch, 0.0, forward, frozen)
     nbytes = jnp.sum(token_bytes[batch["targets"]] * batch["weights"])
     return {"nll": nll, "tokens": count, "bytes": nbytes}
 
