@@ -425,7 +425,7 @@ def test_addition_pretrain_config_writes_its_data_and_validates(tmp_path, monkey
       for line in doc.splitlines():
         a, b = line.split("=")[0].split("+")
         assert addition.split_of(int(a), int(b)) == side
-  manifest = os.path.join(module.DATA_DIR, addition.MANIFEST)
+  manifest = os.path.join(os.path.dirname(c.data.train_paths), addition.MANIFEST)
   written = os.path.getmtime(manifest)
   module.get_config()  # the second load finds the same settings and writes nothing
   assert os.path.getmtime(manifest) == written
