@@ -20,9 +20,9 @@ from jaxlm.data.pipeline import eval_batches, make_train_iterator
 from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.parallel.mesh import make_mesh
-from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.parallel.sharding import global_batch
 from jaxlm.posttrain import lora
+from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.train import flops
 from jaxlm.runs import write_run_files
 from jaxlm.train.checkpoint import Checkpointer
