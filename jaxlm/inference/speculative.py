@@ -86,10 +86,18 @@ def _speculate(target_def, target_params, draft_def, draft_params, prompts, leng
     last, cache_t = prefill(target, prompts, lengths, cache_len)
     _, cache_d = prefill(draft, prompts, lengths, cache_len)
 
+    greedy = sampling[0] == 0  # argmax comparisons only: no distributions over the vocabulary
+
     def draw(key, probs):  # probs: [batch, vocab] -> [batch] int32
       return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
-    first = draw(jax.random.fold_in(key, 0), dist(last))
+    def pick(key, logits):  # the next token from logits [batch, vocab], and its distribution
+      if greedy:
+        return jnp.argmax(logits, -1).astype(jnp.int32), None
+      probs = dist(logits)
+      return draw(key, probs), probs
+
+    first, _ = pick(jax.random.fold_in(key, 0), last)
     rows = Rows.start(batch, steps, stops.shape[1], limits).record(
         first, token_logprob(last, first), True, limits, stops, eos_id)
 
@@ -106,23 +114,27 @@ def _speculate(target_def, target_params, draft_def, draft_params, prompts, leng
                        prompts[rows_i, lengths - 1])
       cache_d["index"] = base - 1
       logits, cache_d = draft(jnp.stack([prev, cur], 1), cache=cache_d)
-      q1 = dist(logits[:, 1])  # [batch, vocab]
-      d1 = draw(jax.random.fold_in(keys[0], 0), q1)
+      d1, q1 = pick(jax.random.fold_in(keys[0], 0), logits[:, 1])  # q1: [batch, vocab] or None
 
       def draft_step(carry, j):  # feeds d_j, samples d_{j+1}
         cache_d, token = carry
         logits, cache_d = draft(token[:, None], cache=cache_d)
-        q = dist(logits[:, 0])
-        nxt = draw(jax.random.fold_in(keys[0], j), q)
+        nxt, q = pick(jax.random.fold_in(keys[0], j), logits[:, 0])
         return (cache_d, nxt), (nxt, q)
 
       (cache_d, _), (rest, q_rest) = jax.lax.scan(draft_step, (cache_d, d1), jnp.arange(1, k))
       drafts = jnp.concatenate([d1[:, None], rest.T], 1)  # [batch, k]
-      q = jnp.concatenate([q1[:, None], q_rest.transpose(1, 0, 2)], 1)  # [batch, k, vocab]
       logits, cache_t = target(jnp.concatenate([cur[:, None], drafts], 1), cache=cache_t)
-      u = jax.random.uniform(keys[1], drafts.shape)
-      accepted, nxt = rule(dist(logits), q, drafts, u)  # logits: [batch, k + 1, vocab]
-      bonus = draw(keys[2], nxt)
+      if greedy:  # keep drafts while they are the target's argmax; then the target's own argmax
+        best = jnp.argmax(logits, -1).astype(jnp.int32)  # [batch, k + 1]
+        keep = (drafts == best[:, :k]).astype(jnp.int32)
+        accepted = jnp.sum(jnp.cumprod(keep, axis=1), axis=1)
+        bonus = best[rows_i, accepted]
+      else:
+        q = jnp.concatenate([q1[:, None], q_rest.transpose(1, 0, 2)], 1)  # [batch, k, vocab]
+        u = jax.random.uniform(keys[1], drafts.shape)
+        accepted, nxt = rule(dist(logits), q, drafts, u)  # logits: [batch, k + 1, vocab]
+        bonus = draw(keys[2], nxt)
       live = ~rows.done
       for j in range(k + 1):  # emit d_1..d_accepted, then the drawn token
         token = jnp.where(j < accepted, drafts[:, min(j, k - 1)], bonus)
@@ -147,8 +159,9 @@ def speculative_batch(target, draft, prompts, *, k: int, max_new_tokens, key=Non
   """`generate_batch` (same arguments and results) with a draft model proposing k tokens a round.
 
   target, draft: (graphdef, params) pairs sharing one tokenizer (the same vocabulary). rule: the
-  acceptance rule (`accept`, the one that keeps the target's distribution); a function of the same
-  signature lets other rules be studied.
+  acceptance rule when sampling (`accept`, the one that keeps the target's distribution); a function
+  of the same signature lets other rules be studied. Greedy decoding (temperature 0) compares
+  argmaxes directly, which is the same rule with one-hot distributions.
   """
   (target_def, target_params), (draft_def, draft_params) = target, draft
   t_cfg, d_cfg = nnx.merge(*target).cfg, nnx.merge(*draft).cfg
