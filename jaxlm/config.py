@@ -220,6 +220,48 @@ def _lora() -> ConfigDict:
   return lo
 
 
+def _posttrain() -> ConfigDict:
+  """What a run minimizes (jaxlm/posttrain/; README "Post-training").
+
+  objective "lm" is next-token cross-entropy: pretraining, and SFT with data.source=chat. Every
+  other objective reads JSONL records from data.train_paths / data.eval_paths in its own format
+  (jaxlm/posttrain/datasets.py; data.source is then not read), one sequence a row of data.seq_len,
+  and normally starts from checkpoint.init_from:
+    dpo, ipo    {"prompt", "chosen", "rejected"} pairs; train.batch_size counts pairs
+    kto         {"prompt", "completion", "label": true|false}; train.batch_size counts examples
+    reward      {"prompt", "chosen", "rejected"} pairs: a scalar head (a reward model) trained with
+                the Bradley-Terry loss; train.batch_size counts pairs
+    grpo, ppo   {"prompt", "answer"?}: completions sampled from the policy, graded by
+                posttrain.rewards; train.batch_size counts completions (prompts x group_size)
+  """
+  p = ConfigDict()
+  p.objective = "lm"  # lm | dpo | ipo | kto | reward | grpo | ppo
+  p.beta = 0.1  # dpo/ipo/kto: how tightly the policy is held to the reference (the loss's temperature)
+  p.label_smoothing = 0.0  # dpo: assumed probability that a pair's preference is flipped (conservative DPO)
+  # Where the reference model's log-probs come from (dpo/ipo/kto; grpo/ppo when kl_beta > 0):
+  # "model": a frozen copy of checkpoint.init_from, sharded like the policy, run inside every step |
+  # "precomputed": computed once per dataset before training (dpo/ipo/kto only; no copy is kept).
+  p.reference = "model"
+  p.kto_desirable_weight = 1.0  # kto: weight of desirable examples' losses
+  p.kto_undesirable_weight = 1.0  # kto: weight of undesirable examples' losses
+  p.reward_center = 0.0  # reward: coefficient of (r_chosen + r_rejected)^2, keeping scores near 0
+  # grpo/ppo. Rewards: comma-separated names registered in jaxlm/posttrain/rewards.py, summed.
+  p.rewards = "exact_match"
+  p.group_size = 8  # completions sampled per prompt (GRPO's group)
+  p.max_new_tokens = 16  # longest sampled completion
+  p.temperature = 1.0  # sampling temperature of the rollouts
+  p.epsilon = 0.2  # grpo/ppo: the policy ratio is clipped to [1 - epsilon, 1 + epsilon]
+  p.kl_beta = 0.0  # grpo: weight of the k3 KL to the reference; 0: no reference model is kept
+  p.loss_aggregation = "token"  # grpo: "token" (mean over all tokens) | "sequence" (mean of means)
+  p.updates_per_rollout = 1  # grpo/ppo: optimizer steps over each rollout batch
+  p.gamma = 1.0  # ppo: discount of GAE
+  p.gae_lambda = 0.95  # ppo: GAE's lambda
+  p.value_coef = 0.1  # ppo: weight of the value loss
+  p.value_epsilon = 0.2  # ppo: the value is clipped to old value +- value_epsilon
+  p.ppo_kl_coef = 0.05  # ppo: per-token KL penalty to the reference in the rewards (needs the reference)
+  return p
+
+
 def _mesh() -> ConfigDict:
   """Device mesh and sharding rules; see jaxlm/parallel/mesh.py and README "Sharding"."""
   m = ConfigDict()
@@ -268,6 +310,7 @@ def base_config() -> ConfigDict:
   c.train = _train()
   c.checkpoint = _checkpoint()
   c.lora = _lora()
+  c.posttrain = _posttrain()
   c.mesh = _mesh()
   c.sample = _sample()
   c.lock()  # a misspelt or moved field is an error at assignment, not a silently unused value
@@ -286,6 +329,9 @@ _CHOICES = {
     "compute.attention": ("xla", "flash", "splash", "cudnn", "auto"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("shakespeare", "text", "jsonl", "tfds", "chat"),
+    "posttrain.objective": ("lm", "dpo", "ipo", "kto", "reward", "grpo", "ppo"),
+    "posttrain.reference": ("model", "precomputed"),
+    "posttrain.loss_aggregation": ("token", "sequence"),
     "train.schedule": ("cosine", "linear", "wsd", "constant"),
     "checkpoint.resume": ("auto", "always", "never"),
 }
@@ -304,6 +350,9 @@ _NON_NEGATIVE = (
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
+    "posttrain.beta", "posttrain.kto_desirable_weight", "posttrain.kto_undesirable_weight",
+    "posttrain.reward_center", "posttrain.temperature", "posttrain.epsilon", "posttrain.kl_beta",
+    "posttrain.value_coef", "posttrain.value_epsilon", "posttrain.ppo_kl_coef",
 )
 
 
@@ -451,6 +500,41 @@ def _validate_lora(config: ConfigDict) -> None:
   lora_targets(lo, config.model)
 
 
+def _validate_posttrain(config: ConfigDict) -> None:
+  p, t = config.posttrain, config.train
+  if p.objective == "lm":
+    return
+  name = f"posttrain.objective is '{p.objective}'"
+  if not config.data.train_paths:
+    raise ConfigError(f"{name} but data.train_paths is empty; give the JSONL records to train on")
+  if not config.tokenizer.path:
+    raise ConfigError(f"{name} but tokenizer.path is empty; give the tokenizer of the model being "
+                      "post-trained (a run directory, tokenizer.json or .model)")
+  if config.lora.rank and p.objective in ("reward", "ppo"):
+    raise ConfigError(f"{name}, whose score head trains in full, but lora.rank is {config.lora.rank}; "
+                      "set lora.rank=0")
+  if p.objective in ("reward", "ppo") and config.mesh.stage != 1:
+    raise ConfigError(f"{name} (a score head) runs without pipeline stages; set mesh.stage=1")
+  if not 0 <= p.label_smoothing < 0.5:
+    raise ConfigError(f"posttrain.label_smoothing must be in [0, 0.5), got {p.label_smoothing}")
+  if p.reference == "precomputed" and p.objective not in ("dpo", "ipo", "kto"):
+    raise ConfigError(f"posttrain.reference='precomputed' is for dpo/ipo/kto, not {p.objective}; "
+                      "use posttrain.reference='model'")
+  for field in ("group_size", "max_new_tokens", "updates_per_rollout"):
+    if not (isinstance(p[field], int) and p[field] >= 1):
+      raise ConfigError(f"config field 'posttrain.{field}' must be an integer >= 1, got {p[field]!r}")
+  if p.objective in ("grpo", "ppo"):
+    if t.batch_size % p.group_size:
+      raise ConfigError(f"train.batch_size ({t.batch_size}) counts completions and must be a "
+                        f"multiple of posttrain.group_size ({p.group_size})")
+    if p.objective == "grpo" and p.group_size < 2:
+      raise ConfigError("posttrain.group_size must be >= 2 for grpo (advantages compare a prompt's "
+                        "completions with each other)")
+    if not 0 < p.gae_lambda <= 1 or not 0 < p.gamma <= 1:
+      raise ConfigError(f"posttrain.gamma ({p.gamma}) and posttrain.gae_lambda ({p.gae_lambda}) "
+                        "must be in (0, 1]")
+
+
 def _validate_layer_pattern(m: ConfigDict) -> None:
   pattern = m.layer_pattern
   if not isinstance(pattern, str) or set(pattern) - {"L", "G"}:
@@ -532,4 +616,5 @@ def validate(config: ConfigDict) -> ConfigDict:
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset, e.g. 'lm1b'")
   _validate_mesh(config.mesh)
+  _validate_posttrain(config)
   return config

@@ -56,6 +56,24 @@ ADAPTERS = nnx.LoRAParam  # what LoRA trains (see Adapter)
 BASE = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # every other parameter: all of them without LoRA
 
 
+class ScoreParam(nnx.Param):
+  """The weight of a scalar head on the final hidden state (a reward model's score, PPO's value).
+  A training choice like LoRA's adapters, not part of the architecture: a model started from a
+  language model (checkpoint.init_from) gets a fresh one, and exports drop it."""
+
+
+# What a pretrained language model holds: every parameter but adapters and score heads.
+PRETRAINED = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam), nnx.Not(ScoreParam))
+
+# posttrain.objective values whose model carries a score head, and its width.
+SCORE_OBJECTIVES = {"reward": 1, "ppo": 1}
+
+
+def score_outputs(config) -> int:
+  """Width of the score head a full config's model carries (0: none)."""
+  return SCORE_OBJECTIVES.get(config.posttrain.objective, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
   """Which projections get LoRA adapters, their rank and alpha (static: part of the graphdef)."""

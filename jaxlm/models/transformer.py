@@ -6,7 +6,8 @@ QK-norm, biases, sliding windows, soft-capping) and Gemma's (post-norms, (1 + w)
 embeddings, a query scalar, local and global layers by model.layer_pattern). How it is computed
 (dtypes, the layer loop, recompute, attention kernels) is a `Compute` (jaxlm/models/compute.py)
 fixed at construction, and so are LoRA adapters (a `LoraSpec`, jaxlm/models/layers.py): the
-projections it targets compute with W + scale A B.
+projections it targets compute with W + scale A B. A score head (score_outputs > 0: a reward model,
+PPO's value head) is a [embed, n] weight on the final-normed hidden state beside the logits.
 With compute.scan_layers the blocks' parameters are stacked along a leading `layers` axis and run
 by `lax.scan`, so compile time does not grow with depth.
 
@@ -19,6 +20,7 @@ differently (the pipeline schedule in jaxlm/parallel/pipeline.py runs the layer 
 and their composition:
   model(tokens [batch, t], positions=None, segment_ids=None) -> logits
   model(tokens, positions, cache=cache) -> (logits, cache)   # KV-cached decoding, see init_cache
+  model.logits_and_scores(tokens, positions, segment_ids) -> (logits, scores [batch, t, n])
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from jaxlm.config import layer_kinds
 from jaxlm.kernels.masking import MASKED
 from jaxlm.models.attention import Attention
 from jaxlm.models.compute import Compute
-from jaxlm.models.layers import MLP, LoraSpec, Norm, dense, param
+from jaxlm.models.layers import MLP, LoraSpec, Norm, ScoreParam, dense, param
 from jaxlm.parallel.rules import constrain
 
 REMAT_POLICIES = {
@@ -86,7 +88,8 @@ class Transformer(nnx.Module):
   """lora: LoRA adapters on the projections it targets (None: none). They draw from their own
   stream (a key folded from rngs'), so the base weights are those of the same seed without them."""
 
-  def __init__(self, cfg, rngs: nnx.Rngs, compute: Compute = Compute(), lora: LoraSpec | None = None):
+  def __init__(self, cfg, rngs: nnx.Rngs, compute: Compute = Compute(), lora: LoraSpec | None = None,
+               score_outputs: int = 0):
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: it lives in the static graphdef
     self.cfg, self.compute, self.lora = cfg, compute, lora
     lora_rngs = None if lora is None else nnx.Rngs(lora=jax.random.fold_in(rngs.default.key[...], 1))
@@ -106,6 +109,9 @@ class Transformer(nnx.Module):
     self.final_norm = Norm(cfg, compute, d, rngs)
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (d, self.vocab), ("embed", "vocab"), cfg.init_std, p)
+    if score_outputs:  # drawn last, so every other weight is the one the same seed gives without it
+      w = jax.random.normal(rngs.params(), (d, score_outputs), p) * cfg.init_std
+      self.score = ScoreParam(w, out_sharding=("embed", None))
 
   def init_cache(self, batch: int, max_len: int, cache_dtype=None) -> dict:
     """An empty KV cache: {"k","v": [layers, batch, max_len, kv_heads, head_dim], "index": [batch]}.
@@ -186,6 +192,19 @@ class Transformer(nnx.Module):
     if self.vocab != cfg.vocab_size:  # ids past the tokenizer's vocabulary are never predicted
       logits = jnp.where(jnp.arange(self.vocab) < cfg.vocab_size, logits, MASKED)
     return constrain(logits, ("batch", "length", "vocab"))
+
+  def scores(self, x):
+    """x: [batch, t, embed] (before the final norm) -> the score head's [batch, t, n] float32."""
+    h = self.final_norm(x)
+    return dense(h, self.score[...].astype(self.compute.activations), self.compute, out_dtype=jnp.float32)
+
+  def logits_and_scores(self, tokens, positions=None, segment_ids=None):
+    """(logits [batch, t, vocab], scores [batch, t, n]) of one forward pass (no cache)."""
+    b, t = tokens.shape
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = slots if positions is None else positions
+    x, _ = self.run_layers(self.embed_tokens(tokens, positions), (positions, slots, segment_ids))
+    return self.head(x), self.scores(x)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, slots=None):
     """slots: [batch, t] each token's index in its row (default 0..t-1; a permuted order under

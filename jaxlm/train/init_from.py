@@ -15,10 +15,11 @@ from flax import nnx
 
 from jaxlm.config import ConfigError, flat_fields
 from jaxlm.interop import hf
-from jaxlm.models.layers import BASE
+from jaxlm.models.layers import PRETRAINED, ScoreParam
 from jaxlm.models.transformer import padded_vocab_size
+from jaxlm.parallel.sharding import tree_shardings
 from jaxlm.runs import load_params, read_config
-from jaxlm.train.setup import Setup, abstract_model
+from jaxlm.train.setup import Setup, abstract_model, new_model
 from jaxlm.train.step import TrainState, init_state
 
 
@@ -65,8 +66,9 @@ def read_source(path: str, config, compute, mesh, shardings) -> nnx.State:
   """The parameters of `path` (a jaxlm run or a Hugging Face directory) as a run of `config` lays
   them out: architecture checked against config.model (ConfigError naming each field that
   differs), layers stacked or not as compute.scan_layers, cast to the run's compute.param_dtype,
-  each array placed as `shardings` (a tree like the model's base parameters) says. mesh: where the
-  source is read (None: one device). LoRA adapters are never read: this is the base."""
+  each array placed as `shardings` (a tree like the model's pretrained parameters) says. mesh: where
+  the source is read (None: one device). LoRA adapters and score heads are never read: this is the
+  language model they start from."""
   source = _source_model_config(path)
   ours, theirs = flat_fields(config.model), flat_fields(source)
   differ = sorted(n for n in ours if n not in _NOT_ARCHITECTURE and ours[n] != theirs.get(n))
@@ -78,8 +80,9 @@ def read_source(path: str, config, compute, mesh, shardings) -> nnx.State:
         + ", ".join(f"model.{n} {theirs.get(n)!r} there, {ours[n]!r} here" for n in differ)
         + "; set these fields to the source's values (or init_from a matching model)")
   params = _source_params(path, mesh)
+  params.pop("score", None)  # a reward model's or PPO policy's head: not part of the language model
   params["blocks"] = _restack(params["blocks"], compute.scan_layers, source.num_layers)
-  state = nnx.state(abstract_model(config, compute), BASE)
+  state = nnx.state(abstract_model(config, compute), PRETRAINED)
   # Master weights in the run's compute.param_dtype, whatever the source stored.
   params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, params)
@@ -89,9 +92,14 @@ def read_source(path: str, config, compute, mesh, shardings) -> nnx.State:
 def start_from(setup: Setup, path: str) -> TrainState:
   """The run's initial state with the parameters of `path`; raises ConfigError on a mismatch.
   (Not for LoRA runs, whose state is fresh adapters: see jaxlm/posttrain/lora.py.)"""
-  state = read_source(path, setup.config, setup.compute, setup.mesh, setup.state_shardings.params)
+  pretrained = nnx.state(abstract_model(setup.config, setup.compute), PRETRAINED)
+  state = read_source(path, setup.config, setup.compute, setup.mesh,
+                      tree_shardings(pretrained, setup.mesh, setup.rules))
+  with_score = "score" in nnx.to_pure_dict(setup.state_shardings.params)
 
   def init(params) -> TrainState:
+    if with_score:  # a fresh score head (jit drops the rest of the fresh model: it is unused)
+      params = nnx.State.merge(params, nnx.state(new_model(setup.config, setup.compute), ScoreParam))
     return init_state(params, setup.tx, setup.config.train.seed)
 
   return jax.jit(init, out_shardings=setup.state_shardings)(state)

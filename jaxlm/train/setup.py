@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm.config import ConfigError, parse_rules
 from jaxlm.models import Transformer
 from jaxlm.models import compute as compute_lib
-from jaxlm.models.layers import ADAPTERS, BASE, lora_spec
+from jaxlm.models.layers import ADAPTERS, BASE, lora_spec, score_outputs
 from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import pipeline, sequence
 from jaxlm.parallel.rules import axis_rules
@@ -70,7 +70,8 @@ def trainable_filter(config):
 
 def new_model(config, compute: compute_lib.Compute) -> Transformer:
   """The run's model, freshly initialized from train.seed (LoRA adapters included)."""
-  return Transformer(config.model, nnx.Rngs(config.train.seed), compute, lora_spec(config))
+  return Transformer(config.model, nnx.Rngs(config.train.seed), compute, lora_spec(config),
+                     score_outputs(config))
 
 
 def abstract_model(config, compute: compute_lib.Compute) -> Transformer:
