@@ -82,6 +82,9 @@ def train(config, stop_at_step: int | None = None) -> dict:
   LoRA's base weights (None without LoRA): the model is nnx.merge(graphdef, state.params[, frozen]).
   """
   validate(config)
+  if config.posttrain.objective in ("grpo", "ppo"):  # rollouts from the policy between updates
+    from jaxlm.posttrain.rl_loop import train_rl  # pylint: disable=g-import-not-at-top
+    return train_rl(config, stop_at_step)
   t = config.train
   make_mesh(config)  # a config that does not fit the devices fails here, before the tokenizer
   tokenizer = get_tokenizer(config)
