@@ -238,6 +238,9 @@ def _posttrain() -> ConfigDict:
   p.objective = "lm"  # lm | dpo | ipo | kto | reward | grpo | ppo
   p.beta = 0.1  # dpo/ipo/kto: how tightly the policy is held to the reference (the loss's temperature)
   p.label_smoothing = 0.0  # dpo: assumed probability that a pair's preference is flipped (conservative DPO)
+  # dpo/ipo: weight of the chosen completion's per-token NLL added to the loss (RPO); DPO alone can
+  # lower the chosen answer's likelihood with the rejected one's, and greedy answers with it.
+  p.rpo_alpha = 0.0
   # Where the reference model's log-probs come from (dpo/ipo/kto; grpo/ppo when kl_beta > 0):
   # "model": a frozen copy of checkpoint.init_from, sharded like the policy, run inside every step |
   # "precomputed": computed once per dataset before training (dpo/ipo/kto only; no copy is kept).
@@ -350,7 +353,7 @@ _NON_NEGATIVE = (
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
-    "posttrain.beta", "posttrain.kto_desirable_weight", "posttrain.kto_undesirable_weight",
+    "posttrain.beta", "posttrain.rpo_alpha", "posttrain.kto_desirable_weight", "posttrain.kto_undesirable_weight",
     "posttrain.reward_center", "posttrain.temperature", "posttrain.epsilon", "posttrain.kl_beta",
     "posttrain.value_coef", "posttrain.value_epsilon", "posttrain.ppo_kl_coef",
 )
@@ -500,6 +503,12 @@ def _validate_lora(config: ConfigDict) -> None:
   lora_targets(lo, config.model)
 
 
+def rows_per_example(config: ConfigDict) -> int:
+  """Batch rows per example of train.batch_size: 2 for the pair objectives (an example and its
+  counterpart in adjacent rows, jaxlm/posttrain/record_data.py), else 1."""
+  return 2 if config.posttrain.objective in ("dpo", "ipo", "kto", "reward") else 1
+
+
 def _validate_posttrain(config: ConfigDict) -> None:
   p, t = config.posttrain, config.train
   if p.objective == "lm":
@@ -510,9 +519,9 @@ def _validate_posttrain(config: ConfigDict) -> None:
   if not config.tokenizer.path:
     raise ConfigError(f"{name} but tokenizer.path is empty; give the tokenizer of the model being "
                       "post-trained (a run directory, tokenizer.json or .model)")
-  if config.lora.rank and p.objective in ("reward", "ppo"):
-    raise ConfigError(f"{name}, whose score head trains in full, but lora.rank is {config.lora.rank}; "
-                      "set lora.rank=0")
+  if config.lora.rank and p.objective != "lm":
+    raise ConfigError(f"{name} but lora.rank is {config.lora.rank}: LoRA trains with objective 'lm' "
+                      "(pretraining, SFT) only; set lora.rank=0 for the other objectives")
   if p.objective in ("reward", "ppo") and config.mesh.stage != 1:
     raise ConfigError(f"{name} (a score head) runs without pipeline stages; set mesh.stage=1")
   if not 0 <= p.label_smoothing < 0.5:

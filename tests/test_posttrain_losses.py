@@ -101,6 +101,19 @@ def test_dpo_is_ln2_when_policy_equals_reference(beta, label_smoothing):
 
 
 @pytest.mark.fast
+def test_rpo_adds_the_chosen_completions_nll_per_token():
+  # DPO_BATCH's chosen log-probs -5 and -9 over 4 and 2 tokens: NLL per token 1.25 and 4.5, their
+  # mean 2.875; alpha 0.5 adds 1.4375 to the DPO loss of test_dpo_by_hand.
+  batch = {**DPO_BATCH, "chosen_tokens": [4, 2], "rejected_tokens": [1, 1]}
+  dpo, _ = means(*L.dpo_loss(**batch, beta=0.1))
+  loss, metrics = means(*L.dpo_loss(**batch, beta=0.1, rpo_alpha=0.5))
+  assert loss == pytest.approx(dpo + 1.4375, rel=1e-6)
+  assert metrics["nll/chosen"] == pytest.approx(2.875, rel=1e-6)
+  with pytest.raises(ValueError, match="chosen_tokens"):
+    L.dpo_loss(**DPO_BATCH, rpo_alpha=0.5)
+
+
+@pytest.mark.fast
 def test_ipo_averages_log_probs_over_tokens():
   # Token-averaged log-probs: pair 0: chosen -6/3 = -2 (ref -9/3 = -3), rejected -8/4 = -2 (ref
   # -8/4 = -2), z = 0 - (-1) = 1; pair 1: chosen -4/2, rejected -3/1, same under ref, z = 0.

@@ -12,7 +12,8 @@ from flax import nnx
 
 from jaxlm.config import base_config
 from jaxlm.models import build_model
-from jaxlm.posttrain.objectives import completion_logprobs, dpo_objective, interleave_pairs
+from jaxlm.posttrain.objectives import (completion_logprobs, dpo_objective, interleave_pairs,
+                                        token_completion_logprobs)
 from jaxlm.train.step import init_state, make_train_step
 
 pytestmark = pytest.mark.fast
@@ -71,7 +72,7 @@ def test_precomputed_reference_and_accumulation_give_the_same_update():
     step = jax.jit(make_train_step(graphdef, tx, c.train, objective=objective))
     b, frozen = dict(batch), {"reference": shifted}
     if precomputed:
-      b["reference_logps"] = np.asarray(completion_logprobs(graphdef, shifted, batch))
+      b["reference_logps"] = np.asarray(token_completion_logprobs(graphdef, shifted, batch))
       frozen = {}
     state, metrics = step(init_state(params, tx, 0), b, frozen)
     updates.append(jax.tree.leaves(jax.tree.map(lambda a, p: np.asarray(a - p), state.params, params)))

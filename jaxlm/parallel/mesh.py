@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
-from jaxlm.config import MESH_AXES, ConfigError
+from jaxlm.config import MESH_AXES, ConfigError, rows_per_example
 from jaxlm.parallel.pipeline import pipeline_microbatches
 
 BATCH_AXES = ("data", "fsdp")  # the axes the batch rows are split over (the "data-like" axes)
@@ -77,10 +77,11 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
         f"model.num_layers ({model.num_layers}) is not divisible by the stage axis ({size['stage']}); "
         "each pipeline stage holds the same number of layers")
   rows = math.prod(size[a] for a in BATCH_AXES)
-  micro = t.batch_size // t.grad_accum_steps
+  micro = t.batch_size * rows_per_example(config) // t.grad_accum_steps
   if micro % rows:
     raise ConfigError(
-        f"train.batch_size ({t.batch_size}) / train.grad_accum_steps ({t.grad_accum_steps}) = {micro} rows "
+        f"train.batch_size ({t.batch_size}) x {rows_per_example(config)} rows an example / "
+        f"train.grad_accum_steps ({t.grad_accum_steps}) = {micro} rows "
         f"per micro-batch is not divisible by the data-like axes (data x fsdp = {rows}); make the "
         f"batch a multiple of {rows * t.grad_accum_steps} or shrink mesh.data / mesh.fsdp")
   if size["stage"] > 1:

@@ -147,18 +147,18 @@ def sft_records(n: int, seed: int = 0, digits: int = 3) -> list[dict]:
   return [{"prompt": p.prompt, "completion": p.completion} for p in problems(n, "train", seed, digits)]
 
 
-def preference_records(n: int, seed: int = 0, digits: int = 3) -> list[dict]:
+def preference_records(n: int, seed: int = 0, digits: int = 3, split: str = "train") -> list[dict]:
   """{"prompt", "chosen": the sum, "rejected": a near miss} (each completion ends in a newline)."""
-  rng = _rng(seed, f"near-miss/{digits}")
+  rng = _rng(seed, f"near-miss/{digits}/{split}")
   return [{"prompt": p.prompt, "chosen": p.completion, "rejected": near_miss(p, rng) + ANSWER_END}
-          for p in problems(n, "train", seed, digits)]
+          for p in problems(n, split, seed, digits)]
 
 
-def kto_records(n: int, seed: int = 0, digits: int = 3) -> list[dict]:
+def kto_records(n: int, seed: int = 0, digits: int = 3, split: str = "train") -> list[dict]:
   """{"prompt", "completion", "label"}: alternately the sum (True) and a near miss (False)."""
-  rng = _rng(seed, f"kto/{digits}")
+  rng = _rng(seed, f"kto/{digits}/{split}")
   out = []
-  for i, p in enumerate(problems(n, "train", seed, digits)):
+  for i, p in enumerate(problems(n, split, seed, digits)):
     good = i % 2 == 0
     out.append({"prompt": p.prompt, "completion": p.completion if good else near_miss(p, rng) + ANSWER_END,
                 "label": good})
@@ -257,16 +257,35 @@ def write_pretrain_data(directory: str, *, digits: int = 3, train_docs: int = 40
 def write_sft_data(directory: str, *, digits: int = 3, n: int = 20_000, seed: int = 0) -> str:
   """sft_train.jsonl ({"prompt", "completion"} of n training-side problems) and sft_eval.jsonl
   (held-out ones, for the validation loss) in `directory`, unless already there. Returns it."""
-  names = {"sft_train.jsonl": sft_records(n, seed, digits),
-           "sft_eval.jsonl": [{"prompt": p.prompt, "completion": p.completion}
-                              for p in problems(min(n, 300), "eval", seed, digits)]}
+  return _write_records(directory, {
+      "sft_train.jsonl": lambda: sft_records(n, seed, digits),
+      "sft_eval.jsonl": lambda: [{"prompt": p.prompt, "completion": p.completion}
+                                 for p in problems(min(n, 300), "eval", seed, digits)]})
+
+
+_RECORDS = {"preference": preference_records, "kto": kto_records}
+
+
+def write_records(directory: str, kind: str, *, digits: int = 3, n: int = 20_000, n_eval: int = 512,
+                  seed: int = 0) -> tuple[str, str]:
+  """<kind>_train.jsonl (n training-side problems) and <kind>_eval.jsonl (n_eval held-out ones)
+  of preference or kto records in `directory`, unless already there. Returns their paths."""
+  make = _RECORDS[kind]
+  names = {f"{kind}_train.jsonl": lambda: make(n, seed, digits),
+           f"{kind}_eval.jsonl": lambda: make(n_eval, seed, digits, split="eval")}
+  _write_records(directory, names)
+  return tuple(os.path.join(directory, name) for name in names)
+
+
+def _write_records(directory: str, names: dict) -> str:
+  """Each name's records (made by calling its value) as JSONL, written atomically unless present."""
   os.makedirs(directory, exist_ok=True)
   for name, records in names.items():
     path = os.path.join(directory, name)
     if os.path.exists(path):
       continue
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
+      f.writelines(json.dumps(r) + "\n" for r in records())
     os.replace(f.name, path)
   return directory
 
@@ -296,6 +315,31 @@ def pretrain_config(data_dir: str = "runs/addition/data", digits: int = 2):
   c.sample.prompt = "12+45="
   c.sample.max_new_tokens = 4
   c.sample.temperature = 0.0
+  return c
+
+
+def offline_config(objective: str, data_dir: str = "runs/addition/data", digits: int = 2):
+  """The config of configs/addition_{dpo,kto,reward}.py: `objective` from the pretraining run
+  (runs/addition/pretrain), on near-miss records written into data_dir first."""
+  c = pretrain_config(data_dir=data_dir, digits=digits)
+  kind = "kto" if objective == "kto" else "preference"
+  train, held_out = write_records(data_dir, kind, digits=digits, n=20_000, n_eval=512)
+  c.checkpoint.init_from = c.train.workdir  # the pretraining run's latest checkpoint
+  c.posttrain.objective = objective
+  c.posttrain.beta = 0.1
+  # DPO alone lowers the chosen answers' likelihood with the near misses' and greedy exact match
+  # falls (README "Post-training" has both figures); the chosen answer's NLL holds it up (RPO).
+  c.posttrain.rpo_alpha = 1.0 if objective in ("dpo", "ipo") else 0.0
+  c.data.train_paths = train
+  c.data.eval_paths = held_out
+  c.data.seq_len = 16  # "ab+cd=" and a 3-digit answer with bos, newline and eos: 13 tokens at most
+  t = c.train
+  t.batch_size = 32  # examples (pairs for dpo/reward), two rows each
+  t.steps = 1000
+  t.warmup_steps = 50
+  t.learning_rate = 5e-4
+  t.eval_every = 250
+  t.workdir = f"runs/addition/{objective}"
   return c
 
 

@@ -83,7 +83,7 @@ def last_token_values(values, mask):
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
              chosen_tokens=None, rejected_tokens=None, *, beta: float = 0.1,
-             label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid", rpo_alpha: float = 0.0):
   """Direct preference optimization on sequence log-probs (Rafailov et al. 2023), TRL's DPOTrainer.
 
   Inputs [pairs]: each completion's log-prob summed over its tokens (sequence_logprobs) under the
@@ -93,10 +93,16 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     "ipo":     (z - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17), where, as TRL does, every log-prob
                is first divided by its completion's token count (chosen_tokens, rejected_tokens
                [pairs]); label smoothing does not apply.
+  rpo_alpha > 0 adds rpo_alpha x the chosen completion's negative log-likelihood per token,
+  -pi_c / chosen_tokens (RPO, Pang et al. 2024; TRL's rpo_alpha): DPO alone may lower the
+  chosen completion's likelihood along with the rejected one's, and this term holds it up.
   Metrics (means per pair), from the implicit rewards r = beta (pi - ref) of the same (summed or
   averaged) log-probs: rewards/chosen, rewards/rejected, rewards/margins (r_c - r_r),
   rewards/accuracies ([r_c > r_r]). Returns (loss sum, metric sums, number of pairs).
   """
+  if rpo_alpha and chosen_tokens is None:
+    raise ValueError("dpo_loss(rpo_alpha > 0) needs chosen_tokens (the chosen completions' lengths)")
+  nll = -f32(policy_chosen) / jnp.maximum(f32(chosen_tokens), 1.0) if rpo_alpha else None
   if loss_type not in ("sigmoid", "ipo"):
     raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; use 'sigmoid' or 'ipo'")
   pc, pr, rc, rr = map(f32, (policy_chosen, policy_rejected, reference_chosen, reference_rejected))
@@ -115,7 +121,12 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * z)
               - label_smoothing * jax.nn.log_sigmoid(-beta * z))
   chosen, rejected = beta * (pc - rc), beta * (pr - rr)  # implicit rewards [pairs]
+  extra = {}
+  if rpo_alpha:
+    losses = losses + rpo_alpha * nll
+    extra["nll/chosen"] = jnp.sum(nll)
   metrics = no_grad({
+      **extra,
       "loss": jnp.sum(losses),
       "rewards/chosen": jnp.sum(chosen),
       "rewards/rejected": jnp.sum(rejected),

@@ -44,6 +44,8 @@ def main(argv):
   if "eval_bits_per_byte" in metrics:
     print(f"validation: loss {metrics['eval_loss']:.4f} nats/token, perplexity "
           f"{metrics['eval_perplexity']:.2f}, bits per byte {metrics['eval_bits_per_byte']:.4f}")
+  elif any(k.startswith("eval_") for k in metrics):  # a post-training objective's own metrics
+    print("validation: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")))
   frozen = () if result["frozen"] is None else (result["frozen"],)  # LoRA's base weights
   model = nnx.merge(result["graphdef"], result["state"].params, *frozen)
   key = jax.random.fold_in(result["state"].rng, 1)

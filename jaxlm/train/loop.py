@@ -15,13 +15,13 @@ import time
 
 import jax
 
-from jaxlm.config import validate, with_vocab_size
+from jaxlm.config import rows_per_example, validate, with_vocab_size
 from jaxlm.data.pipeline import eval_batches, make_train_iterator
 from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import global_batch
-from jaxlm.posttrain import lora
+from jaxlm.posttrain import lora, offline
 from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.train import flops
 from jaxlm.runs import write_run_files
@@ -94,7 +94,9 @@ def train(config, stop_at_step: int | None = None) -> dict:
 
   setup = make_setup(config)
   graphdef = setup.graphdef
-  train_iter, data_stats = train_batches(config, tokenizer)
+  # dpo/ipo/kto/reward: records, their objective and a frozen reference (jaxlm/posttrain/offline.py)
+  post = offline.prepare(config, setup, tokenizer) if config.posttrain.objective != "lm" else None
+  train_iter, data_stats = (post.train_iter, post.data_stats) if post else train_batches(config, tokenizer)
 
   checkpointer = Checkpointer(t.workdir, config.checkpoint)
   resume = config.checkpoint.resume
@@ -109,19 +111,23 @@ def train(config, stop_at_step: int | None = None) -> dict:
     state = start_from(setup, config.checkpoint.init_from)
   else:
     state = init_sharded_state(setup)
-  frozen = lora.frozen_base(setup)  # LoRA's base weights, an argument of every step; None otherwise
+  # The steps' frozen argument: LoRA's base weights, or a post-training objective's reference model.
+  frozen = post.frozen if post and post.frozen_shardings else lora.frozen_base(setup)
+  frozen_shardings = post.frozen_shardings if post else setup.frozen_shardings
   frozen_args = () if frozen is None else (frozen,)
   start = int(state.step)
   write_run_files(t.workdir, config, tokenizer)  # after a restore, so a failed one keeps the old files
 
-  train_step = jit_train_step(setup, frozen_shardings=setup.frozen_shardings)
+  train_step = jit_train_step(setup, post.objective if post else None, frozen_shardings)
   eval_step = jit_eval_step(setup, tokenizer.token_bytes)
   held_out = None  # read at the first evaluation, then kept
   flops_per_token = flops.train_flops_per_token(config.model, config.data.seq_len)
   peak = flops.peak_tflops_per_device(t.peak_tflops, str(setup.compute.matmul)) * jax.device_count()
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-  trains = f", {lora.describe(config, n_params, n_frozen)}" if frozen is not None else ""
+  n_frozen = sum(x.size for x in jax.tree.leaves(frozen)) if config.lora.rank else 0
+  trains = f", {lora.describe(config, n_params, n_frozen)}" if config.lora.rank else ""
+  if post:
+    trains += f", objective {config.posttrain.objective}"
 
   log = MetricsLogger(t.workdir, t.steps, start, t.progress_bar)
   log.print(f"jaxlm: {(n_params + n_frozen) / 1e6:.2f}M parameters{trains}, {config.data.seq_len} x {t.batch_size} tokens "
@@ -133,7 +139,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
     log.write(start, data_stats, prefix="data")
   # Tokens of the global batch: every process loads batch_size / process_count rows, and MFU divides
   # by the peak of all devices, so throughput must count all processes' rows.
-  tokens_per_step = t.batch_size * config.data.seq_len
+  tokens_per_step = t.batch_size * rows_per_example(config) * config.data.seq_len
   last, window_tokens, window_start = {}, 0.0, time.perf_counter()
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   for step in range(start + 1, end + 1):
@@ -152,9 +158,11 @@ def train(config, stop_at_step: int | None = None) -> dict:
       log.write(step, metrics)
       last, window_tokens, window_start = metrics, 0.0, time.perf_counter()
     if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-      if held_out is None:
-        held_out = held_out_batches(config, tokenizer)
-      result = evaluate(eval_step, state.params, held_out, setup.batch_sharding, frozen)
+      if post:
+        result = post.evaluate(state.params)
+      else:
+        held_out = held_out if held_out is not None else held_out_batches(config, tokenizer)
+        result = evaluate(eval_step, state.params, held_out, setup.batch_sharding, frozen)
       if result:
         log.write(step, result, prefix="eval")
     if config.checkpoint.every and step % config.checkpoint.every == 0:
@@ -164,7 +172,9 @@ def train(config, stop_at_step: int | None = None) -> dict:
   if checkpointer.latest_step() != final_step:
     checkpointer.save(final_step, state, train_iter)
   result = None
-  if final_step == t.steps:
+  if final_step == t.steps and post:
+    result = post.evaluate(state.params)
+  elif final_step == t.steps:
     held_out = held_out if held_out is not None else held_out_batches(config, tokenizer)
     result = evaluate(eval_step, state.params, held_out, setup.batch_sharding, frozen)
   if result:
@@ -173,5 +183,5 @@ def train(config, stop_at_step: int | None = None) -> dict:
   log.close()
   checkpointer.wait()
   checkpointer.close()
-  return {"state": state, "frozen": frozen, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last,
+  return {"state": state, "frozen": frozen if config.lora.rank else None, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last,
           "config": config}
