@@ -194,9 +194,12 @@ class Transformer(nnx.Module):
     return constrain(logits, ("batch", "length", "vocab"))
 
   def scores(self, x):
-    """x: [batch, t, embed] (before the final norm) -> the score head's [batch, t, n] float32."""
-    h = self.final_norm(x)
-    return dense(h, self.score[...].astype(self.compute.activations), self.compute, out_dtype=jnp.float32)
+    """x: [batch, t, embed] (before the final norm) -> the score head's [batch, t, n] float32.
+
+    Always a float32 matmul: it costs nothing beside the logits, and bfloat16 operands round away
+    the small differences between two sequences' final states, making their scores tie exactly."""
+    h = self.final_norm(x).astype(jnp.float32)
+    return jnp.matmul(h, self.score[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
   def logits_and_scores(self, tokens, positions=None, segment_ids=None):
     """(logits [batch, t, vocab], scores [batch, t, n]) of one forward pass (no cache)."""

@@ -340,6 +340,9 @@ def offline_config(objective: str, data_dir: str = "runs/addition/data", digits:
   t.learning_rate = 5e-4
   t.eval_every = 250
   t.workdir = f"runs/addition/{objective}"
+  if objective == "kto":  # at 5e-4 every log-prob collapses (the undesirable side's loss wins)
+    c.posttrain.beta = 0.5
+    t.learning_rate = 1e-4
   return c
 
 

@@ -20,7 +20,7 @@ from jaxlm.models.layers import PRETRAINED
 from jaxlm.parallel.sharding import global_batch, tree_shardings
 from jaxlm.posttrain import objectives, record_data
 from jaxlm.train.init_from import read_source
-from jaxlm.train.setup import _with_rules, abstract_model, forward_fn, new_model
+from jaxlm.train.setup import abstract_model, forward_fn, new_model, with_rules
 from jaxlm.train.step import Objective
 
 
@@ -69,7 +69,7 @@ def prepare(config, setup, tokenizer) -> Offline:
 
       @jax.jit
       def per_token(params, batch):
-        return _with_rules(objectives.token_completion_logprobs, setup)(
+        return with_rules(objectives.token_completion_logprobs, setup)(
             setup.graphdef, params, batch, forward)
 
       def reference_fn(batch):  # the whole global batch on every process (precomputing is once)
@@ -93,7 +93,7 @@ def prepare(config, setup, tokenizer) -> Offline:
     loss, sums, count = objective.fn(params, frozen, batch)
     return {**sums, "count": count}
 
-  eval_sums = _with_rules(eval_sums, setup)
+  eval_sums = with_rules(eval_sums, setup)
 
   def evaluate(params):
     if not eval_rows:

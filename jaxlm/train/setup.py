@@ -155,7 +155,7 @@ def forward_fn(setup: Setup):
   return forward
 
 
-def _with_rules(fn, setup: Setup):
+def with_rules(fn, setup: Setup):
   """fn with the rules table active while it is traced, so the model's `constrain` calls apply."""
   def wrapped(*args):
     with axis_rules(setup.rules, setup.mesh):
@@ -172,7 +172,7 @@ def jit_train_step(setup: Setup, objective=None, frozen_shardings=None):
   in_shardings = (setup.state_shardings, setup.batch_sharding)
   if frozen_shardings is not None:
     in_shardings += (frozen_shardings,)
-  return jax.jit(_with_rules(step, setup), in_shardings=in_shardings,
+  return jax.jit(with_rules(step, setup), in_shardings=in_shardings,
                  out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=0)
 
 
@@ -182,4 +182,4 @@ def jit_eval_step(setup: Setup, token_bytes):
   in_shardings = (setup.state_shardings.params, setup.batch_sharding)
   if setup.frozen_shardings is not None:
     in_shardings += (setup.frozen_shardings,)
-  return jax.jit(_with_rules(step, setup), in_shardings=in_shardings, out_shardings=setup.replicated)
+  return jax.jit(with_rules(step, setup), in_shardings=in_shardings, out_shardings=setup.replicated)
