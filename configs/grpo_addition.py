@@ -8,6 +8,10 @@ python -m jaxlm.posttrain.addition --eval --workdir=runs/addition/grpo
 Loading this config writes runs/addition/data/rl_train.jsonl (20,000 training-side prompts with
 their answers) and rl_eval.jsonl (the 500 held-out problems the --eval command grades, which the
 run also evaluates every train.eval_every steps as eval/exact_match).
+
+Measured on this project's 2-core CPU machine shared with other jobs: held-out exact match
+0.550 (from 0.376) in 5m32s for the second command
+(the third command prints the accuracy, which a rerun repeats; the time varies).
 """
 
 from jaxlm.posttrain import addition
@@ -26,7 +30,9 @@ def get_config():
   t.batch_size = 256  # completions: 32 prompts x 8
   t.steps = 400
   t.warmup_steps = 10
-  t.learning_rate = 2e-4  # cosine decay to 0.1 x; 5e-4 constant lost 27 points in 20 steps
+  # Cosine decay to 0.1 x. Larger steps lose accuracy first: a constant 5e-4 (128 completions at
+  # temperature 1.0) fell from 0.376 to 0.106 held-out exact match in 20 steps.
+  t.learning_rate = 2e-4
   t.schedule = "cosine"
   t.log_every = 25
   t.eval_every = 50

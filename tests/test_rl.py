@@ -118,6 +118,10 @@ def test_config_errors():
   with pytest.raises(ConfigError, match="lora.rank=0"):
     check_config(validate(c))
   c = rl_config()
+  c.posttrain.temperature = 0.0
+  with pytest.raises(ConfigError, match="must be sampled"):
+    check_config(validate(c))
+  c = rl_config()
   c.posttrain.group_size = 3
   with pytest.raises(ConfigError, match="multiple of posttrain.group_size"):
     validate(c)

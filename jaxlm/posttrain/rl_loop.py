@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlm.config import ConfigError, with_vocab_size
+from jaxlm.config import ConfigError, validate, with_vocab_size
 from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.inference.decode import generate_batch
@@ -183,7 +183,7 @@ def train_rl(config, stop_at_step: int | None = None) -> dict:
   """Runs train.steps optimizer updates of GRPO or PPO (resuming if the workdir holds a checkpoint);
   returns what jaxlm.train.loop.train does: {"state", "frozen" (None), "graphdef", "tokenizer",
   "metrics" (the last train, rollout and eval values), "config"}."""
-  check_config(config)
+  check_config(validate(config))
   p, t = config.posttrain, config.train
   rewards = rewards_lib.resolve(p.rewards)
   make_mesh(config)
@@ -260,7 +260,8 @@ def train_rl(config, stop_at_step: int | None = None) -> dict:
     sums = {"reward": float(total.mean()), "reward_std": float(total.std()),
             **{f"reward/{k}": float(np.mean(v)) for k, v in each.items()},
             "response_length": float(lengths.mean()),
-            "groups_all_equal": float(np.mean(groups.max(1) == groups.min(1))),
+            **({"groups_all_equal": float(np.mean(groups.max(1) == groups.min(1)))}
+               if p.group_size > 1 else {}),  # groups without GRPO signal
             **stats, "rollout_seconds": t1 - t0, "learner_seconds": t2 - t1, "rollouts": 1.0}
     window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
     if _crossed(before, step, t.log_every) or step == t.steps:
