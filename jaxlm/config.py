@@ -253,6 +253,9 @@ def _posttrain() -> ConfigDict:
   p.group_size = 8  # completions sampled per prompt (GRPO's group)
   p.max_new_tokens = 16  # longest sampled completion
   p.temperature = 1.0  # sampling temperature of the rollouts
+  # grpo/ppo: text that ends a sampled completion (kept as its last tokens), besides eos; "" none.
+  # The addition demo stops at "\n", the end of an answer.
+  p.stop = ""
   p.epsilon = 0.2  # grpo/ppo: the policy ratio is clipped to [1 - epsilon, 1 + epsilon]
   p.kl_beta = 0.0  # grpo: weight of the k3 KL to the reference; 0: no reference model is kept
   p.loss_aggregation = "token"  # grpo: "token" (mean over all tokens) | "sequence" (mean of means)

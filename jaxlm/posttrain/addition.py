@@ -290,6 +290,45 @@ def _write_records(directory: str, names: dict) -> str:
   return directory
 
 
+def write_rl_data(directory: str, *, digits: int = 3, n: int = 20_000, n_eval: int = 500,
+                  seed: int = 0) -> str:
+  """rl_train.jsonl ({"prompt", "answer"} of n training-side problems) and rl_eval.jsonl (the
+  n_eval held-out problems `exact_match` grades, in its order) in `directory`, unless already
+  there. Returns it."""
+  names = {"rl_train.jsonl": rl_records(n, seed, digits),
+           "rl_eval.jsonl": rl_records(n_eval, seed, digits, split="eval")}
+  os.makedirs(directory, exist_ok=True)
+  for name, records in names.items():
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      continue
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(f.name, path)
+  return directory
+
+
+def rl_config(objective: str, data_dir: str = "runs/addition/data", digits: int = 2):
+  """The shared part of configs/grpo_addition.py and configs/ppo_addition.py: the pretrained
+  addition model (checkpoint.init_from) sampled on training-side prompts, graded by exact match,
+  evaluated greedily on the 500 held-out problems of `exact_match`."""
+  c = pretrain_config(data_dir=data_dir, digits=digits)
+  write_rl_data(data_dir, digits=digits)
+  c.checkpoint.init_from = c.train.workdir  # the pretraining run's latest checkpoint
+  c.data.train_paths = f"{data_dir}/rl_train.jsonl"
+  c.data.eval_paths = f"{data_dir}/rl_eval.jsonl"
+  # [bos] + "99+99=" is 7 tokens, and an answer at most 3 digits and "\n": rows of 16 positions.
+  c.data.seq_len = 16
+  p = c.posttrain
+  p.objective = objective
+  p.rewards = "exact_match"
+  p.stop = ANSWER_END
+  p.max_new_tokens = digits + 3  # the longest sum, its newline, and one token to spare
+  c.train.workdir = f"runs/addition/{objective}"
+  c.sample.prompt = "12+45="
+  return c
+
+
 def pretrain_config(data_dir: str = "runs/addition/data", digits: int = 2):
   """The config of configs/addition_pretrain.py (the data written into data_dir first)."""
   write_pretrain_data(data_dir, digits=digits, train_docs=10_000)

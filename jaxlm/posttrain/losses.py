@@ -208,6 +208,15 @@ def reward_model_loss(chosen_rewards, rejected_rewards, margin=None, *, center_c
   return jnp.sum(losses), metrics, jnp.asarray(r_c.shape[0], jnp.float32)
 
 
-# GRPO and PPO live in rl_losses.py; re-exported so callers find every loss here.
-from jaxlm.posttrain.rl_losses import (aggregate, gae, group_advantages, grpo_loss, k3_kl,  # noqa: E402,F401
-                                       masked_whiten, ppo_loss, ppo_rewards)
+# GRPO and PPO live in rl_losses.py; re-exported so callers find every loss here. Looked up on
+# first use (PEP 562), not imported at the end of this module: rl_losses imports this module, so an
+# eager import would fail whenever rl_losses is the first of the two to be imported.
+_RL_LOSSES = ("aggregate", "gae", "group_advantages", "grpo_loss", "k3_kl", "masked_whiten", "ppo_loss",
+              "ppo_rewards")
+
+
+def __getattr__(name):
+  if name in _RL_LOSSES:
+    from jaxlm.posttrain import rl_losses  # pylint: disable=g-import-not-at-top
+    return getattr(rl_losses, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
