@@ -309,7 +309,7 @@ def write_rl_data(directory: str, *, digits: int = 3, n: int = 20_000, n_eval: i
 
 
 def rl_config(objective: str, data_dir: str = "runs/addition/data", digits: int = 2):
-  """The shared part of configs/grpo_addition.py and configs/ppo_addition.py: the pretrained
+  """The shared part of configs/addition_grpo.py and configs/addition_ppo.py: the pretrained
   addition model (checkpoint.init_from) sampled on training-side prompts, graded by exact match,
   evaluated greedily on the 500 held-out problems of `exact_match`."""
   c = pretrain_config(data_dir=data_dir, digits=digits)

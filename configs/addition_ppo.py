@@ -3,10 +3,10 @@ language model; each answer's exact-match score on its last token minus a per-to
 the pretrained model (the reference), GAE advantages whitened over the rollout.
 
 python -m jaxlm.train --config=configs/addition_pretrain.py     # the starting checkpoint
-python -m jaxlm.train --config=configs/ppo_addition.py
+python -m jaxlm.train --config=configs/addition_ppo.py
 python -m jaxlm.posttrain.addition --eval --workdir=runs/addition/ppo
 
-Sampling, learning rate and schedule are those of configs/grpo_addition.py, with 256 prompts of
+Sampling, learning rate and schedule are those of configs/addition_grpo.py, with 256 prompts of
 one completion each per rollout (PPO's baseline is the value head, not a group).
 
 Measured on this project's 2-core CPU machine shared with other jobs: held-out exact match

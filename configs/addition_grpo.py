@@ -2,7 +2,7 @@
 each compared with the other answers to its prompt; no reference model (kl_beta 0).
 
 python -m jaxlm.train --config=configs/addition_pretrain.py     # the starting checkpoint
-python -m jaxlm.train --config=configs/grpo_addition.py
+python -m jaxlm.train --config=configs/addition_grpo.py
 python -m jaxlm.posttrain.addition --eval --workdir=runs/addition/grpo
 
 Loading this config writes runs/addition/data/rl_train.jsonl (20,000 training-side prompts with
