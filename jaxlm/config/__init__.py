@@ -1,0 +1,17 @@
+"""The one config tree: every field jaxlm reads, its default, and what it means.
+
+Presets in `configs/` start from `base_config()` and override fields; the CLI overrides any field
+with `--config.<section>.<field>=value`. `validate(config)` runs once at start-up and raises
+`ConfigError` naming the field and the fix. A field that is not defined here is an error, so a
+typo never silently falls back to a default. The fields and their meaning live in
+jaxlm/config/fields.py, the checks in jaxlm/config/checks.py; import both from here.
+"""
+
+from jaxlm.config.checks import (LOGICAL_AXES, LORA_TARGETS, MESH_AXES, check_overrides, flat_fields,
+                                 layer_kinds, lora_targets, parse_rules, rows_per_example,
+                                 unknown_field_error, validate, with_vocab_size)
+from jaxlm.config.fields import ConfigDict, ConfigError, base_config
+
+__all__ = ["ConfigDict", "ConfigError", "LOGICAL_AXES", "LORA_TARGETS", "MESH_AXES", "base_config",
+           "check_overrides", "flat_fields", "layer_kinds", "lora_targets", "parse_rules",
+           "rows_per_example", "unknown_field_error", "validate", "with_vocab_size"]
