@@ -56,8 +56,8 @@ def parse_args(argv=None):
   p.add_argument("--draft_workdir", default="")
   p.add_argument("--workdir", default="", help="where part 2 trains its runs (default: a temp dir)")
   p.add_argument("--spec_matmul_dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="matmul operands both models decode with in part 2 (at batch 1 to 8, XLA:CPU "
-                      "runs float32 matrix-vector products faster than bfloat16 ones)")
+                 help="matmul operands both models decode with in part 2 (XLA:CPU upcasts "
+                      "batch-1 bfloat16 matrix-vector products to float32, converting the weights)")
   return p.parse_args(argv)
 
 
