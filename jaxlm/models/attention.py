@@ -86,8 +86,8 @@ def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
   new entries replace. The cache is only read here (the model writes every layer's new entries
   once, after the layer loop), and its layout puts the contracted dimension innermost in both
   products (scores contract head_dim, the weighted sum contracts S): XLA:CPU's fast dot kernels
-  then read it in place, where the [batch, S, kv_heads, head_dim] layout cost a transpose of the
-  whole cache per layer and step. Scores of the cache and of the new keys are joined before one
+  then take it without a transpose, where the [batch, S, kv_heads, head_dim] layout cost a
+  transpose of the whole cache per layer and step. Scores of the cache and of the new keys are joined before one
   softmax, so the result is the reference `dot_product_attention` over [cache, new].
   window, softcap, scale, local: as in `dot_product_attention`. Returns [batch, t, heads, head_dim].
   """
