@@ -4,13 +4,18 @@ Part 1 (throughput): one random Llama (transformers `LlamaForCausalLM`, float32,
 safetensors and loaded into jaxlm with `jaxlm.interop.hf.load_model`, so both run the same weights)
 decodes greedily in both stacks at batch 1 and batch 32: time to first token (a prompt of --prompt
 tokens, one new token) and decode tokens/s ((new - 1) x batch / (time for --new tokens - time to
-first token)); median of --reps after a warm-up (jaxlm's compile is not timed).
+first token)); median of --reps after a warm-up (jaxlm's compile is not timed). Each stack runs
+twice: in float32, and with bfloat16 matmul operands (jaxlm: `jaxlm.inference.precision.
+with_matmul_dtype`, float32 accumulation, activations and KV cache float32; transformers:
+`torch.autocast("cpu", bfloat16)`, which also runs its matmuls on bf16 operands and keeps the
+rest float32). Ratios compare like with like: float32 with float32, bf16 with bf16.
 
 Part 2 (speculative): a target of --target_layers layers and a draft of about a quarter of them
 (--draft_layers), both the Shakespeare preset otherwise, trained here on the embedded corpus for
 --train_steps (or given with --target_workdir/--draft_workdir); prompts are 16-token passages of the
 held-out plays. Greedy plain decoding vs speculative decoding with k = --k, at batch 1 and 8:
-acceptance rate and wall-time ratio (the outputs are asserted equal).
+acceptance rate and wall-time ratio (the outputs are asserted equal). Both models decode with
+--spec_matmul_dtype operands (float32 by default, whatever they trained with).
 
   pip install -e ".[bench]"       # torch==2.13.0 + transformers
   python benchmarks/generate.py                     # both parts; part 2 trains two small models first
@@ -50,6 +55,9 @@ def parse_args(argv=None):
   p.add_argument("--target_workdir", default="")
   p.add_argument("--draft_workdir", default="")
   p.add_argument("--workdir", default="", help="where part 2 trains its runs (default: a temp dir)")
+  p.add_argument("--spec_matmul_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="matmul operands both models decode with in part 2 (XLA:CPU upcasts "
+                      "batch-1 bfloat16 matrix-vector products to float32, converting the weights)")
   return p.parse_args(argv)
 
 
@@ -71,6 +79,7 @@ def throughput(a):
   from flax import nnx
 
   from jaxlm.inference.decode import generate_batch
+  from jaxlm.inference.precision import with_matmul_dtype
   from jaxlm.interop import hf
 
   cfg = transformers.LlamaConfig(
@@ -87,36 +96,44 @@ def throughput(a):
   graphdef, params = nnx.split(model)
   n_params = sum(p.numel() for p in hf_model.parameters())
   print(f"model: {n_params / 1e6:.1f}M parameters (vocab {a.vocab}, d_model {a.d_model}, {a.layers} "
-        f"layers), prompt {a.prompt} tokens, {a.new} new tokens, greedy, float32, "
-        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+        f"layers), prompt {a.prompt} tokens, {a.new} new tokens, greedy, float32 weights, "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average "
+        f"{os.getloadavg()[0]:.1f} (other processes share the cores: compare ratios within a run)")
+  low = with_matmul_dtype(graphdef, params, "bfloat16")
   rows = []
   for batch in (1, 32):
     ids = np.random.default_rng(0).integers(0, a.vocab, (batch, a.prompt)).astype(np.int32)
 
-    def jax_run(n):
-      out = generate_batch(graphdef, params, list(ids), max_new_tokens=n)
+    def jax_run(n, model=(graphdef, params)):
+      out = generate_batch(*model, list(ids), max_new_tokens=n)
       return out.tokens
 
-    def torch_run(n):
-      with torch.no_grad():
+    def torch_run(n, autocast=False):
+      with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         return hf_model.generate(torch.as_tensor(ids, dtype=torch.long), max_new_tokens=n,
                                  min_new_tokens=n, do_sample=False)
 
     jax_same = np.stack(jax_run(8))
     torch_same = torch_run(8)[:, a.prompt:].numpy()
     agree = float((jax_same == torch_same).mean())
-    for name, run in (("jaxlm", jax_run), ("transformers", torch_run)):
+    low_agree = float((np.stack(jax_run(8, low)) == jax_same).mean())
+    stacks = (("jaxlm", "float32", jax_run), ("transformers", "float32", torch_run),
+              ("jaxlm", "bf16 matmul", lambda n: jax_run(n, low)),
+              ("transformers", "bf16 autocast", lambda n: torch_run(n, True)))
+    for name, dtype, run in stacks:
       first = timed(lambda: run(1), a.reps)
       full = timed(lambda: run(a.new), a.reps)
-      rows.append((batch, name, first, (a.new - 1) * batch / (full - first)))
-    print(f"batch {batch}: greedy tokens identical in the first 8 steps: {agree:.0%}")
-  print(f"\n{'batch':>5} {'stack':>13} {'first token ms':>15} {'decode tok/s':>13}")
-  for batch, name, first, rate in rows:
-    print(f"{batch:>5} {name:>13} {first * 1e3:>15.1f} {rate:>13.0f}")
+      rows.append((batch, name, dtype, first, (a.new - 1) * batch / (full - first)))
+    print(f"batch {batch}: greedy tokens identical in the first 8 steps: {agree:.0%} (float32 vs "
+          f"transformers), {low_agree:.0%} (bf16 matmul vs float32)")
+  print(f"\n{'batch':>5} {'stack':>13} {'dtype':>14} {'first token ms':>15} {'decode tok/s':>13}")
+  for batch, name, dtype, first, rate in rows:
+    print(f"{batch:>5} {name:>13} {dtype:>14} {first * 1e3:>15.1f} {rate:>13.0f}")
   for batch in (1, 32):
-    j, t = [r for r in rows if r[0] == batch]
-    print(f"batch {batch}: jaxlm / transformers decode tokens/s = {j[3] / t[3]:.2f}x; "
-          f"time to first token {t[2] / j[2]:.2f}x faster")
+    mine = [r for r in rows if r[0] == batch]
+    for j, t in (mine[0:2], mine[2:4]):
+      print(f"batch {batch}, {j[2]} vs {t[2]}: jaxlm / transformers decode tokens/s = "
+            f"{j[4] / t[4]:.2f}x; time to first token {t[3] / j[3]:.2f}x faster")
 
 
 def train(workdir, layers, steps):
@@ -136,6 +153,7 @@ def speculative(a):
   from jaxlm import runs
   from jaxlm.data import sources
   from jaxlm.inference.decode import generate_batch
+  from jaxlm.inference.precision import with_matmul_dtype
   from jaxlm.inference.speculative import speculative_batch
 
   base = a.workdir or tempfile.mkdtemp(prefix="jaxlm-spec-")
@@ -147,24 +165,29 @@ def speculative(a):
     train(draft_dir, a.draft_layers, a.train_steps)
   target, draft = runs.load_params(target_dir), runs.load_params(draft_dir)
   tok = target.tokenizer
+  t_model = with_matmul_dtype(target.graphdef, target.params, a.spec_matmul_dtype)
+  d_model = with_matmul_dtype(draft.graphdef, draft.params, a.spec_matmul_dtype)
   text = " ".join(sources.documents(target.config.data, "eval"))
   ids = tok.encode(text[:200_000])
   rng = np.random.default_rng(0)
   print(f"target {target.config.model.num_layers} layers, draft {draft.config.model.num_layers} "
-        f"layers, k={a.k}, {a.new} new tokens, greedy")
-  print(f"\n{'batch':>5} {'plain ms':>9} {'speculative ms':>15} {'speed-up':>9} {'acceptance':>11}")
+        f"layers, k={a.k}, {a.new} new tokens, greedy, {a.spec_matmul_dtype} matmuls, load average "
+        f"{os.getloadavg()[0]:.1f}")
+  # draft/target: the draft's plain greedy decoding time over the target's, i.e. what a draft call
+  # costs in target calls; a round costs about 1 + k x that, and emits 1 to k + 1 tokens
+  print(f"\n{'batch':>5} {'plain ms':>9} {'speculative ms':>15} {'speed-up':>9} {'acceptance':>11} "
+        f"{'rounds':>7} {'draft/target':>13}")
   for batch in (1, 8):
     starts = rng.integers(0, len(ids) - 16, batch)
     prompts = [[tok.bos_id] + ids[s:s + 16] for s in starts]
-    plain = lambda: generate_batch(target.graphdef, target.params, prompts, max_new_tokens=a.new)
-    spec = lambda: speculative_batch((target.graphdef, target.params),
-                                     (draft.graphdef, draft.params), prompts, k=a.k,
-                                     max_new_tokens=a.new)
+    plain = lambda: generate_batch(*t_model, prompts, max_new_tokens=a.new)
+    spec = lambda: speculative_batch(t_model, d_model, prompts, k=a.k, max_new_tokens=a.new)
+    draft_plain = lambda: generate_batch(*d_model, prompts, max_new_tokens=a.new)
     want, (got, stats) = plain(), spec()
     assert all((x == y).all() for x, y in zip(want.tokens, got.tokens)), "speculative != plain"
-    t_plain, t_spec = timed(plain, a.reps), timed(spec, a.reps)
+    t_plain, t_spec, t_draft = timed(plain, a.reps), timed(spec, a.reps), timed(draft_plain, a.reps)
     print(f"{batch:>5} {t_plain * 1e3:>9.0f} {t_spec * 1e3:>15.0f} {t_plain / t_spec:>8.2f}x "
-          f"{stats.acceptance:>11.2f}")
+          f"{stats.acceptance:>11.2f} {stats.rounds:>7} {t_draft / t_plain:>13.2f}")
 
 
 def main(a):

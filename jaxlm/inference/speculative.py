@@ -136,10 +136,14 @@ def _speculate(target_def, target_params, draft_def, draft_params, prompts, leng
         accepted, nxt = rule(dist(logits), q, drafts, u)  # logits: [batch, k + 1, vocab]
         bonus = draw(keys[2], nxt)
       live = ~rows.done
-      for j in range(k + 1):  # emit d_1..d_accepted, then the drawn token
-        token = jnp.where(j < accepted, drafts[:, min(j, k - 1)], bonus)
-        rows = rows.record(token, token_logprob(logits[:, j], token), j <= accepted, limits, stops,
-                           eos_id)
+      # the round's tokens: d_1..d_accepted, then the drawn one (later slots are not emitted)
+      slot = jnp.arange(k + 1)[None]  # [1, k + 1]
+      tokens = jnp.where(slot < accepted[:, None], jnp.concatenate([drafts, drafts[:, -1:]], 1),
+                         bonus[:, None])  # [batch, k + 1]
+      logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1),
+                                 tokens[..., None], -1)[..., 0]  # one pass over the vocabulary
+      for j in range(k + 1):
+        rows = rows.record(tokens[:, j], logp[:, j], j <= accepted, limits, stops, eos_id)
       cache_t["index"] = cache_d["index"] = base + accepted + 1
       counts = counts + jnp.stack([1, k * jnp.sum(live), jnp.sum(jnp.where(live, accepted, 0))])
       return r + 1, cache_t, cache_d, rows, counts

@@ -75,12 +75,66 @@ def causal_blocked_attention(q, k, v, segments=None, blocks: int = 1, window: in
   return jnp.concatenate(outs, axis=1)
 
 
-def write_rows(cache, new, index):
-  """cache: [batch, S, ...]; new: [batch, t, ...]; index: [batch] -> cache with row b's new entries
-  at slots [index[b], index[b] + t). Rows have their own index, so rows of a batch may hold prompts
-  of different lengths and advance by different amounts (speculative decoding)."""
-  write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, 0)
-  return jax.vmap(write)(cache, new, index)
+def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
+                     softcap: float = 0.0, scale: float | None = None, local=None):
+  """t new queries over a KV cache and over the t new keys themselves (KV-cached decoding).
+
+  q: [batch, t, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim] the new entries, at q_slots
+  [batch, t] (consecutive from start [batch]); cache_k: [batch, kv_heads, S, head_dim] and cache_v:
+  [batch, kv_heads, head_dim, S], as they were before this call. Cache slot s of row b is seen iff
+  s < start[b]: slots at or past it hold padding or a rejected draft's entries, which this call's
+  new entries replace. The cache is only read here (the model writes every layer's new entries
+  once, after the layer loop), and its layout puts the contracted dimension innermost in both
+  products (scores contract head_dim, the weighted sum contracts S): XLA:CPU's fast dot kernels
+  then take it without a transpose, where the [batch, S, kv_heads, head_dim] layout cost a
+  transpose of the whole cache per layer and step. Scores of the cache and of the new keys are joined before one
+  softmax, so the result is the reference `dot_product_attention` over [cache, new].
+  window, softcap, scale, local: as in `dot_product_attention`. Returns [batch, t, heads, head_dim].
+  """
+  b, t, h, d = q.shape
+  kvh, size = k.shape[2], cache_k.shape[2]
+  q = q.reshape(b, t, kvh, h // kvh, d)
+  scale = d**-0.5 if scale is None else scale
+  old = jnp.einsum("btkgd,bksd->bkgts", q, cache_k, preferred_element_type=jnp.float32)
+  new = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.concatenate([old, new], axis=-1) * scale  # [batch, kv_heads, groups, t, S + t]
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
+  cache_slots = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (b, size))
+  k_slots = jnp.concatenate([cache_slots, q_slots], axis=1)  # [batch, S + t]
+  delta = q_slots[:, :, None] - k_slots[:, None, :]  # [batch, t, S + t]
+  filled = jnp.concatenate([cache_slots < start[:, None], jnp.ones((b, t), bool)], axis=1)
+  mask = (delta >= 0) & filled[:, None, :]
+  if window:
+    in_window = delta < window
+    mask &= in_window if local is None else (in_window | ~local)
+  scores = jnp.where(mask[:, None, None], scores, MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = (jnp.einsum("bkgts,bkds->btkgd", probs[..., :size], cache_v,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgts,bskd->btkgd", probs[..., size:], v, preferred_element_type=jnp.float32))
+  return out.reshape(b, t, h, d).astype(v.dtype)
+
+
+def write_cache(cache, new, start):
+  """Writes every layer's new entries into the cache, each row at its own slots.
+
+  cache: {"k": [layers, batch, kv_heads, S, head_dim], "v": [layers, batch, kv_heads, head_dim, S]};
+  new: {"k","v": [layers, batch, t, kv_heads, head_dim]}; start: [batch] -> the cache with row b's
+  entries at slots [start[b], start[b] + t). Rows have their own start, so rows of a batch may hold
+  prompts of different lengths and advance by different amounts (speculative decoding). One scatter
+  per array and step, in place inside a decoding loop; slots past S are dropped (decoding checks
+  lengths up front, so only finished rows, whose tokens are discarded, can reach them).
+  """
+  t = new["k"].shape[2]
+  rows = jnp.arange(start.shape[0])[:, None]  # [batch, 1]
+  slots = start[:, None] + jnp.arange(t, dtype=start.dtype)  # [batch, t]
+
+  def put(c, n, index):  # indexed dims (rows, slots) come first: [batch, t, layers, kv_heads, head_dim]
+    return c.at[index].set(n.transpose(1, 2, 0, 3, 4).astype(c.dtype), mode="drop")
+
+  return {"k": put(cache["k"], new["k"], (slice(None), rows, slice(None), slots)),
+          "v": put(cache["v"], new["v"], (slice(None), rows, slice(None), slice(None), slots))}
 
 
 class Attention(nnx.Module):
@@ -125,8 +179,10 @@ class Attention(nnx.Module):
     return rope.apply_rope(x, positions, jnp.asarray(inv_freq, jnp.float32), scale)
 
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None, local=None):
-    """x: [batch, t, embed]; positions, slots: [batch, t]; cache: {"k","v": [batch, S, kv_heads,
-    head_dim]} with cache_index: [batch], where each row's t new entries go.
+    """x: [batch, t, embed]; positions, slots: [batch, t]; cache: this layer's {"k": [batch, kv_heads,
+    S, head_dim], "v": [batch, kv_heads, head_dim, S]} (read only) with cache_index: [batch], where
+    each row's t new entries go. Returns (out [batch, t, embed], the new entries {"k","v": [batch,
+    t, kv_heads, head_dim]} in the cache's dtype, for the model to write; None without a cache).
 
     local: this layer's kind under model.layer_pattern: None (no pattern: model.sliding_window
     applies), a Python bool (an unscanned layer: its window is static), or a traced bool scalar (a
@@ -151,17 +207,19 @@ class Attention(nnx.Module):
     k = constrain(k, ("batch", None, "kv_heads", "head_dim"))
     v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
 
-    q_segments = k_segments = segment_ids
-    k_slots = slots
-    if cache is not None:  # write row b's keys/values at [cache_index[b], cache_index[b] + t), attend to the cache
-      k, v = write_rows(cache["k"], k, cache_index), write_rows(cache["v"], v, cache_index)
-      cache = {"k": k, "v": v}
-      k_slots = jnp.broadcast_to(jnp.arange(k.shape[1]), (k.shape[0], k.shape[1]))
-      q_segments = k_segments = None  # decoding continues one document
-    q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
     traced = isinstance(local, jax.Array) and bool(cfg.sliding_window)
     window = cfg.sliding_window if local is None or local is True or traced else 0
-    if cache is None and (cp.attention != "xla" or cp.attention_blocks > 1):
+    if cache is not None:  # decoding: attend to the cache and the new entries; return the new ones
+      # Operands in the cache's dtype (the activations' by default): converting the cache to
+      # matmul_dtype would cost a pass over it a layer and step, more than the products it feeds.
+      cdt = cache["k"].dtype
+      q, k, v = q.astype(cdt), k.astype(cdt), v.astype(cdt)
+      out = cached_attention(
+          q, k, v, cache["k"], cache["v"], slots, cache_index, window=window,
+          softcap=cfg.attn_logit_softcap, scale=self.score_scale, local=local if traced else None)
+      return project(out.astype(c), self.o, self.o_lora, cp, contract=2, out_dtype=c), {"k": k, "v": v}
+    q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
+    if cp.attention != "xla" or cp.attention_blocks > 1:
       def attend(window):  # self-attention over whole rows with a static window
         if cp.attention != "xla":  # a kernel
           return attention_kernels.self_attention(cfg, cp, q, k, v, segment_ids, window)
@@ -174,7 +232,7 @@ class Attention(nnx.Module):
         out = attend(window)
     else:
       out = dot_product_attention(
-          q, k, v, slots, k_slots, q_segments, k_segments, window=window,
+          q, k, v, slots, slots, segment_ids, segment_ids, window=window,
           softcap=cfg.attn_logit_softcap, scale=self.score_scale, local=local if traced else None)
     out = project(out, self.o, self.o_lora, cp, contract=2, out_dtype=c)  # [batch, t, embed]
     return out, cache

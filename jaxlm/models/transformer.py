@@ -14,7 +14,7 @@ by `lax.scan`, so compile time does not grow with depth.
 The model is a pure function of its parameters, in three parts that callers may compose
 differently (the pipeline schedule in jaxlm/parallel/pipeline.py runs the layer stack by stages):
   embed_tokens(tokens, positions) -> x [batch, t, embed]
-  layer_stack() -> (layers, run(layers, x, rows, kv) -> (x, kv))   (scanned only; layers: the
+  layer_stack() -> (layers, run(layers, x, rows, kv) -> (x, new kv))   (scanned only; layers: the
       stacked block parameters and each layer's kind, every leaf [layers, ...])
   head(x) -> logits [batch, t, padded vocab] (float32)
 and their composition:
@@ -35,7 +35,7 @@ from flax import nnx
 
 from jaxlm.config import layer_kinds
 from jaxlm.kernels.masking import MASKED
-from jaxlm.models.attention import Attention
+from jaxlm.models.attention import Attention, write_cache
 from jaxlm.models.compute import Compute
 from jaxlm.models.layers import MLP, LoraSpec, Norm, ScoreParam, dense, param
 from jaxlm.parallel.rules import constrain
@@ -114,15 +114,19 @@ class Transformer(nnx.Module):
       self.score = ScoreParam(w, out_sharding=("embed", None))
 
   def init_cache(self, batch: int, max_len: int, cache_dtype=None) -> dict:
-    """An empty KV cache: {"k","v": [layers, batch, max_len, kv_heads, head_dim], "index": [batch]}.
+    """An empty KV cache: {"k": [layers, batch, kv_heads, max_len, head_dim], "v": [layers, batch,
+    kv_heads, head_dim, max_len], "index": [batch]}, in the activations' dtype by default (decoding
+    attention computes in the cache's dtype). The layouts are the ones attention reads without a
+    transpose (see attention.cached_attention).
 
     index[b] is where row b's next tokens go (and how many slots of row b are filled): rows advance
     on their own, so a batch may hold prompts of different lengths."""
     cfg = self.cfg
     hd = cfg.head_dim or cfg.d_model // cfg.num_heads
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, hd)
+    head = (cfg.num_layers, batch, cfg.num_kv_heads)
     cdt = cache_dtype or self.compute.activations
-    return {"k": jnp.zeros(shape, cdt), "v": jnp.zeros(shape, cdt), "index": jnp.zeros((batch,), jnp.int32)}
+    return {"k": jnp.zeros((*head, max_len, hd), cdt), "v": jnp.zeros((*head, hd, max_len), cdt),
+            "index": jnp.zeros((batch,), jnp.int32)}
 
   def embed_tokens(self, tokens, positions):
     """tokens, positions: [batch, t] -> x: [batch, t, embed] in the compute dtype."""
@@ -153,7 +157,7 @@ class Transformer(nnx.Module):
     """(layers, run) of the scanned layers: layers = (block parameters, kinds), every leaf [layers, ...];
     kinds: bool, True for model.layer_pattern's local layers (None without a pattern), so any
     slice of the stack (a pipeline stage's) carries its own layers' kinds.
-    run(layers, x, rows, kv=None) -> (x, kv) runs them in order (any leading slice of layers)."""
+    run(layers, x, rows, kv=None) -> (x, new cache entries) runs them in order (any leading slice of layers)."""
     if not self.compute.scan_layers:
       raise ValueError("layer_stack needs compute.scan_layers=True (layers stacked along one axis)")
     graphdef, params = nnx.split(self.blocks)
@@ -169,7 +173,8 @@ class Transformer(nnx.Module):
     return (params, kinds), run
 
   def run_layers(self, x, rows, kv=None, start=0):
-    """x: [batch, t, embed] through every block; kv: the cache's {"k","v"} or None."""
+    """x: [batch, t, embed] through every block; kv: the cache's {"k","v"} or None. Returns (x, the
+    blocks' new cache entries {"k","v": [layers, batch, t, kv_heads, head_dim]}, or None)."""
     if self.compute.scan_layers:
       layers, run = self.layer_stack(start)
       return run(layers, x, rows, kv)
@@ -220,8 +225,9 @@ class Transformer(nnx.Module):
       positions = slots
     x = self.embed_tokens(tokens, positions)
     kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    x, kv = self.run_layers(x, (positions, slots, segment_ids), kv, start)
+    # with a cache: the layers only read it and return their new entries [layers, batch, t, ...]
+    x, new = self.run_layers(x, (positions, slots, segment_ids), kv, start)
     logits = self.head(x)
     if cache is None:
       return logits
-    return logits, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + t}
+    return logits, {**write_cache(kv, new, start), "index": cache["index"] + t}
