@@ -56,7 +56,6 @@ def test_prompts_file_gives_one_line_per_completion_and_draft_and_sharding_chang
     assert abs(a["logprob"] - b["logprob"]) < 1e-4
 
 
-@pytest.mark.fast
 def test_bad_requests_fail_with_one_line_naming_the_fix(files, tmp_path):
   d, run = files
   (tmp_path / "empty.txt").write_text("\n\n")

@@ -16,7 +16,6 @@ from jaxlm.posttrain.objectives import (completion_logprobs, dpo_objective, inte
                                         token_completion_logprobs)
 from jaxlm.train.step import init_state, make_train_step
 
-pytestmark = pytest.mark.fast
 
 
 def tiny():
@@ -44,6 +43,7 @@ def pair_batch(pairs=4, length=12, prompt=5, seed=0):
   return interleave_pairs(rows(chosen.astype(np.int32)), rows(rejected.astype(np.int32)))
 
 
+@pytest.mark.fast
 def test_dpo_starts_at_ln2_and_learns_the_preference():
   c = tiny()
   graphdef, params = nnx.split(build_model(c), nnx.Param)
