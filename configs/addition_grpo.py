@@ -9,8 +9,8 @@ Loading this config writes runs/addition/data/rl_train.jsonl (20,000 training-si
 their answers) and rl_eval.jsonl (the 500 held-out problems the --eval command grades, which the
 run also evaluates every train.eval_every steps as eval/exact_match).
 
-Measured on this project's 2-core CPU machine shared with other jobs: held-out exact match
-0.550 (from 0.376) in 5m32s for the second command
+Measured on this project's idle 2-core CPU machine: held-out exact match
+0.530 (from 0.370) in 83 s for the second command
 (the third command prints the accuracy, which a rerun repeats; the time varies).
 """
 

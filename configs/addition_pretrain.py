@@ -13,7 +13,8 @@ It is meant to stop part-way, so post-training has room to improve it: 300 steps
 128 tokens (0.8 of an epoch of the 763K training tokens) with a 0.56M-parameter, 2-layer model.
 Measured on this project's 2-core CPU machine while other jobs shared it (load average 6.6-8):
 1m45s for the whole first command (data, compile, training, validation), and held-out exact match
-0.376 on 500 problems (the second command, 11 s). Training is deterministic, so the accuracy is
+0.376 on 500 problems (the second command, 11 s); 0.370 since decoding reads the KV cache in a
+new layout (the same weights; a net three of 500 greedy answers changed with the order of the sums). Training is deterministic, so the accuracy is
 the same on a rerun; the time is not. Longer training goes past partial accuracy quickly, and
 3-digit problems need far more than this budget.
 """
