@@ -10,8 +10,8 @@ python -m jaxlm.posttrain.addition --eval --workdir=runs/addition/dpo
 reference log-probs once instead of keeping a frozen copy.
 """
 
-from jaxlm.posttrain import addition
+from jaxlm.posttrain import addition_configs
 
 
 def get_config():
-  return addition.offline_config("dpo")
+  return addition_configs.offline_config("dpo")

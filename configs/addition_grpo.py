@@ -14,11 +14,11 @@ Measured on this project's idle 2-core CPU machine: held-out exact match
 (the third command prints the accuracy, which a rerun repeats; the time varies).
 """
 
-from jaxlm.posttrain import addition
+from jaxlm.posttrain import addition_configs
 
 
 def get_config():
-  c = addition.rl_config("grpo", data_dir="runs/addition/data", digits=2)
+  c = addition_configs.rl_config("grpo", data_dir="runs/addition/data", digits=2)
   p = c.posttrain
   p.group_size = 8
   # Samples nearer the greedy answer than at 1.0, the policy trained being the same softmax(logits

@@ -6,8 +6,8 @@ python -m jaxlm.train --config=configs/addition_kto.py
 python -m jaxlm.posttrain.addition --eval --workdir=runs/addition/kto
 """
 
-from jaxlm.posttrain import addition
+from jaxlm.posttrain import addition_configs
 
 
 def get_config():
-  return addition.offline_config("kto")
+  return addition_configs.offline_config("kto")

@@ -19,8 +19,8 @@ the same on a rerun; the time is not. Longer training goes past partial accuracy
 3-digit problems need far more than this budget.
 """
 
-from jaxlm.posttrain import addition
+from jaxlm.posttrain import addition_configs
 
 
 def get_config():
-  return addition.pretrain_config(data_dir="runs/addition/data", digits=2)
+  return addition_configs.pretrain_config(data_dir="runs/addition/data", digits=2)

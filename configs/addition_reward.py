@@ -9,11 +9,11 @@ A small learning rate matters: at 1e-3 the trunk forgets the arithmetic the head
 accuracy stays near 0.6, chance on pairs that differ in the last digit); at 1e-4 it keeps it.
 """
 
-from jaxlm.posttrain import addition
+from jaxlm.posttrain import addition_configs
 
 
 def get_config():
-  c = addition.offline_config("reward")
+  c = addition_configs.offline_config("reward")
   c.checkpoint.init_from = "runs/addition/sft"
   t = c.train
   t.learning_rate = 1e-4

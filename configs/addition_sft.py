@@ -6,12 +6,12 @@ python -m jaxlm.train --config=configs/addition_sft.py
 python -m jaxlm.posttrain.addition --eval --workdir=runs/addition/sft
 """
 
-from jaxlm.posttrain import addition
+from jaxlm.posttrain import addition, addition_configs
 
 
 def get_config():
   data = "runs/addition/data"
-  c = addition.pretrain_config(data_dir=data, digits=2)
+  c = addition_configs.pretrain_config(data_dir=data, digits=2)
   addition.write_sft_data(data, digits=2)
   c.checkpoint.init_from = c.train.workdir  # the pretraining run's latest checkpoint
   c.data.source = "chat"  # {"prompt", "completion"} records: the completion's tokens are the targets
