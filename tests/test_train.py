@@ -218,7 +218,8 @@ def test_a_custom_objective_trains_only_its_params_and_accumulates_exactly():
     step = jax.jit(make_train_step(None, tx, c.train, objective=Objective(fn, "rows")))
     state, metrics = step(init_state(params, tx, 0), batch, frozen)
     updates.append(np.asarray(state.params["w"]))
-    assert set(metrics) == {"distance", "grad_norm", "learning_rate", "rows"} and metrics["rows"] == 8
+    assert set(metrics) == {"distance", "grad_norm", "learning_rate", "rows", "skipped"}
+    assert metrics["rows"] == 8 and metrics["skipped"] == 0
   # d/dw of mean_rows sum_j (w - t)^2 x = 2 (w - t) mean(x): one SGD step from w = 0
   want = -0.1 * 2 * (0 - frozen["target"]) * batch["x"].mean(0)
   np.testing.assert_allclose(updates[0], want, rtol=1e-6)

@@ -30,6 +30,7 @@ _POSITIVE = (
     "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "compute.attention_blocks", "data.seq_len",
     "train.steps",
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
+    "train.max_bad_steps", "train.peer_timeout_seconds",
 )
 _NON_NEGATIVE = (
     "model.vocab_size", "model.head_dim", "compute.flash_block_q", "compute.flash_block_k",
@@ -38,6 +39,7 @@ _NON_NEGATIVE = (
     "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
+    "train.loss_spike_factor",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
     "posttrain.beta", "posttrain.rpo_alpha", "posttrain.kto_desirable_weight", "posttrain.kto_undesirable_weight",
     "posttrain.reward_center", "posttrain.temperature", "posttrain.epsilon", "posttrain.kl_beta",
@@ -292,6 +294,8 @@ def validate(config: ConfigDict) -> ConfigDict:
         f"({t.grad_accum_steps})")
   if t.warmup_steps > t.steps:
     raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
+  if t.loss_spike_factor and t.loss_spike_factor <= 1:
+    raise ConfigError(f"train.loss_spike_factor must be 0 (off) or > 1, got {t.loss_spike_factor}")
   if not 0 <= t.min_lr_ratio <= 1:
     raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
   if not 0 < t.wsd_decay_fraction <= 1:

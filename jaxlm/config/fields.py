@@ -175,6 +175,16 @@ def _train() -> ConfigDict:
   t.peak_tflops = 0.0  # per-device peak for MFU; 0: a table by device kind, or a matmul measure on CPU
   t.workdir = "runs/default"  # metrics.jsonl, TensorBoard events, checkpoints, tokenizer copy
   t.progress_bar = True
+  # A step whose loss, gradient norm or update is not finite is not applied (decided inside the
+  # jitted step: params and optimizer state stay as they were), counted in the metrics and logged
+  # with its step, the index of its global batch in the data stream.
+  t.skip_nonfinite = True
+  t.max_bad_steps = 10  # this many skipped steps in a row end the run (its checkpoints are kept)
+  # Log a warning when the loss exceeds this many times the median of the last 100 steps; 0: off.
+  t.loss_spike_factor = 0.0
+  # Multi-process runs: a process that stops answering (killed, host lost) makes the others exit
+  # with an error naming it after this many seconds (jax.distributed's heartbeat timeout).
+  t.peer_timeout_seconds = 120
   return t
 
 

@@ -25,21 +25,39 @@ def main(argv):
 
   from jaxlm.inference.decode import generate_text
   from jaxlm.runs import CheckpointError
-  from jaxlm.train.distributed import maybe_initialize
+  from jaxlm.train.distributed import lost_processes, maybe_initialize
+  from jaxlm.train.guard import NonFiniteError
   from jaxlm.train.loop import train
+  from jaxlm.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
   config = _CONFIG.value
   try:
-    maybe_initialize()  # before any computation: a multi-host job must agree on its devices first
+    # before any computation: a multi-host job must agree on its devices first
+    maybe_initialize(peer_timeout_seconds=config.train.peer_timeout_seconds)
     result = train(config)
   except (ConfigError, FileNotFoundError) as e:  # bad input: a message, not a trace
     sys.exit(f"jaxlm: {e}")
+  except Preempted as e:
+    print(f"jaxlm: {e}; exit code {PREEMPTED_EXIT_CODE}: requeue the same command to resume",
+          file=sys.stderr, flush=True)
+    _leave(PREEMPTED_EXIT_CODE)
+  except NonFiniteError as e:
+    print(f"jaxlm: {e}", file=sys.stderr, flush=True)
+    _leave(1)
   except CheckpointError as e:
     # After a failed restore, orbax's I/O threads print "Event loop is closed" traces at interpreter
     # shutdown that would bury the message; nothing is left to flush, so leave at once.
     print(f"jaxlm: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
+    _leave(1)
+  except Exception as e:  # a lost peer fails the next collective; say which one, then leave
+    if jax.process_count() == 1:
+      raise
+    lost = lost_processes()
+    who = f"process(es) {lost}" if lost else "another process"
+    print(f"jaxlm: process {jax.process_index()} stops: {who} of {jax.process_count()} stopped "
+          f"answering ({type(e).__name__}: {str(e)[:300]}). Relaunch the same command on every "
+          "host to resume from the last checkpoint", file=sys.stderr, flush=True)
+    _leave(1)
   metrics = result["metrics"]
   if "eval_bits_per_byte" in metrics:
     print(f"validation: loss {metrics['eval_loss']:.4f} nats/token, perplexity "
@@ -51,6 +69,14 @@ def main(argv):
   key = jax.random.fold_in(result["state"].rng, 1)
   text = generate_text(model, result["tokenizer"], config.sample.prompt, config.sample, key)
   print(f"sample:\n{config.sample.prompt}{text}")
+
+
+def _leave(code: int):
+  """Exits at once: a multi-process run would otherwise wait at jax.distributed's shutdown
+  barrier for peers that are gone; a single process has flushed everything already."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def run():

@@ -26,6 +26,8 @@ from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.train import flops
 from jaxlm.runs import write_run_files
 from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.guard import NonFiniteError, StepWatch
+from jaxlm.train.preemption import Preempted, PreemptionWatch
 from jaxlm.train.metrics import MetricsLogger
 from jaxlm.train.init_from import start_from
 from jaxlm.train.setup import (abstract_state, init_sharded_state, jit_eval_step, jit_train_step,
@@ -70,6 +72,23 @@ def evaluate(eval_step, params, batches, sharding, frozen=None) -> dict | None:
     out = jax.device_get(eval_step(params, global_batch(batch, sharding), *frozen_args))
     sums = {k: sums[k] + float(out[k]) for k in sums}
   return summarize_eval(sums)
+
+
+def log_train_metrics(log, step, metrics, watch, window_tokens, window_start, flops_per_token,
+                      peak) -> dict:
+  """Writes one metrics line: the step's metrics, the skipped-step count and the window's speed."""
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "skipped"}
+  tokens_per_sec = window_tokens / (time.perf_counter() - window_start)
+  metrics.update(tokens_per_sec=tokens_per_sec,
+                 tokens_per_sec_per_device=tokens_per_sec / jax.device_count(),
+                 tflops_per_sec=tokens_per_sec * flops_per_token / 1e12,
+                 mfu=tokens_per_sec * flops_per_token / 1e12 / peak)
+  if watch.guard:
+    metrics["skipped_steps"] = float(watch.skipped)
+  if watch.spike_factor:
+    metrics["loss_spikes"] = float(watch.spikes)
+  log.write(step, metrics)
+  return metrics
 
 
 def train(config, stop_at_step: int | None = None) -> dict:
@@ -142,31 +161,44 @@ def train(config, stop_at_step: int | None = None) -> dict:
   tokens_per_step = t.batch_size * rows_per_example(config) * config.data.seq_len
   last, window_tokens, window_start = {}, 0.0, time.perf_counter()
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
-  for step in range(start + 1, end + 1):
-    batch = global_batch(next(train_iter), setup.batch_sharding)  # this process's rows -> global arrays
-    state, metrics = train_step(state, batch, *frozen_args)
-    log.advance()
-    window_tokens += tokens_per_step
-    if step % t.log_every == 0 or step == t.steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - window_start
-      tokens_per_sec = window_tokens / elapsed
-      metrics.update(tokens_per_sec=tokens_per_sec,
-                     tokens_per_sec_per_device=tokens_per_sec / jax.device_count(),
-                     tflops_per_sec=tokens_per_sec * flops_per_token / 1e12,
-                     mfu=tokens_per_sec * flops_per_token / 1e12 / peak)
-      log.write(step, metrics)
-      last, window_tokens, window_start = metrics, 0.0, time.perf_counter()
-    if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-      if post:
-        result = post.evaluate(state.params)
-      else:
-        held_out = held_out if held_out is not None else held_out_batches(config, tokenizer)
-        result = evaluate(eval_step, state.params, held_out, setup.batch_sharding, frozen)
-      if result:
-        log.write(step, result, prefix="eval")
-    if config.checkpoint.every and step % config.checkpoint.every == 0:
-      checkpointer.save(step, state, train_iter)
+  watch = StepWatch(t, t.batch_size * rows_per_example(config), log)
+  preemption = PreemptionWatch()
+  try:
+    for step in range(start + 1, end + 1):
+      batch = global_batch(next(train_iter), setup.batch_sharding)  # this process's rows -> global arrays
+      state, metrics = train_step(state, batch, *frozen_args)
+      log.advance()
+      watch.after(step, metrics)
+      window_tokens += tokens_per_step
+      if step % t.log_every == 0 or step == t.steps:
+        watch.flush()
+        last = log_train_metrics(log, step, metrics, watch, window_tokens, window_start,
+                                 flops_per_token, peak)
+        window_tokens, window_start = 0.0, time.perf_counter()
+      if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+        if post:
+          result = post.evaluate(state.params)
+        else:
+          held_out = held_out if held_out is not None else held_out_batches(config, tokenizer)
+          result = evaluate(eval_step, state.params, held_out, setup.batch_sharding, frozen)
+        if result:
+          log.write(step, result, prefix="eval")
+      if config.checkpoint.every and step % config.checkpoint.every == 0:
+        checkpointer.save(step, state, train_iter)
+      if preemption.reached(step):
+        watch.flush()
+        if checkpointer.latest_step() != step:
+          checkpointer.save(step, state, train_iter)
+        raise Preempted(step, preemption.received)
+    watch.flush()
+  except (Preempted, NonFiniteError) as stop:
+    log.print(f"jaxlm: {stop}")
+    log.close()
+    checkpointer.wait()  # the checkpoints written so far are complete before the process exits
+    checkpointer.close()
+    raise
+  finally:
+    preemption.close()
 
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:

@@ -72,8 +72,13 @@ def lm_objective(graphdef, z_loss: float, forward=model_forward) -> Objective:
 def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forward=model_forward,
                     objective: Objective | None = None):
   """Returns train_step(state, batch, frozen=None) -> (state, metrics); pure, for jax.jit with
-  donated state. objective: default the language-model one (`lm_objective`)."""
+  donated state. objective: default the language-model one (`lm_objective`).
+
+  With train.skip_nonfinite, a step whose loss (any metric), gradient norm or update is not finite
+  leaves params and optimizer state as they were (step and RNG still advance: the batch is
+  consumed) and reports metrics["skipped"] = 1; the loop counts and logs such steps."""
   accum, lr_at = train_cfg.grad_accum_steps, schedule(train_cfg)
+  guard = train_cfg.skip_nonfinite
   if objective is None:
     objective = lm_objective(graphdef, train_cfg.z_loss, forward)
 
@@ -104,8 +109,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {name: value / denom for name, value in sums.items()}
+    grad_norm = optax.global_norm(grads)
+    if guard:
+      # Decided on device, so no step waits for the host. The update is checked too: a finite
+      # gradient times a non-finite learning rate would poison the weights just the same.
+      finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+      for value in metrics.values():
+        finite &= jnp.all(jnp.isfinite(value))
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     metrics.update({
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "learning_rate": lr_at(state.step),
         objective.count_name: count,
     })
