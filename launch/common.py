@@ -97,6 +97,12 @@ def check_overrides(overrides: Sequence[str]) -> list[str]:
   return list(overrides)
 
 
+# `python -m jaxlm.train` exits with this after SIGTERM/SIGINT once the interrupted step is
+# checkpointed (jaxlm/train/preemption.py; the launchers must not import jax, tests keep both equal):
+# the launchers rerun the same command, which resumes from that checkpoint.
+PREEMPTED_EXIT_CODE = 75
+
+
 def train_argv(python: str, config: str, workdir: str, overrides: Sequence[str]) -> list[str]:
   return [python, "-m", "jaxlm.train", f"--config={config}", f"--config.train.workdir={workdir}",
           *overrides]

@@ -7,7 +7,9 @@ One process per GPU (`--ntasks-per-node` = GPUs per node), as JAX expects under 
 process's jax.distributed.initialize() (JAXLM_DISTRIBUTED=1) reads the process count and id from
 SLURM_NTASKS / SLURM_PROCID and takes GPU SLURM_LOCALID; the script names the coordinator, the
 first node of the allocation, in JAX_COORDINATOR_ADDRESS. `--requeue` puts a preempted job back in
-the queue, and the same command resumes from the latest checkpoint in --workdir.
+the queue, and the same command resumes from the latest checkpoint in --workdir. The trainer's
+preemption exit code (75: SIGTERM or SIGINT, the step checkpointed) requeues the job too, and
+`--signal=TERM@180` sends that SIGTERM 3 minutes before the time limit, so no work is lost there.
 
 --dry_run prints the exact shell commands instead of running them: the script written with a
 here-document, then `sbatch`. Run it from the repository root (the job starts where sbatch ran).
@@ -25,7 +27,7 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: make `launch` importable from the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import (LaunchError, Runner, check_config, check_name, check_overrides, check_workdir,
+from launch.common import (PREEMPTED_EXIT_CODE, LaunchError, Runner, check_config, check_name, check_overrides, check_workdir,
                            fail, shell_line, subprocess_runner, train_argv)
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$")  # [D-]HH:MM:SS or minutes
@@ -36,7 +38,8 @@ def batch_script(a: argparse.Namespace) -> str:
                 f"--gpus-per-node={a.gpus_per_node}", "--exclusive", f"--time={a.time}"]
   if a.partition:
     directives.append(f"--partition={a.partition}")
-  directives += [f"--output={a.workdir}/slurm-%j.out", "--requeue"]
+  # SIGTERM 3 minutes before the time limit: the trainer checkpoints that step and exits 75
+  directives += [f"--output={a.workdir}/slurm-%j.out", "--requeue", "--signal=TERM@180"]
   lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "set -eo pipefail"]
   if a.venv:
     lines.append(f"source {shlex.quote(a.venv)}/bin/activate")
@@ -45,7 +48,11 @@ def batch_script(a: argparse.Namespace) -> str:
       'export JAX_COORDINATOR_ADDRESS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):'
       f'{a.port}"',
       "export JAXLM_DISTRIBUTED=1",
-      "srun --kill-on-bad-exit=1 " + shell_line(train_argv("python", a.config, a.workdir, a.overrides)),
+      "srun --kill-on-bad-exit=1 " + shell_line(train_argv("python", a.config, a.workdir, a.overrides))
+      + " && status=0 || status=$?",
+      f"# {PREEMPTED_EXIT_CODE}: stopped by SIGTERM/SIGINT after checkpointing; back in the queue, resumes",
+      f'if [ "$status" -eq {PREEMPTED_EXIT_CODE} ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+      'exit "$status"',
   ]
   return "\n".join(lines) + "\n"
 

@@ -9,8 +9,10 @@ retries), logs (follow one worker's log), delete. See launch/README.md.
 
 Preemption: when training fails and the slice is no longer healthy (a spot/preemptible slice was
 reclaimed), the slice is deleted, created again, jaxlm reinstalled and the same command rerun; it
-resumes from the latest checkpoint in --workdir (checkpoint.resume=auto). A failure on a healthy
-slice is a bug, not a preemption: it is reported, not retried.
+resumes from the latest checkpoint in --workdir (checkpoint.resume=auto). Training that exits with
+the trainer's preemption code (75: a SIGTERM, e.g. a maintenance event, after checkpointing the
+step) on a slice that is still healthy is rerun in place. Any other failure on a healthy slice is
+a bug, not a preemption: it is reported, not retried.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make `launch` importable from the repository root
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import (LaunchError, Result, Runner, check_config, check_name, check_overrides,
+from launch.common import (PREEMPTED_EXIT_CODE, LaunchError, Result, Runner, check_config, check_name, check_overrides,
                            check_workdir, chips, fail, shell_line, subprocess_runner, train_argv)
 
 
@@ -125,9 +127,19 @@ def train_with_retries(commands: TpuVmCommands, runner: Runner, max_retries: int
   survived. Training resumes from the latest checkpoint because the command is the same."""
   preemptions = 0
   while True:
-    if runner(commands.train.argv, False).returncode == 0:
+    code = runner(commands.train.argv, False).returncode
+    if code == 0:
       return preemptions
     state = runner(commands.state.argv, True).stdout.strip() or "gone"
+    if state in commands.healthy and code == PREEMPTED_EXIT_CODE:
+      # SIGTERM on a slice that is still up (a maintenance event): the step is checkpointed, rerun
+      if preemptions == max_retries:
+        raise LaunchError(f"training was stopped by SIGTERM {preemptions + 1} times; giving up. Run "
+                          "`train` again: it resumes from the latest checkpoint")
+      preemptions += 1
+      log(f"tpu_vm: training stopped by SIGTERM (exit {code}) on a {state} slice: rerunning it "
+          f"(retry {preemptions} of {max_retries}) from the checkpoint it saved")
+      continue
     if state in commands.healthy:
       raise LaunchError(f"training failed on a healthy slice (state {state}): not a preemption, so not "
                         "retried; read the workers' logs (the `logs` subcommand), fix, and run `train` again")

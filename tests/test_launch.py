@@ -15,7 +15,8 @@ from jaxlm import presets  # noqa: E402
 from jaxlm.config import ConfigError  # noqa: E402
 from jaxlm.train import distributed  # noqa: E402
 from launch import slurm, tpu_vm  # noqa: E402
-from launch.common import LaunchError, Result  # noqa: E402
+from jaxlm.train import preemption  # noqa: E402
+from launch.common import PREEMPTED_EXIT_CODE, LaunchError, Result  # noqa: E402
 
 pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
@@ -38,8 +39,8 @@ def readme_example(marker):
 class FakeRunner:
   """Records every command; training fails (preempted) the first `failures` times."""
 
-  def __init__(self, failures=0, state="PREEMPTED"):
-    self.calls, self.failures, self.state = [], failures, state
+  def __init__(self, failures=0, state="PREEMPTED", code=255):
+    self.calls, self.failures, self.state, self.code = [], failures, state, code
 
   def __call__(self, argv, capture=False):
     argv = tuple(argv)
@@ -47,7 +48,7 @@ class FakeRunner:
     if "jaxlm.train" in " ".join(argv):
       if self.failures:
         self.failures -= 1
-        return Result(255)
+        return Result(self.code)
       return Result(0)
     if "describe" in argv:
       return Result(0, self.state + "\n")
@@ -95,6 +96,44 @@ def test_job_survives_two_preemptions_and_resumes_with_the_same_command():
   assert runner.kinds() == setup + ["train"] + recreate + ["train"] + recreate + ["train", "delete"]
   trains = [c for c in runner.calls if "jaxlm.train" in " ".join(c)]
   assert len(trains) == 3 and len(set(trains)) == 1  # the same command: it resumes from the checkpoint
+
+
+def test_a_sigterm_exit_on_a_healthy_slice_reruns_training_in_place():
+  """Exit 75 (the trainer checkpointed its step after SIGTERM) on a READY slice: rerun, no recreate."""
+  argv, _ = readme_example("tpu_vm v5p-64")
+  argv = [a for a in argv if a != "--dry_run"]
+  runner = FakeRunner(failures=2, state="READY", code=preemption.PREEMPTED_EXIT_CODE)
+  assert tpu_vm.main(argv, runner=runner) == 0
+  setup = ["create", "archive", "scp", "install"]
+  assert runner.kinds() == setup + ["train", "state", "train", "state", "train", "delete"]
+
+
+def test_the_launchers_requeue_on_the_trainers_preemption_exit_code():
+  assert PREEMPTED_EXIT_CODE == preemption.PREEMPTED_EXIT_CODE
+  _, script = readme_example("slurm 4 nodes")
+  assert f'if [ "$status" -eq {PREEMPTED_EXIT_CODE} ]; then scontrol requeue "$SLURM_JOB_ID"; fi' in script
+  assert "#SBATCH --signal=TERM@180" in script
+
+
+def test_the_slurm_script_requeues_on_exit_75_and_keeps_other_codes(tmp_path):
+  """Runs the written batch script with srun and scontrol replaced by stubs: 75 requeues."""
+  argv, _ = readme_example("slurm 4 nodes")
+  a = slurm.parse_args([x for x in argv if x not in ("--dry_run",) and not x.startswith("--venv")])
+  body = slurm.batch_script(a)
+  stubs = tmp_path / "bin"
+  stubs.mkdir()
+  for name, text in {"srun": 'exit "$SRUN_CODE"', "scontrol": 'echo "scontrol $*" >> "$LOG"',
+                     "python": "exit 0"}.items():
+    (stubs / name).write_text(f"#!/bin/bash\n{text}\n")
+    (stubs / name).chmod(0o755)
+  for code, requeued in ((75, True), (1, False), (0, False)):
+    log = tmp_path / f"log{code}"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SRUN_CODE": str(code),
+           "LOG": str(log), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node1"}
+    result = subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True)
+    assert result.returncode == code, result.stderr
+    lines = log.read_text().splitlines() if log.exists() else []
+    assert ("scontrol requeue 42" in lines) == requeued, lines
 
 
 def test_retry_loop_stops_after_max_retries():
@@ -220,7 +259,7 @@ def test_slurm_writes_the_script_and_submits_it(tmp_path, capsys):
   assert runner.calls == [("sbatch", path)]
   script = open(path).read()
   assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=8" in script
-  assert script.rstrip().endswith("--config.train.steps=10")
+  assert "--config.train.steps=10 && status=0 || status=$?" in script
   slurm.main(["--nodes=2", "--job_name=x", f"--workdir={workdir}", "--dry_run", "--",
               "--config.train.steps=10"], runner=no_runner)
   assert script in capsys.readouterr().out  # the dry run shows the same script
