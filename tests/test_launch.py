@@ -267,8 +267,18 @@ def test_slurm_writes_the_script_and_submits_it(tmp_path, capsys):
 
 def test_distributed_initializes_only_when_a_launcher_asks(monkeypatch):
   calls = []
-  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda: calls.append(1))
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
   assert not distributed.maybe_initialize({}) and not distributed.maybe_initialize({"JAXLM_DISTRIBUTED": "0"})
-  assert distributed.maybe_initialize({"JAXLM_DISTRIBUTED": "1"}) and calls == [1]
+  assert distributed.maybe_initialize({"JAXLM_DISTRIBUTED": "1"}) and calls == [{}]
   with pytest.raises(ConfigError, match="JAXLM_DISTRIBUTED is 'yes'; set it to 1"):
     distributed.maybe_initialize({"JAXLM_DISTRIBUTED": "yes"})
+  # by hand: all three JAX variables, and the peer timeout as jax.distributed's heartbeat timeout
+  env = {"JAXLM_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+         "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+  assert distributed.maybe_initialize(env, peer_timeout_seconds=30)
+  assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
+                       "heartbeat_timeout_seconds": 30}
+  with pytest.raises(ConfigError, match="JAX_COORDINATOR_ADDRESS unset"):
+    distributed.maybe_initialize({**env, "JAX_COORDINATOR_ADDRESS": ""})
+  with pytest.raises(ConfigError, match=r"JAX_PROCESS_ID 2 is not in \[0, JAX_NUM_PROCESSES=2\)"):
+    distributed.maybe_initialize({**env, "JAX_PROCESS_ID": "2"})

@@ -1,0 +1,264 @@
+"""Fault scenarios against real training subprocesses of configs/tiny.py, each checked against an
+uninterrupted run: shared by tests/faults/test_faults.py (which asserts every promise) and
+benchmarks/faults.py (which prints them as a table).
+
+Every run has 2 CPU devices in all (one process with 2, or two processes with 1 each), the same
+mesh, so runs on different process counts compute bit for bit the same numbers. A scenario returns
+a Row: steps lost (checkpointed progress thrown away), seconds from the relaunch to its first new
+step, whether any step trained on another batch than the uninterrupted run's (data lost), and
+whether the final parameters equal the uninterrupted run's bitwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNNER = os.path.join(ROOT, "tests", "faults", "run_train.py")
+STEPS, EVERY = 12, 4  # a run's steps, and checkpoint.every
+PREEMPTED = 75
+
+
+@dataclasses.dataclass
+class Row:
+  fault: str
+  injected: str
+  steps_lost: int | None = None
+  recover_s: float | None = None
+  data_lost: str = "none"
+  params_equal: bool | None = None
+  notes: str = ""
+
+
+@dataclasses.dataclass
+class Done:
+  code: int
+  out: str
+
+  @property
+  def first_step_s(self) -> float | None:
+    for line in self.out.splitlines():
+      if line.startswith("first step after start:"):
+        return float(line.split(":")[1].split()[0])
+    return None
+
+
+def trainer_flags(workdir, tokenizers, *extra) -> list[str]:
+  return ["--config=configs/tiny.py", f"--config.train.workdir={workdir}",
+          f"--config.train.steps={STEPS}", f"--config.checkpoint.every={EVERY}",
+          "--config.checkpoint.keep=10", "--config.train.log_every=1",
+          "--config.train.progress_bar=False", "--config.sample.max_new_tokens=0",
+          "--config.train.eval_batches=1", f"--config.tokenizer.cache_dir={tokenizers}", *extra]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None):
+  """Starts the run's processes (not waiting); returns the Popen list."""
+  flags = trainer_flags(workdir, tokenizers, *extra)
+  if peer_timeout:
+    flags.append(f"--config.train.peer_timeout_seconds={peer_timeout}")
+  port, procs = _free_port(), []
+  for index in range(processes):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JAXLM_", "XLA_"))}
+    if processes > 1:
+      env.update(JAXLM_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index))
+    argv = [sys.executable, RUNNER, f"--devices={2 // processes}", *faults, "--", *flags]
+    procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def finish(procs, timeout=600) -> list[Done]:
+  return [Done(p.wait(timeout), p.stdout.read()) for p in procs]
+
+
+def run(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None) -> list[Done]:
+  return finish(start(workdir, tokenizers, faults, processes, extra, peer_timeout))
+
+
+def logged_losses(workdir) -> dict[int, float]:
+  """step -> train loss, the last one logged for the step (a relaunch may log a step again)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if "train/loss" in row:
+        out[row["step"]] = row["train/loss"]
+  return out
+
+
+def metric(workdir, name):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    values = [json.loads(line).get(name) for line in f]
+  return [v for v in values if v is not None]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  folder = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def final_params(workdir) -> list[np.ndarray]:
+  from jaxlm import runs  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(runs.load_params(workdir).params)]
+
+
+def same_params(a, b) -> bool:
+  return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def data_lost(workdir, reference) -> str:
+  """'none' when every step 1..STEPS was logged with the uninterrupted run's loss (so trained on its
+  batch from its state), else the steps that differ or are missing."""
+  got, want = logged_losses(workdir), logged_losses(reference)
+  bad = [s for s in range(1, STEPS + 1) if got.get(s) != want[s]]
+  return "none" if not bad else f"steps {bad} differ"
+
+
+def wait_for_step(workdir, step, procs, timeout=300):
+  """Blocks until metrics.jsonl logs `step` (or a process ended)."""
+  end = time.time() + timeout
+  while time.time() < end:
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(logged_losses(workdir) or [0]) >= step:
+      return
+    if any(p.poll() is not None for p in procs):
+      return
+    time.sleep(0.1)
+  raise TimeoutError(f"{workdir} did not reach step {step}")
+
+
+def tree_bytes(folder) -> dict[str, bytes]:
+  out = {}
+  for base, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(base, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, folder)] = fh.read()
+  return out
+
+
+class Scenarios:
+  """Each method runs one fault in its own workdir under `base` and returns its Row."""
+
+  def __init__(self, base, tokenizers):
+    self.base, self.tok = base, tokenizers
+    self.reference = os.path.join(base, "reference")
+    if not os.path.exists(os.path.join(self.reference, "metrics.jsonl")):
+      (done,) = run(self.reference, self.tok)
+      assert done.code == 0, done.out
+    self.want = final_params(self.reference)
+
+  def _dir(self, name):
+    path = os.path.join(self.base, name)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+  def _resume(self, row, workdir, processes=1, lost=0):
+    """Relaunches the unchanged command; fills recovery time, data lost and params equality."""
+    dones = run(workdir, self.tok, processes=processes)
+    assert all(d.code == 0 for d in dones), [d.out[-3000:] for d in dones]
+    row.steps_lost = lost
+    row.recover_s = dones[0].first_step_s
+    row.data_lost = data_lost(workdir, self.reference)
+    row.params_equal = same_params(final_params(workdir), self.want)
+    return dones
+
+  def sigterm(self, processes=1) -> Row:
+    row = Row(f"SIGTERM mid-step, {processes} process(es)",
+              "kill -TERM to process 0 while it trains (steps slowed to 0.3 s)")
+    workdir = self._dir(f"sigterm{processes}")
+    procs = start(workdir, self.tok, ["--slow=0.3"], processes)
+    wait_for_step(workdir, 5, procs)
+    procs[-1].send_signal(signal.SIGTERM)  # the last process: the notice reaches one host
+    dones = finish(procs)
+    row.notes = f"exit codes {[d.code for d in dones]}"
+    assert all(d.code == PREEMPTED for d in dones), [d.out[-3000:] for d in dones]
+    done_steps = max(logged_losses(workdir))
+    saved = checkpoint_steps(workdir)[-1]
+    self._resume(row, workdir, processes, lost=done_steps - saved)
+    row.notes += f"; stopped at step {done_steps}, checkpoint {saved}"
+    return row
+
+  def other_process_count(self) -> Row:
+    row = Row("resume on another process count", "1 process to step 4, 2 processes to 8, 1 to 12")
+    workdir = self._dir("reshard")
+    for processes, at in ((1, 4), (2, 8)):
+      dones = run(workdir, self.tok, [f"--sigterm_at={at}"], processes)
+      assert all(d.code == PREEMPTED for d in dones), [d.out[-3000:] for d in dones]
+    self._resume(row, workdir, 1)
+    return row
+
+  def kill_in_save(self) -> Row:
+    row = Row("SIGKILL mid-save", "kill -KILL right after the step-8 checkpoint starts writing")
+    workdir = self._dir("kill_in_save")
+    (done,) = run(workdir, self.tok, ["--kill_in_save_at=8"])
+    assert done.code == -signal.SIGKILL, done.out[-3000:]
+    steps = checkpoint_steps(workdir)
+    trained = max(logged_losses(workdir))
+    self._resume(row, workdir, lost=trained - max(s for s in steps if s <= trained))
+    row.notes = f"readable checkpoints after the kill: {steps}"
+    return row
+
+  def damaged(self, name, damage) -> Row:
+    """A run stopped (SIGTERM) at step 8 with checkpoints 4 and 8; `damage(ckpt_dir)` then breaks 8."""
+    row = Row(name, damage.__doc__.strip().splitlines()[0])
+    workdir = self._dir(name.replace(" ", "_"))
+    (done,) = run(workdir, self.tok, ["--sigterm_at=8"])
+    assert done.code == PREEMPTED, done.out[-3000:]
+    ckpts = os.path.join(workdir, "checkpoints")
+    damage(ckpts)
+    before = tree_bytes(os.path.join(ckpts, "8"))
+    dones = self._resume(row, workdir, lost=4)
+    aside = [n for n in os.listdir(ckpts) if n.startswith("8.")]
+    row.notes = f"set aside: {aside}"
+    assert aside and tree_bytes(os.path.join(ckpts, aside[0])) == before, "damaged files changed"
+    assert "8" in dones[0].out, dones[0].out[-3000:]  # it said which step it skipped
+    return row
+
+  def nonfinite(self, name, option) -> Row:
+    row = Row(name, f"{option}: patched into step 6")
+    workdir = self._dir(name.replace(" ", "_"))
+    (done,) = run(workdir, self.tok, [option])
+    assert done.code == 0, done.out[-3000:]
+    assert "step 6: not applied" in done.out, done.out[-3000:]
+    params = final_params(workdir)
+    assert all(np.isfinite(p).all() for p in params)
+    row.steps_lost = 0
+    row.data_lost = "batch 6 not applied (by design), logged"
+    row.params_equal = same_params(params, self.want)
+    row.notes = f"skipped_steps {metric(workdir, 'train/skipped_steps')[-1]:.0f}"
+    return row
+
+  def dead_peer(self, timeout=10) -> Row:
+    row = Row("SIGKILLed peer, 2 processes", f"kill -KILL process 1 mid-run, peer timeout {timeout} s")
+    workdir = self._dir("dead_peer")
+    procs = start(workdir, self.tok, ["--slow=0.3"], 2, peer_timeout=timeout)
+    wait_for_step(workdir, 5, procs)
+    procs[1].kill()
+    killed = time.time()
+    code = procs[0].wait(timeout * 6)
+    waited = time.time() - killed
+    out = procs[0].stdout.read()
+    assert code != 0 and "stopped answering" in out, out[-3000:]
+    trained = max(logged_losses(workdir))
+    row.notes = f"survivor exited {waited:.0f} s after the kill (code {code}): " + next(
+        line for line in out.splitlines() if "stopped answering" in line)[:120]
+    self._resume(row, workdir, 2, lost=trained - checkpoint_steps(workdir)[-1])
+    return row
