@@ -42,8 +42,10 @@ from jaxlm.posttrain import datasets, rewards as rewards_lib, rl_objectives, rol
 from jaxlm.runs import write_run_files
 from jaxlm.train import flops
 from jaxlm.train.checkpoint import Checkpointer
+from jaxlm.train.guard import NonFiniteError, StepWatch
 from jaxlm.train.init_from import read_source, start_from
 from jaxlm.train.metrics import MetricsLogger
+from jaxlm.train.preemption import Preempted, PreemptionWatch
 from jaxlm.train.setup import (abstract_model, abstract_state, forward_fn, init_sharded_state,
                                jit_train_step, make_setup, new_model)
 
@@ -240,49 +242,66 @@ def train_rl(config, stop_at_step: int | None = None) -> dict:
   last, window = {}, {}
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   step = start
-  while step < end:
-    rollout = step // p.updates_per_rollout + 1
-    t0 = time.perf_counter()
-    rows, total, each, lengths = sampler.sample(state.params, rollout)
-    rows.update(rollout_features(config, rows, total))
-    batch = global_batch(rows, setup.batch_sharding)
-    extra, stats = score_rollout(state.params, reference, batch)
-    batch = {k: v for k, v in {**batch, **extra}.items() if k not in ("sample_logprobs", "rewards")}
-    stats = {k: float(v) for k, v in jax.device_get(stats).items()}
-    t1 = time.perf_counter()
-    for _ in range(p.updates_per_rollout):
-      state, metrics = train_step(state, batch)
-      log.advance()
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    t2 = time.perf_counter()
-    before, step = step, int(state.step)
-    groups = total.reshape(-1, p.group_size)
-    sums = {"reward": float(total.mean()), "reward_std": float(total.std()),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in each.items()},
-            "response_length": float(lengths.mean()),
-            **({"groups_all_equal": float(np.mean(groups.max(1) == groups.min(1)))}
-               if p.group_size > 1 else {}),  # groups without GRPO signal
-            **stats, "rollout_seconds": t1 - t0, "learner_seconds": t2 - t1, "rollouts": 1.0}
-    window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
-    if _crossed(before, step, t.log_every) or step == t.steps:
-      n = window.pop("rollouts")
-      secs = window["rollout_seconds"] + window["learner_seconds"]
-      means = {k: v / n for k, v in window.items() if not k.endswith("_seconds")}
-      means.update(rollout_seconds=window["rollout_seconds"], learner_seconds=window["learner_seconds"])
-      tokens_per_sec = n * p.updates_per_rollout * t.batch_size * seq_len / max(secs, 1e-9)
-      metrics.update(tokens_per_sec=tokens_per_sec, tokens_per_sec_per_device=tokens_per_sec / jax.device_count(),
-                     tflops_per_sec=tokens_per_sec * flops_per_token / 1e12,
-                     mfu=tokens_per_sec * flops_per_token / 1e12 / peak)
-      log.write(step, metrics)
-      log.write(step, means, prefix="rollout")
-      last = {**last, **metrics, **{f"rollout_{k}": v for k, v in means.items()}}
-      window = {}
-    if _crossed(before, step, t.eval_every) and step != t.steps:
-      result = sampler.evaluate(state.params)
-      if result:
-        log.write(step, result, prefix="eval")
-    if _crossed(before, step, config.checkpoint.every):
-      checkpointer.save(step, state)
+  watch = StepWatch(t, t.batch_size, log)  # skipped (non-finite) updates, as in pretraining
+  preemption = PreemptionWatch()  # SIGTERM/SIGINT: checkpoint at the next rollout boundary, stop
+  try:
+    while step < end:
+      rollout = step // p.updates_per_rollout + 1
+      t0 = time.perf_counter()
+      rows, total, each, lengths = sampler.sample(state.params, rollout)
+      rows.update(rollout_features(config, rows, total))
+      batch = global_batch(rows, setup.batch_sharding)
+      extra, stats = score_rollout(state.params, reference, batch)
+      batch = {k: v for k, v in {**batch, **extra}.items() if k not in ("sample_logprobs", "rewards")}
+      stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+      t1 = time.perf_counter()
+      for _ in range(p.updates_per_rollout):
+        state, metrics = train_step(state, batch)
+        log.advance()
+        watch.after(int(state.step), metrics)
+      watch.flush()
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "skipped"}
+      t2 = time.perf_counter()
+      before, step = step, int(state.step)
+      groups = total.reshape(-1, p.group_size)
+      sums = {"reward": float(total.mean()), "reward_std": float(total.std()),
+              **{f"reward/{k}": float(np.mean(v)) for k, v in each.items()},
+              "response_length": float(lengths.mean()),
+              **({"groups_all_equal": float(np.mean(groups.max(1) == groups.min(1)))}
+                 if p.group_size > 1 else {}),  # groups without GRPO signal
+              **stats, "rollout_seconds": t1 - t0, "learner_seconds": t2 - t1, "rollouts": 1.0}
+      window = {k: window.get(k, 0.0) + v for k, v in sums.items()}
+      if _crossed(before, step, t.log_every) or step == t.steps:
+        n = window.pop("rollouts")
+        secs = window["rollout_seconds"] + window["learner_seconds"]
+        means = {k: v / n for k, v in window.items() if not k.endswith("_seconds")}
+        means.update(rollout_seconds=window["rollout_seconds"], learner_seconds=window["learner_seconds"])
+        tokens_per_sec = n * p.updates_per_rollout * t.batch_size * seq_len / max(secs, 1e-9)
+        metrics.update(tokens_per_sec=tokens_per_sec, tokens_per_sec_per_device=tokens_per_sec / jax.device_count(),
+                       tflops_per_sec=tokens_per_sec * flops_per_token / 1e12,
+                       mfu=tokens_per_sec * flops_per_token / 1e12 / peak)
+        log.write(step, metrics)
+        log.write(step, means, prefix="rollout")
+        last = {**last, **metrics, **{f"rollout_{k}": v for k, v in means.items()}}
+        window = {}
+      if _crossed(before, step, t.eval_every) and step != t.steps:
+        result = sampler.evaluate(state.params)
+        if result:
+          log.write(step, result, prefix="eval")
+      if _crossed(before, step, config.checkpoint.every):
+        checkpointer.save(step, state)
+      if preemption.reached(step):
+        if checkpointer.latest_step() != step:
+          checkpointer.save(step, state)
+        raise Preempted(step, preemption.received)
+  except (Preempted, NonFiniteError) as stop:
+    log.print(f"jaxlm: {stop}")
+    log.close()
+    checkpointer.wait()  # the checkpoints written so far are complete before the process exits
+    checkpointer.close()
+    raise
+  finally:
+    preemption.close()
 
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:
