@@ -1,5 +1,6 @@
 """Sources give the right documents or a clear error; packing keeps every token exactly once;
-batches are shuffled by row, deterministic, resumable, and sharded across processes."""
+batches are shuffled by row, deterministic, resumable, and the same global batches for any number
+of processes (tfds: each process reads its own share)."""
 
 import collections
 import copy
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
 SEQ_LEN, BATCH = 32, 8
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
-# Words per training document: longer and shorter than a row, one single word, one empty file.
-LENGTHS = (400, 3, 150, 0, 60, 300, 1, 220)
+# Words per training document: longer and shorter than a row, one single word, one of two words.
+# (An empty file is a bad record: tests/test_bad_records.py.)
+LENGTHS = (400, 3, 150, 2, 60, 300, 1, 220)
 
 
 def _doc(word: str, n: int) -> str:
@@ -256,24 +258,47 @@ def test_orbax_checkpoint_round_trip(tok, config, tmp_path):
   assert all(_same(x, y) for x, y in zip(expected, _take(resumed, 3)))
 
 
-def test_processes_read_disjoint_shares_of_the_documents(tok, config):
-  p0, p1 = (_take(make_train_iterator(config, tok, p, 2), 16) for p in (0, 1))  # > one epoch each
-  for a, b in zip(p0, p1):
-    assert a["inputs"].shape == b["inputs"].shape == (BATCH // 2, SEQ_LEN)
-  words = [{w for batch in p for w in _row_words(tok, batch)} - {None} for p in (p0, p1)]
-  # Process p reads documents p, p + 2, ...: the even- and odd-numbered files.
-  assert words[0] <= set(WORDS[0::2]) and words[1] <= set(WORDS[1::2]), words
-  assert len(words[0]) >= 3 and len(words[1]) >= 3, words
-  # One process is the unsharded stream, batch for batch.
-  whole = make_train_iterator(config, tok)
-  sharded = make_train_iterator(config, tok, 0, 1)
-  assert all(_same(x, y) for x, y in zip(_take(whole, 4), _take(sharded, 4)))
+def _global(config, tok, count, n, states=None):
+  """n global batches assembled from `count` processes' iterators (each restored from states[p])."""
+  its = [make_train_iterator(config, tok, p, count) for p in range(count)]
+  for it in its:
+    assert it.kind == "global" and it.rows == BATCH // count
+    if states is not None:
+      it.set_state(states)
+  out = []
+  for _ in range(n):
+    parts = [next(it) for it in its]
+    assert all(part["inputs"].shape == (BATCH // count, SEQ_LEN) for part in parts)
+    out.append({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+  return out, its
+
+
+def test_global_batches_are_the_same_for_any_process_count(tok, config):
+  # 16 batches is past the first epoch (~14): the reshuffled second epoch too.
+  one, _ = _global(config, tok, 1, 16)
+  for count in (2, 4):
+    got, its = _global(config, tok, count, 16)
+    assert all(_same(x, y) for x, y in zip(one, got)), count
+    # Every process holds the same position: it continues on any count, here 4 -> 1 and 1 -> 2.
+    states = [json.loads(json.dumps(it.get_state())) for it in its]
+    assert all(st == states[0] for st in states)
+    assert states[0]["stream"] == "global" and states[0]["process_count"] == count
+    assert states[0]["batches"] == 16
+  more, _ = _global(config, tok, 1, 4, states[0])
+  reference = make_train_iterator(config, tok)
+  expected = _take(reference, 20)[16:]
+  assert all(_same(x, y) for x, y in zip(expected, more))
+  two, _ = _global(config, tok, 2, 4, json.loads(json.dumps(reference.get_state())))
+  assert all(_same(x, y) for x, y in zip(_take(reference, 4), two))
   with pytest.raises(ConfigError, match=r"train\.batch_size"):
     make_train_iterator(config, tok, 0, 3)
-  with pytest.raises(ConfigError, match="fewer than the 9 processes"):
-    c = copy.deepcopy(config)
-    c.train.batch_size = 9
-    make_train_iterator(c, tok, 0, 9)
+
+
+def test_one_process_stream_is_the_unwrapped_grain_pipeline(tok, config):
+  """The single-process stream is the batches of packed_rows, as before the global stream."""
+  rows = packed_rows(config, tok, "train", shuffle_seed=config.train.seed, num_epochs=None)
+  plain = iter(rows.batch(BATCH, drop_remainder=True))
+  assert all(_same(x, y) for x, y in zip(_take(plain, 6), _take(make_train_iterator(config, tok), 6)))
 
 
 # ---------------------------------------------------------------------------------------------

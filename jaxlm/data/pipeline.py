@@ -70,7 +70,7 @@ import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data import sources
+from jaxlm.data import sources, stream
 from jaxlm.data.tokenizer import AnyTokenizer as Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -87,19 +87,22 @@ def _has(token_id) -> bool:
   return token_id is not None and token_id >= 0
 
 
-def document_tokens(config, tokenizer: Tokenizer, split: str, shard: tuple[int, int] = (0, 1)
-            ) -> tuple[grain.MapDataset, int] | None:
+def document_tokens(config, tokenizer: Tokenizer, split: str, shard: tuple[int, int] = (0, 1),
+                    stats: dict[str, float] | None = None) -> tuple[grain.MapDataset, int] | None:
   """Each document as int32 [bos, *ids, eos], and the tokens in one epoch (estimated if lazy).
 
   A tokenizer without a bos (Qwen2's) or eos token leaves it out.
 
   shard (index, count): only documents index, index + count, ... are read and tokenized.
+  stats: updated with what reading found (bad records skipped, see sources.read_documents).
 
   In-memory sources are tokenized now, in one threaded call (SentencePiece: ~1 s for 5 MB); tfds
   is tokenized lazily, as records are read, so its size does not matter. Its epoch size is
   estimated from an evenly spaced sample of documents (it only bounds the shuffle window).
   """
-  docs = sources.documents(config.data, split)
+  docs, skipped = sources.read_documents(config.data, split)
+  if stats is not None:
+    stats.update(skipped)
   if docs is None:
     return None
   index, count = shard
@@ -145,14 +148,16 @@ def _seed(seed: int, purpose: str) -> int:
 
 
 def packed_rows(config, tokenizer: Tokenizer, split: str, *, shuffle_seed: int | None = None,
-                num_epochs: int | None = 1, shard: tuple[int, int] = (0, 1)) -> grain.IterDataset | None:
+                num_epochs: int | None = 1, shard: tuple[int, int] = (0, 1),
+                stats: dict[str, float] | None = None) -> grain.IterDataset | None:
   """Single packed rows (dicts of int32 [seq_len], keys FEATURES) of `split`; None: no such split.
 
   shuffle_seed: None keeps document and row order (evaluation); an int shuffles documents per
     epoch and rows within a window. num_epochs: None repeats forever.
   shard: (process index, process count): the rows of that process's share of the documents.
+  stats: updated with what reading the documents found (see document_tokens).
   """
-  made = document_tokens(config, tokenizer, split, shard)
+  made = document_tokens(config, tokenizer, split, shard, stats)
   if made is None:
     return None
   ds, epoch_tokens = made
@@ -172,6 +177,12 @@ def packed_rows(config, tokenizer: Tokenizer, split: str, *, shuffle_seed: int |
       rows = grain.experimental.WindowShuffleIterDataset(
           rows, window_size=window, seed=_seed(shuffle_seed, "rows"))
   return rows
+
+
+def stream_kind(config) -> str:
+  """The training stream of data.source (module docstring): one global stream for sources every
+  process holds in memory whole, a per-process one for tfds."""
+  return stream.PER_PROCESS if config.data.source == "tfds" else stream.GLOBAL
 
 
 def _rows_per_process(config, process_index: int, process_count: int) -> int:
@@ -198,18 +209,33 @@ def _pad_rows(rows: int):
 
 
 def make_train_iterator(config, tokenizer: Tokenizer, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+                        process_count: int = 1) -> stream.StreamIterator:
   """Infinite iterator of this process's training batches, [train.batch_size / process_count,
-  seq_len] rows of its own documents (see the module docstring).
+  seq_len]: its rows of every global batch, or (tfds) batches of its own documents (see the
+  module docstring). `.stats` holds what reading found (bad records skipped), to log once.
 
   Deterministic for train.seed; get_state()/set_state() resume exactly, also through
-  grain.checkpoint.CheckpointSave/CheckpointRestore.
+  jaxlm.data.stream.DataSave/DataRestore (any process count for a global stream) and
+  grain.checkpoint.CheckpointSave/CheckpointRestore (the same process count).
   """
   rows = _rows_per_process(config, process_index, process_count)
+  kind = stream_kind(config)
   seed = config.train.seed if config.data.shuffle else None
-  ds = packed_rows(config, tokenizer, "train", shuffle_seed=seed, num_epochs=None,
-                   shard=(process_index, process_count))
-  return iter(_JsonStateDataset(ds.batch(rows, drop_remainder=True)))
+  shard = (0, 1) if kind == stream.GLOBAL else (process_index, process_count)
+  batch = config.train.batch_size if kind == stream.GLOBAL else rows
+  stats: dict[str, float] = {}
+
+  def build(reshard_at: int | None) -> grain.DatasetIterator:
+    # A re-sharded stream (data.allow_reshard) draws its order anew for the batch it starts at.
+    shuffle = seed if reshard_at is None or seed is None else _seed(seed, f"reshard/{reshard_at}")
+    ds = packed_rows(config, tokenizer, "train", shuffle_seed=shuffle, num_epochs=None, shard=shard,
+                     stats=stats if reshard_at is None else None)
+    return iter(_JsonStateDataset(ds.batch(batch, drop_remainder=True)))
+
+  return stream.StreamIterator(
+      build, kind, process_index, process_count, config.train.batch_size,
+      allow_reshard=config.data.allow_reshard, describe=f"data.source '{config.data.source}'",
+      stats=stats)
 
 
 def eval_batches(config, tokenizer: Tokenizer, process_index: int = 0,
