@@ -301,6 +301,26 @@ def test_one_process_stream_is_the_unwrapped_grain_pipeline(tok, config):
   assert all(_same(x, y) for x, y in zip(_take(plain, 6), _take(make_train_iterator(config, tok), 6)))
 
 
+def test_data_checkpoint_restores_on_another_process_count(tok, config, tmp_path):
+  from jaxlm.data.stream import DataCheckpointHandler
+  from jaxlm.runs import CheckpointError
+  its = [make_train_iterator(config, tok, p, 2) for p in range(2)]
+  for it in its:
+    _take(it, 5)
+  (tmp_path / "two").mkdir()
+  for p, it in enumerate(its):  # the files grain's handler and DataSave write
+    (tmp_path / "two" / f"process_{p}-of-2.json").write_text(json.dumps(it.get_state()))
+  one = DataCheckpointHandler().restore(tmp_path / "two", make_train_iterator(config, tok))
+  reference = make_train_iterator(config, tok)
+  _take(reference, 5)
+  assert all(_same(x, y) for x, y in zip(_take(reference, 3), _take(one, 3)))
+  # A bare grain state of 2 processes (written before the global stream): refused, naming the fix.
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "process_0-of-2.json").write_text(json.dumps(its[0].get_state()["grain"]))
+  with pytest.raises(CheckpointError, match=r"per_process stream of 2 process.*data\.allow_reshard"):
+    DataCheckpointHandler().restore(tmp_path / "old", make_train_iterator(config, tok))
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
@@ -393,3 +413,31 @@ def test_tfds_errors_name_the_field(tfds_dir, tmp_path):
     sources.documents(_tfds_config(data_dir, tfds_eval_split="test").data, "eval")
   with pytest.raises(ConfigError, match=r"data\.tfds_text_key"):
     sources.documents(_tfds_config(data_dir, tfds_text_key="body").data, "train")
+
+
+def test_tfds_stream_is_per_process_and_moves_only_with_allow_reshard(tfds_dir, tok):
+  from jaxlm.runs import CheckpointError
+  data_dir, _ = tfds_dir
+  c = _tfds_config(data_dir)
+  its = [make_train_iterator(c, tok, p, 2) for p in range(2)]
+  assert [it.kind for it in its] == ["per_process"] * 2
+  for it in its:
+    assert next(it)["inputs"].shape == (2, SEQ_LEN)  # its own documents' rows
+    _take(it, 2)
+  state = json.loads(json.dumps(its[0].get_state()))
+  assert (state["stream"], state["process_count"], state["batches"]) == ("per_process", 2, 3)
+  same = make_train_iterator(c, tok, 0, 2)  # the same process count continues exactly
+  same.set_state(state)
+  assert all(_same(x, y) for x, y in zip(_take(its[0], 2), _take(same, 2)))
+  with pytest.raises(CheckpointError, match=r"2 process.*this run has 1.*data\.allow_reshard=True"):
+    make_train_iterator(c, tok).set_state(state)
+  moved = _tfds_config(data_dir, allow_reshard=True)
+  resharded = make_train_iterator(moved, tok)
+  resharded.set_state(state)
+  after = resharded.get_state()
+  assert (after["process_count"], after["batches"], after["reshard_at"]) == (1, 3, 3)
+  first = _take(resharded, 3)
+  assert not all(_same(x, y) for x, y in zip(first, _take(make_train_iterator(moved, tok), 3)))
+  again = make_train_iterator(moved, tok)  # a later resume rebuilds the same re-sharded order
+  again.set_state(json.loads(json.dumps(after)))
+  assert all(_same(x, y) for x, y in zip(first, _take(again, 3)))

@@ -101,19 +101,21 @@ class BadRecords:
   can report how much of its data it never saw.
   """
 
-  def __init__(self, policy: str, field: str):
+  def __init__(self, policy: str, field: str, reasons: tuple[str, ...] = BAD_RECORD_REASONS):
     if policy not in ON_BAD_RECORD:
       raise ConfigError(f"data.on_bad_record is {policy!r}; choose one of {ON_BAD_RECORD}")
-    self.policy, self.field = policy, field
+    self.policy, self.field, self.reasons = policy, field, reasons
     self.counts: collections.Counter[str] = collections.Counter()
 
   def __call__(self, reason: str, where: str, problem: str) -> None:
     """Counts the record (skip) or raises (error). where: "file:line"."""
+    if reason not in self.reasons:
+      raise ValueError(f"unknown bad record reason {reason!r}; one of {self.reasons}")
     if self.policy == "skip":
       self.counts[reason] += 1
       return
     raise ConfigError(
-        f"{where} (from data.{self.field}) {problem}; fix or remove that record, or set "
+        f"{where} (from data.{self.field}): {problem}; fix or remove that record, or set "
         "data.on_bad_record='skip' to leave such records out (counted in the run's data metrics)")
 
   def stats(self) -> dict[str, int]:
@@ -121,7 +123,7 @@ class BadRecords:
     if self.policy != "skip":
       return {}
     return {"skipped_records": sum(self.counts.values()),
-            **{f"skipped_{r}": self.counts[r] for r in BAD_RECORD_REASONS}}
+            **{f"skipped_{r}": self.counts[r] for r in self.reasons}}
 
 
 def _decode(raw: bytes, where: str, line_of, bad: BadRecords) -> str | None:
@@ -153,34 +155,42 @@ def _read_text(files: list[str], bad: BadRecords) -> list[str]:
   return docs
 
 
+def read_jsonl_records(path: str, bad: BadRecords) -> list[tuple[int, object]]:
+  """(line number, decoded JSON value) of each line of a JSONL file; blank lines are not records
+  and are passed over, undecodable or non-JSON lines are bad records ("invalid_utf8",
+  "invalid_json"). Read as bytes and decoded per line, so an error names its line."""
+  out = []
+  with open(path, "rb") as fh:
+    for lineno, raw in enumerate(fh, 1):
+      line = _decode(raw, path, lambda _, n=lineno: n, bad)
+      if line is None or not line.strip():
+        continue
+      try:
+        out.append((lineno, json.loads(line)))
+      except json.JSONDecodeError as e:
+        bad("invalid_json", f"{path}:{lineno}", f"is not valid JSON: {e}")
+  return out
+
+
 def _read_jsonl(files: list[str], key: str, bad: BadRecords) -> list[str]:
-  """One document per line's `key` field; blank lines are not records and are passed over."""
+  """One document per line's `key` field."""
   docs = []
   for f in files:
-    with open(f, "rb") as fh:
-      for lineno, raw in enumerate(fh, 1):
-        line = _decode(raw, f, lambda _, n=lineno: n, bad)
-        if line is None or not line.strip():
-          continue
-        where = f"{f}:{lineno}"
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          bad("invalid_json", where, f"is not valid JSON: {e}")
-          continue
-        if not isinstance(record, dict) or key not in record:
-          have = sorted(record) if isinstance(record, dict) else type(record).__name__
-          bad("missing_field", where, f"has no field '{key}' (it has {have}); set data.jsonl_field "
-              "to the field that holds the text")
-          continue
-        text = record[key]
-        if not isinstance(text, str):
-          bad("not_a_string", where, f"field '{key}' (data.jsonl_field) is a {type(text).__name__}, not a string")
-          continue
-        if not text.strip():
-          bad("empty_document", where, f"field '{key}' holds no text (an empty or whitespace-only document)")
-          continue
-        docs.append(text)
+    for lineno, record in read_jsonl_records(f, bad):
+      where = f"{f}:{lineno}"
+      if not isinstance(record, dict) or key not in record:
+        have = sorted(record) if isinstance(record, dict) else type(record).__name__
+        bad("missing_field", where, f"has no field '{key}' (it has {have}); set data.jsonl_field "
+            "to the field that holds the text")
+        continue
+      text = record[key]
+      if not isinstance(text, str):
+        bad("not_a_string", where, f"field '{key}' (data.jsonl_field) is a {type(text).__name__}, not a string")
+        continue
+      if not text.strip():
+        bad("empty_document", where, f"field '{key}' holds no text (an empty or whitespace-only document)")
+        continue
+      docs.append(text)
   return docs
 
 

@@ -140,6 +140,8 @@ class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
 
   def restore(self, directory, item=None, args=None):
     item = item or args.item
+    if not isinstance(item, StreamIterator):  # another iterator (SFT, post-training): grain's way
+      return super().restore(directory, item)
     from grain._src.core import sharding  # pylint: disable=g-import-not-at-top
     index, count = sharding.get_process_index_and_count()
     path = _state_file(directory, index, count)
