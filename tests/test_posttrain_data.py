@@ -339,6 +339,9 @@ def test_chat_bad_lines_follow_on_bad_record(byte_tok, tmp_path):
   it, stats = sft.make_sft_iterator(c, byte_tok)
   assert stats.examples == 3  # two good lines and the example encode_example rejects
   assert it.stats == {"skipped_records": 4, **{f"skipped_{k}": 1 for k in bad}}
+  from jaxlm.train.loop import train_batches  # what the loop logs once, as data/* metrics
+  logged = train_batches(c, byte_tok)[1]
+  assert logged["examples"] == 3.0 and logged["skipped_records"] == 4.0
   for i, line in enumerate(bad.values()):  # each kind alone, as an error: its line
     path.write_bytes(b"\n".join([good[0], line, good[1]]) + b"\n")
     c.data.on_bad_record = "error"
