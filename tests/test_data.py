@@ -1,5 +1,6 @@
 """Sources give the right documents or a clear error; packing keeps every token exactly once;
-batches are shuffled by row, deterministic, resumable, and sharded across processes."""
+batches are shuffled by row, deterministic, resumable, and the same global batches for any number
+of processes (tfds: each process reads its own share)."""
 
 import collections
 import copy
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
 SEQ_LEN, BATCH = 32, 8
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
-# Words per training document: longer and shorter than a row, one single word, one empty file.
-LENGTHS = (400, 3, 150, 0, 60, 300, 1, 220)
+# Words per training document: longer and shorter than a row, one single word, one of two words.
+# (An empty file is a bad record: tests/test_bad_records.py.)
+LENGTHS = (400, 3, 150, 2, 60, 300, 1, 220)
 
 
 def _doc(word: str, n: int) -> str:
@@ -256,24 +258,67 @@ def test_orbax_checkpoint_round_trip(tok, config, tmp_path):
   assert all(_same(x, y) for x, y in zip(expected, _take(resumed, 3)))
 
 
-def test_processes_read_disjoint_shares_of_the_documents(tok, config):
-  p0, p1 = (_take(make_train_iterator(config, tok, p, 2), 16) for p in (0, 1))  # > one epoch each
-  for a, b in zip(p0, p1):
-    assert a["inputs"].shape == b["inputs"].shape == (BATCH // 2, SEQ_LEN)
-  words = [{w for batch in p for w in _row_words(tok, batch)} - {None} for p in (p0, p1)]
-  # Process p reads documents p, p + 2, ...: the even- and odd-numbered files.
-  assert words[0] <= set(WORDS[0::2]) and words[1] <= set(WORDS[1::2]), words
-  assert len(words[0]) >= 3 and len(words[1]) >= 3, words
-  # One process is the unsharded stream, batch for batch.
-  whole = make_train_iterator(config, tok)
-  sharded = make_train_iterator(config, tok, 0, 1)
-  assert all(_same(x, y) for x, y in zip(_take(whole, 4), _take(sharded, 4)))
+def _global(config, tok, count, n, states=None):
+  """n global batches assembled from `count` processes' iterators (each restored from states[p])."""
+  its = [make_train_iterator(config, tok, p, count) for p in range(count)]
+  for it in its:
+    assert it.kind == "global" and it.rows == BATCH // count
+    if states is not None:
+      it.set_state(states)
+  out = []
+  for _ in range(n):
+    parts = [next(it) for it in its]
+    assert all(part["inputs"].shape == (BATCH // count, SEQ_LEN) for part in parts)
+    out.append({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+  return out, its
+
+
+def test_global_batches_are_the_same_for_any_process_count(tok, config):
+  # 16 batches is past the first epoch (~14): the reshuffled second epoch too.
+  one, _ = _global(config, tok, 1, 16)
+  for count in (2, 4):
+    got, its = _global(config, tok, count, 16)
+    assert all(_same(x, y) for x, y in zip(one, got)), count
+    # Every process holds the same position: it continues on any count, here 4 -> 1 and 1 -> 2.
+    states = [json.loads(json.dumps(it.get_state())) for it in its]
+    assert all(st == states[0] for st in states)
+    assert states[0]["stream"] == "global" and states[0]["process_count"] == count
+    assert states[0]["batches"] == 16
+  more, _ = _global(config, tok, 1, 4, states[0])
+  reference = make_train_iterator(config, tok)
+  expected = _take(reference, 20)[16:]
+  assert all(_same(x, y) for x, y in zip(expected, more))
+  two, _ = _global(config, tok, 2, 4, json.loads(json.dumps(reference.get_state())))
+  assert all(_same(x, y) for x, y in zip(_take(reference, 4), two))
   with pytest.raises(ConfigError, match=r"train\.batch_size"):
     make_train_iterator(config, tok, 0, 3)
-  with pytest.raises(ConfigError, match="fewer than the 9 processes"):
-    c = copy.deepcopy(config)
-    c.train.batch_size = 9
-    make_train_iterator(c, tok, 0, 9)
+
+
+def test_one_process_stream_is_the_unwrapped_grain_pipeline(tok, config):
+  """The single-process stream is the batches of packed_rows, as before the global stream."""
+  rows = packed_rows(config, tok, "train", shuffle_seed=config.train.seed, num_epochs=None)
+  plain = iter(rows.batch(BATCH, drop_remainder=True))
+  assert all(_same(x, y) for x, y in zip(_take(plain, 6), _take(make_train_iterator(config, tok), 6)))
+
+
+def test_data_checkpoint_restores_on_another_process_count(tok, config, tmp_path):
+  from jaxlm.data.stream import DataCheckpointHandler
+  from jaxlm.runs import CheckpointError
+  its = [make_train_iterator(config, tok, p, 2) for p in range(2)]
+  for it in its:
+    _take(it, 5)
+  (tmp_path / "two").mkdir()
+  for p, it in enumerate(its):  # the files grain's handler and DataSave write
+    (tmp_path / "two" / f"process_{p}-of-2.json").write_text(json.dumps(it.get_state()))
+  one = DataCheckpointHandler().restore(tmp_path / "two", make_train_iterator(config, tok))
+  reference = make_train_iterator(config, tok)
+  _take(reference, 5)
+  assert all(_same(x, y) for x, y in zip(_take(reference, 3), _take(one, 3)))
+  # A bare grain state of 2 processes (written before the global stream): refused, naming the fix.
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "process_0-of-2.json").write_text(json.dumps(its[0].get_state()["grain"]))
+  with pytest.raises(CheckpointError, match=r"per_process stream of 2 process.*data\.allow_reshard"):
+    DataCheckpointHandler().restore(tmp_path / "old", make_train_iterator(config, tok))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,3 +413,31 @@ def test_tfds_errors_name_the_field(tfds_dir, tmp_path):
     sources.documents(_tfds_config(data_dir, tfds_eval_split="test").data, "eval")
   with pytest.raises(ConfigError, match=r"data\.tfds_text_key"):
     sources.documents(_tfds_config(data_dir, tfds_text_key="body").data, "train")
+
+
+def test_tfds_stream_is_per_process_and_moves_only_with_allow_reshard(tfds_dir, tok):
+  from jaxlm.runs import CheckpointError
+  data_dir, _ = tfds_dir
+  c = _tfds_config(data_dir)
+  its = [make_train_iterator(c, tok, p, 2) for p in range(2)]
+  assert [it.kind for it in its] == ["per_process"] * 2
+  for it in its:
+    assert next(it)["inputs"].shape == (2, SEQ_LEN)  # its own documents' rows
+    _take(it, 2)
+  state = json.loads(json.dumps(its[0].get_state()))
+  assert (state["stream"], state["process_count"], state["batches"]) == ("per_process", 2, 3)
+  same = make_train_iterator(c, tok, 0, 2)  # the same process count continues exactly
+  same.set_state(state)
+  assert all(_same(x, y) for x, y in zip(_take(its[0], 2), _take(same, 2)))
+  with pytest.raises(CheckpointError, match=r"2 process.*this run has 1.*data\.allow_reshard=True"):
+    make_train_iterator(c, tok).set_state(state)
+  moved = _tfds_config(data_dir, allow_reshard=True)
+  resharded = make_train_iterator(moved, tok)
+  resharded.set_state(state)
+  after = resharded.get_state()
+  assert (after["process_count"], after["batches"], after["reshard_at"]) == (1, 3, 3)
+  first = _take(resharded, 3)
+  assert not all(_same(x, y) for x, y in zip(first, _take(make_train_iterator(moved, tok), 3)))
+  again = make_train_iterator(moved, tok)  # a later resume rebuilds the same re-sharded order
+  again.set_state(json.loads(json.dumps(after)))
+  assert all(_same(x, y) for x, y in zip(first, _take(again, 3)))

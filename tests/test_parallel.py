@@ -258,6 +258,18 @@ def test_default_rules_parse():
   assert rules["layers"] == ("stage",) and rules["stage"] == ("stage",)  # pipeline stages own their layers
 
 
+@pytest.mark.fast
+def test_process_rows_must_be_the_block_the_pipelines_give(monkeypatch):
+  from jaxlm.parallel import sharding
+  c = tiny_config(**LAYOUTS["dp2_fsdp2_tp2"])
+  setup = make_setup(c)
+  assert sharding.process_rows(setup.batch_sharding, (8, 16)) == (0, 8)  # one process: every row
+  # As if 2 processes: this one's devices would hold all 8 rows, not the block [0, 4) it feeds.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"holds batch rows \[0, 8\) of 8.*rows \[0, 4\)"):
+    global_batch({"inputs": np.zeros((4, 16), np.int32)}, setup.batch_sharding)
+
+
 # ---------------------------------------------------------------------------------------------
 # two processes x four devices = one process x eight
 

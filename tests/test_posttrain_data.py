@@ -303,6 +303,54 @@ def test_sft_batches_weight_only_trained_targets_and_resume(byte_tok, tmp_path):
   assert batches[0]["weights"].sum() == stats.trained_tokens
 
 
+@pytest.mark.fast
+def test_sft_global_batches_are_the_same_for_any_process_count(byte_tok, tmp_path):
+  records = [{"prompt": f"{i}*{i}=", "completion": f"{i * i}"} for i in range(40)]
+  c = chat_config(byte_tok.directory, write_jsonl(tmp_path / "train.jsonl", records))
+  one, stats = sft.make_sft_iterator(c, byte_tok)
+  want = [next(one) for _ in range(6)]
+  for count in (2, 4):
+    its = [sft.make_sft_iterator(c, byte_tok, p, count) for p in range(count)]
+    assert all(it[1] == stats for it in its)  # every process: the whole split's stats
+    for batch in want:
+      parts = [next(it) for it, _ in its]
+      assert all(np.array_equal(batch[k], np.concatenate([p[k] for p in parts])) for k in sft.FEATURES)
+  # A position written on 4 processes continues on 1.
+  state = json.loads(json.dumps(its[0][0].get_state()))
+  assert (state["stream"], state["process_count"], state["batches"]) == ("global", 4, 6)
+  again, _ = sft.make_sft_iterator(c, byte_tok)
+  again.set_state(state)
+  for batch in [next(one) for _ in range(2)]:
+    got = next(again)
+    assert all(np.array_equal(batch[k], got[k]) for k in sft.FEATURES)
+
+
+@pytest.mark.fast
+def test_chat_bad_lines_follow_on_bad_record(byte_tok, tmp_path):
+  good = [json.dumps({"messages": CONVERSATION[:2]}).encode(), json.dumps({"prompt": "1+1=", "completion": "2"}).encode()]
+  bad = {"invalid_utf8": b'{"prompt": "caf\xe9", "completion": "x"}', "invalid_json": b'{"prompt": ',
+         "not_an_object": b'[1, 2]', "invalid_example": json.dumps({"messages": CONVERSATION[:1]}).encode()}
+  path = tmp_path / "chat.jsonl"
+  path.write_bytes(b"\n".join([good[0], *bad.values(), good[1]]) + b"\n")
+  c = chat_config(byte_tok.directory, str(path))
+  with pytest.raises(ConfigError, match=r"chat\.jsonl:2 \(from data\.train_paths\): is not valid UTF-8"):
+    sft.make_sft_iterator(c, byte_tok)
+  c.data.on_bad_record = "skip"
+  it, stats = sft.make_sft_iterator(c, byte_tok)
+  assert stats.examples == 3  # two good lines and the example encode_example rejects
+  assert it.stats == {"skipped_records": 4, **{f"skipped_{k}": 1 for k in bad}}
+  from jaxlm.train.loop import train_batches  # what the loop logs once, as data/* metrics
+  logged = train_batches(c, byte_tok)[1]
+  assert logged["examples"] == 3.0 and logged["skipped_records"] == 4.0
+  for i, line in enumerate(bad.values()):  # each kind alone, as an error: its line
+    path.write_bytes(b"\n".join([good[0], line, good[1]]) + b"\n")
+    c.data.on_bad_record = "error"
+    with pytest.raises(ConfigError, match=r"chat\.jsonl:2 \(from data\.train_paths\)"):
+      sft.make_sft_iterator(c, byte_tok)
+    c.data.on_bad_record = "skip"
+    assert sft.make_sft_iterator(c, byte_tok)[0].stats["skipped_records"] == 1
+
+
 # --- preference, KTO and RL batches ----------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ _CHOICES = {
     "compute.attention": ("xla", "flash", "splash", "cudnn", "auto"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("shakespeare", "text", "jsonl", "tfds", "chat"),
+    "data.on_bad_record": ("error", "skip"),
     "posttrain.objective": ("lm", "dpo", "ipo", "kto", "reward", "grpo", "ppo"),
     "posttrain.reference": ("model", "precomputed"),
     "posttrain.loss_aggregation": ("token", "sequence"),
@@ -312,6 +313,8 @@ def validate(config: ConfigDict) -> ConfigDict:
   if d.chat_template not in ("", "default") and not d.chat_template.endswith((".jinja", ".j2")):
     raise ConfigError(f"data.chat_template is {d.chat_template!r}; use '' (the tokenizer's own), "
                       "'default' or a path to a .jinja file")
+  if not isinstance(d.allow_reshard, bool):
+    raise ConfigError(f"data.allow_reshard must be True or False, got {d.allow_reshard!r}")
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset, e.g. 'lm1b'")
   _validate_mesh(config.mesh)

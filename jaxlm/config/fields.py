@@ -148,6 +148,19 @@ def _data() -> ConfigDict:
   d.seq_len = 256  # tokens per packed row
   d.shuffle = True  # training order is shuffled with train.seed; evaluation is never shuffled
   d.prefetch_threads = 2  # grain read threads for tokenization
+  # text/jsonl records that cannot be documents (undecodable UTF-8, whitespace-only, a JSONL line
+  # that is not JSON or lacks a string data.jsonl_field; chat: undecodable or non-JSON-object
+  # lines): "error" stops with the file and line | "skip" leaves them out and logs their count by
+  # reason once at the start (metrics data_skipped_*)
+  d.on_bad_record = "error"
+  # Resume on another number of processes. Shakespeare/text/jsonl/chat give one global stream of
+  # batches whatever the process count (each process keeps its rows of every batch), so a
+  # checkpoint continues exactly on any count. tfds is read per process (process p of P reads
+  # documents p, p + P, ...: no process reads the whole corpus), so its position only means
+  # something on the same P; False refuses such a resume, True continues with a re-sharded stream
+  # (the new processes' shares, in an order drawn anew from the step: not the batches an
+  # uninterrupted run would have seen).
+  d.allow_reshard = False
   return d
 
 

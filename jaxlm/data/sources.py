@@ -6,12 +6,19 @@ TFDS is returned as a lazy, random-access `grain.MapDataset` over its ArrayRecor
 corpus larger than memory is only read (and tokenized) as the pipeline needs it.
 
 Every misconfiguration is raised here, naming the config field and the fix, before any training
-starts: a path or glob that matches nothing, no text at all, a jsonl line without the field, a
-tfds data_dir/dataset/split that does not exist.
+starts: a path or glob that matches nothing, no text at all, a tfds data_dir/dataset/split that
+does not exist.
+
+Bad records in text/jsonl files (undecodable UTF-8, a whitespace-only document, a JSONL line that
+is not JSON, lacks data.jsonl_field or holds a non-string there) follow data.on_bad_record: "error"
+(the default) names the file and line; "skip" leaves the record out and counts it by reason
+(`read_documents`), and training logs the counts once, as data_skipped_* metrics. Files are read
+as bytes and decoded per file (text) or per line (jsonl), so a decoding error names its line.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import importlib.resources
 import json
@@ -32,6 +39,8 @@ SHAKESPEARE_EVAL_PLAYS: tuple[str, ...] = (
 )
 
 SPLITS = ("train", "eval")
+ON_BAD_RECORD = ("error", "skip")
+BAD_RECORD_REASONS = ("invalid_utf8", "empty_document", "invalid_json", "missing_field", "not_a_string")
 
 
 def shakespeare_plays() -> dict[str, str]:
@@ -83,35 +92,105 @@ def expand_paths(field: str, spec: str) -> list[str]:
   return _expand(field, spec)
 
 
-def _read_text(files: list[str]) -> list[str]:
+class BadRecords:
+  """What reading does with a record that cannot be a document (data.on_bad_record).
+
+  A bad record is undecodable UTF-8, a whitespace-only document, or a JSONL line that is not JSON,
+  not an object with data.jsonl_field, or whose field is not a string. "error" raises a ConfigError
+  naming the file and line; "skip" drops the record and counts it by reason (`counts`), so a run
+  can report how much of its data it never saw.
+  """
+
+  def __init__(self, policy: str, field: str, reasons: tuple[str, ...] = BAD_RECORD_REASONS):
+    if policy not in ON_BAD_RECORD:
+      raise ConfigError(f"data.on_bad_record is {policy!r}; choose one of {ON_BAD_RECORD}")
+    self.policy, self.field, self.reasons = policy, field, reasons
+    self.counts: collections.Counter[str] = collections.Counter()
+
+  def __call__(self, reason: str, where: str, problem: str) -> None:
+    """Counts the record (skip) or raises (error). where: "file:line"."""
+    if reason not in self.reasons:
+      raise ValueError(f"unknown bad record reason {reason!r}; one of {self.reasons}")
+    if self.policy == "skip":
+      self.counts[reason] += 1
+      return
+    raise ConfigError(
+        f"{where} (from data.{self.field}): {problem}; fix or remove that record, or set "
+        "data.on_bad_record='skip' to leave such records out (counted in the run's data metrics)")
+
+  def stats(self) -> dict[str, int]:
+    """{"skipped_records": total, "skipped_<reason>": n for each reason}; {} under "error"."""
+    if self.policy != "skip":
+      return {}
+    return {"skipped_records": sum(self.counts.values()),
+            **{f"skipped_{r}": self.counts[r] for r in self.reasons}}
+
+
+def _decode(raw: bytes, where: str, line_of, bad: BadRecords) -> str | None:
+  """raw as UTF-8, or None (a skipped record); line_of(byte offset) names the line in errors."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    column = e.start - raw.rfind(b"\n", 0, e.start)  # 1-based, in bytes
+    bad("invalid_utf8", f"{where}:{line_of(e.start)}",
+        f"is not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at byte column {column})")
+    return None
+
+
+def _read_text(files: list[str], bad: BadRecords) -> list[str]:
+  """One document per file. Read as bytes so a decoding error names its line; newlines are
+  normalized to \\n as text mode would (the documents are the same as reading with open(f))."""
   docs = []
   for f in files:
-    with open(f, encoding="utf-8") as fh:
-      docs.append(fh.read())
+    with open(f, "rb") as fh:
+      raw = fh.read()
+    text = _decode(raw, f, lambda offset, raw=raw: raw.count(b"\n", 0, offset) + 1, bad)
+    if text is None:
+      continue
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+      bad("empty_document", f"{f}:1", "holds no text (an empty or whitespace-only document)")
+      continue
+    docs.append(text)
   return docs
 
 
-def _read_jsonl(field: str, files: list[str], key: str) -> list[str]:
+def read_jsonl_records(path: str, bad: BadRecords) -> list[tuple[int, object]]:
+  """(line number, decoded JSON value) of each line of a JSONL file; blank lines are not records
+  and are passed over, undecodable or non-JSON lines are bad records ("invalid_utf8",
+  "invalid_json"). Read as bytes and decoded per line, so an error names its line."""
+  out = []
+  with open(path, "rb") as fh:
+    for lineno, raw in enumerate(fh, 1):
+      line = _decode(raw, path, lambda _, n=lineno: n, bad)
+      if line is None or not line.strip():
+        continue
+      try:
+        out.append((lineno, json.loads(line)))
+      except json.JSONDecodeError as e:
+        bad("invalid_json", f"{path}:{lineno}", f"is not valid JSON: {e}")
+  return out
+
+
+def _read_jsonl(files: list[str], key: str, bad: BadRecords) -> list[str]:
+  """One document per line's `key` field."""
   docs = []
   for f in files:
-    with open(f, encoding="utf-8") as fh:
-      for lineno, line in enumerate(fh, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ConfigError(f"{f}:{lineno} (from data.{field}) is not valid JSON: {e}") from e
-        if not isinstance(record, dict) or key not in record:
-          have = sorted(record) if isinstance(record, dict) else type(record).__name__
-          raise ConfigError(
-              f"{f}:{lineno} (from data.{field}) has no field '{key}' (it has {have}); set "
-              "data.jsonl_field to the field that holds the text")
-        if not isinstance(record[key], str):
-          raise ConfigError(
-              f"{f}:{lineno}: field '{key}' (data.jsonl_field) is a "
-              f"{type(record[key]).__name__}, not a string")
-        docs.append(record[key])
+    for lineno, record in read_jsonl_records(f, bad):
+      where = f"{f}:{lineno}"
+      if not isinstance(record, dict) or key not in record:
+        have = sorted(record) if isinstance(record, dict) else type(record).__name__
+        bad("missing_field", where, f"has no field '{key}' (it has {have}); set data.jsonl_field "
+            "to the field that holds the text")
+        continue
+      text = record[key]
+      if not isinstance(text, str):
+        bad("not_a_string", where, f"field '{key}' (data.jsonl_field) is a {type(text).__name__}, not a string")
+        continue
+      if not text.strip():
+        bad("empty_document", where, f"field '{key}' holds no text (an empty or whitespace-only document)")
+        continue
+      docs.append(text)
   return docs
 
 
@@ -169,15 +248,22 @@ def documents(data_cfg, split: str) -> Sequence[str] | grain.MapDataset | None:
   support len() and [i]), or None when there is no eval split (text/jsonl with empty
   data.eval_paths, tfds with empty data.tfds_eval_split).
   """
+  return read_documents(data_cfg, split)[0]
+
+
+def read_documents(data_cfg, split: str
+                   ) -> tuple[Sequence[str] | grain.MapDataset | None, dict[str, int]]:
+  """(documents(data_cfg, split), the bad records skipped by reason): with data.on_bad_record
+  "skip", {"skipped_records": n, "skipped_<reason>": n, ...} for text/jsonl, else {}."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   source = data_cfg.source
   if source == "shakespeare":
-    return _shakespeare(split)
+    return _shakespeare(split), {}
   if source == "tfds":
     if not data_cfg.tfds_name:
       raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset")
-    return _tfds(data_cfg, split)
+    return _tfds(data_cfg, split), {}
   if source == "chat":
     raise ConfigError("data.source 'chat' holds conversations, not documents: they are read by "
                       "jaxlm.posttrain.sft (make_sft_iterator, sft_eval_batches)")
@@ -188,15 +274,16 @@ def documents(data_cfg, split: str) -> Sequence[str] | grain.MapDataset | None:
   spec = data_cfg[field]
   if not spec.strip():
     if split == "eval":
-      return None
+      return None, {}
     raise ConfigError(f"data.source is '{source}' but data.train_paths is empty; give paths or globs")
   files = _expand(field, spec)
+  bad = BadRecords(data_cfg.on_bad_record, field)
   if source == "text":
-    docs = _read_text(files)
+    docs = _read_text(files, bad)
   else:
-    docs = _read_jsonl(field, files, data_cfg.jsonl_field)
+    docs = _read_jsonl(files, data_cfg.jsonl_field, bad)
   if not any(d.strip() for d in docs):
     raise ConfigError(
         f"the files of data.{field} ({', '.join(files[:3])}{'...' if len(files) > 3 else ''}) "
         f"hold no text at all; point data.{field} at non-empty files")
-  return docs
+  return docs, bad.stats()

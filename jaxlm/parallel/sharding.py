@@ -10,6 +10,8 @@ all-gathers a layer's weights where they are used and reduce-scatters their grad
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -44,6 +46,36 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, partition_spec(BATCH_LOGICAL, rules))
 
 
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[int, int]:
+  """[start, stop): the batch rows (dimension 0 of a global `shape`) this process's devices hold.
+
+  The data pipelines give process p of P rows [p * B/P, (p+1) * B/P) of every global batch of B;
+  make_array_from_process_local_data places a process's rows on the rows its devices hold, so the
+  two must agree (`global_batch` checks, once per sharding and shape).
+  """
+  held = sharding.addressable_devices_indices_map(tuple(shape))
+  starts = {idx[0].start or 0 for idx in held.values()}
+  stops = {shape[0] if idx[0].stop is None else idx[0].stop for idx in held.values()}
+  return min(starts), max(stops)
+
+
+@functools.cache
+def _check_process_rows(sharding: NamedSharding, local_shape: tuple[int, ...]) -> None:
+  index, count = jax.process_index(), jax.process_count()
+  rows = local_shape[0]
+  shape = (rows * count, *local_shape[1:])
+  start, stop = process_rows(sharding, shape)
+  if (start, stop) != (index * rows, (index + 1) * rows):
+    raise ValueError(
+        f"process {index} of {count} holds batch rows [{start}, {stop}) of {shape[0]} under the batch "
+        f"sharding {sharding.spec}, but the data pipelines give it rows [{index * rows}, "
+        f"{(index + 1) * rows}); split the batch over the processes (mesh.dcn_data or mesh.data "
+        "spanning them) so each process's devices hold one contiguous block of rows in process order")
+
+
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
   """This process's rows (numpy [rows / processes, seq_len]) -> global jax.Arrays [rows, seq_len]."""
+  if jax.process_count() > 1:
+    for v in local.values():
+      _check_process_rows(sharding, tuple(v.shape))
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

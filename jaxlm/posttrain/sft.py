@@ -6,7 +6,7 @@
       -> next-token pairs {inputs: ids[:-1], targets: ids[1:], weights: mask[1:]}
       -> train: .shuffle(seed).repeat()                     (example order reshuffled every epoch)
       -> FirstFitPackIterDataset(seq_len)                    (grain's packer: whole examples only)
-      -> batch(train.batch_size / processes)
+      -> batch(train.batch_size) -> this process's rows [p * B/P, (p+1) * B/P)
 
 Why whole examples: a conversation cut across two rows would lose, in its second piece, the
 prompt its answer depends on. So an example is never split; rows are padded instead. Several
@@ -19,9 +19,14 @@ positions, weights), with weights 1 only where the target is an assistant/comple
 jaxlm's train step trains on it unchanged: its loss is the weighted sum over tokens divided once
 by the global weight count, i.e. the mean over trained tokens, exact under grad accumulation.
 
-Every process reads the files and tokenizes its own share of the examples (every
-process-count-th); the stats it returns are its share's. Iterator state (get_state/set_state, or
-grain.checkpoint) is JSON and resumes exactly.
+Every process reads, tokenizes and packs all examples the same way and keeps its rows of each
+global batch (jaxlm/data/stream.py): the global batches are the same for any process count, and a
+checkpointed position continues on any count. The stats are the whole split's. Iterator state
+(get_state/set_state, or jaxlm.data.stream.DataSave) is JSON and resumes exactly.
+
+Bad lines follow data.on_bad_record as documents do (jaxlm/data/sources.py): undecodable UTF-8,
+not JSON, not a JSON object, or an example chat.encode_example rejects (no assistant turn, an
+unknown role, ...) stop with the file and line ("error") or are left out and counted ("skip").
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ import grain
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data import sources
+from jaxlm.data import sources, stream
 from jaxlm.posttrain import chat
 
 Batch = dict[str, np.ndarray]
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
 _PAIR_FEATURES = ("inputs", "targets", "weights")
 _PACKING_BINS = 64  # rows packed at once (at least a batch's): more bins, less padding
+BAD_RECORD_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "invalid_example")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +62,21 @@ class ChatStats:
 
 
 def encode_examples(tokenizer, records: Sequence, seq_len: int, chat_template: str = "",
-                    where: Sequence[str] | None = None) -> tuple[list[chat.Encoded], ChatStats]:
+                    where: Sequence[str] | None = None, bad: sources.BadRecords | None = None
+                    ) -> tuple[list[chat.Encoded], ChatStats]:
   """Encoded examples (cut to seq_len + 1 tokens) and their stats; examples truncated to no
-  trained token are left out. where[i] names record i in errors (e.g. "file.jsonl:12")."""
+  trained token are left out. where[i] names record i in errors (e.g. "file.jsonl:12"); bad
+  (data.on_bad_record) decides about an example chat.encode_example rejects, else it is an error."""
   kept, truncated, dropped = [], 0, 0
   for i, record in enumerate(records):
     try:
       encoded = chat.encode_example(tokenizer, record, max_len=seq_len + 1, chat_template=chat_template)
     except chat.ChatError as e:
-      raise ConfigError(f"{where[i] if where else f'example {i}'}: {e}") from e
+      name = where[i] if where else f"example {i}"
+      if bad is None:
+        raise ConfigError(f"{name}: {e}") from e
+      bad("invalid_example", name, str(e))
+      continue
     truncated += encoded.truncated
     if encoded.trained_tokens == 0:
       dropped += 1
@@ -76,32 +88,44 @@ def encode_examples(tokenizer, records: Sequence, seq_len: int, chat_template: s
 
 def read_examples(config, tokenizer, split: str, shard: tuple[int, int] = (0, 1)
                   ) -> tuple[list[chat.Encoded], ChatStats] | None:
-  """This process's share of `split`'s examples, encoded; None when the split has no files."""
+  """`split`'s examples (shard (index, count): only every count-th from index), encoded; None
+  when the split has no files. Bad lines follow data.on_bad_record (read_split gives the counts)."""
+  made = read_split(config, tokenizer, split, shard)
+  return None if made is None else made[:2]
+
+
+def read_split(config, tokenizer, split: str, shard: tuple[int, int] = (0, 1)
+               ) -> tuple[list[chat.Encoded], ChatStats, dict[str, int]] | None:
+  """read_examples, and the bad lines skipped by reason ({} unless data.on_bad_record='skip')."""
   field = "train_paths" if split == "train" else "eval_paths"
   spec = config.data[field]
   if not spec.strip():
     if split == "train":
       raise ConfigError("data.source is 'chat' but data.train_paths is empty; give JSONL files")
     return None
+  bad = sources.BadRecords(config.data.on_bad_record, field, BAD_RECORD_REASONS)
   records, where = [], []
   for path in sources.expand_paths(field, spec):
-    try:
-      lines = chat.read_jsonl(path)
-    except chat.ChatError as e:
-      raise ConfigError(f"{e} (from data.{field})") from e
+    skipped_before = sum(bad.counts.values())
+    lines = sources.read_jsonl_records(path, bad)
     for lineno, record in lines:
+      if not isinstance(record, dict):
+        bad("not_an_object", f"{path}:{lineno}", f"is a JSON {type(record).__name__}, not an object")
+        continue
       records.append(record)
-      where.append(f"{path}:{lineno} (from data.{field})")
+      where.append(f"{path}:{lineno}")
+    if not lines and sum(bad.counts.values()) == skipped_before:
+      raise ConfigError(f"{path} (from data.{field}) holds no examples")
   index, count = shard
   if len(records) < count:
     raise ConfigError(f"data.{field} holds {len(records)} examples, fewer than the {count} processes "
                       "that each read a share of them")
   examples, stats = encode_examples(tokenizer, records[index::count], config.data.seq_len,
-                                    config.data.chat_template, where[index::count])
+                                    config.data.chat_template, where[index::count], bad)
   if not examples:
     raise ConfigError(f"no example of data.{field} has a trained token within data.seq_len "
                       f"({config.data.seq_len}) tokens; raise data.seq_len")
-  return examples, stats
+  return examples, stats, bad.stats()
 
 
 def _seed(seed: int, purpose: str) -> int:
@@ -163,16 +187,26 @@ def _rows_per_process(config, process_index: int, process_count: int) -> int:
 
 
 def make_sft_iterator(config, tokenizer, process_index: int = 0, process_count: int = 1
-                      ) -> tuple[grain.DatasetIterator, ChatStats]:
-  """(infinite iterator of this process's training batches [train.batch_size / process_count,
-  seq_len], the stats of its examples). Deterministic for train.seed (data.shuffle=False keeps
-  file order); get_state()/set_state() resume exactly."""
-  rows = _rows_per_process(config, process_index, process_count)
-  examples, stats = read_examples(config, tokenizer, "train", (process_index, process_count))
+                      ) -> tuple[stream.StreamIterator, ChatStats]:
+  """(infinite iterator of this process's rows [train.batch_size / process_count, seq_len] of
+  every global training batch, the stats of all examples). Deterministic for train.seed
+  (data.shuffle=False keeps file order); get_state()/set_state() resume exactly, on any process
+  count. The iterator's `.stats` holds the bad lines skipped (data.on_bad_record='skip')."""
+  _rows_per_process(config, process_index, process_count)
+  examples, stats, skipped = read_split(config, tokenizer, "train")
   seed = config.train.seed if config.data.shuffle else None
-  ds = packed_rows(examples, config.data.seq_len, shuffle_seed=seed, num_epochs=None,
-                   bins=max(rows, _PACKING_BINS))
-  return iter(ds.batch(rows, drop_remainder=True)), stats
+  batch_size = config.train.batch_size
+
+  def build(reshard_at: int | None) -> grain.DatasetIterator:
+    del reshard_at  # a global stream continues on any process count: never re-sharded
+    ds = packed_rows(examples, config.data.seq_len, shuffle_seed=seed, num_epochs=None,
+                     bins=max(batch_size, _PACKING_BINS))
+    return iter(ds.batch(batch_size, drop_remainder=True))
+
+  it = stream.StreamIterator(build, stream.GLOBAL, process_index, process_count, batch_size,
+                             allow_reshard=config.data.allow_reshard, describe="data.source 'chat'",
+                             stats=skipped)
+  return it, stats
 
 
 def sft_eval_batches(config, tokenizer, process_index: int = 0, process_count: int = 1

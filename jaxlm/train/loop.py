@@ -42,11 +42,13 @@ def _mesh_text(mesh) -> str:
 
 def train_batches(config, tokenizer):
   """(this process's training batch iterator, {data stat: value} to log or {}). data.source "chat"
-  is supervised fine-tuning: conversations packed with the assistant's tokens as the only targets."""
+  is supervised fine-tuning: conversations packed with the assistant's tokens as the only targets.
+  Both report the bad records skipped (data.on_bad_record='skip') as skipped_* stats."""
   if config.data.source == "chat":
     batches, stats = make_sft_iterator(config, tokenizer, jax.process_index(), jax.process_count())
-    return batches, {k: float(v) for k, v in dataclasses.asdict(stats).items()}
-  return make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count()), {}
+    return batches, {k: float(v) for k, v in {**dataclasses.asdict(stats), **batches.stats}.items()}
+  batches = make_train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
+  return batches, {k: float(v) for k, v in batches.stats.items()}
 
 
 def held_out_batches(config, tokenizer) -> list | None:
