@@ -29,6 +29,7 @@ from faults import harness  # noqa: E402
 def scenarios(s: harness.Scenarios) -> dict:
   return {
       "sigterm1": lambda: s.sigterm(processes=1),
+      "sigterm2": lambda: s.sigterm(processes=2),
       "kill_in_save": s.kill_in_save,
       "nan": lambda: s.nonfinite("NaN in a batch", "--nan_at=6"),
       "inf_lr": lambda: s.nonfinite("inf learning rate for one step", "--inf_lr_at=6"),

@@ -182,7 +182,7 @@ class Scenarios:
 
   def sigterm(self, processes=1) -> Row:
     row = Row(f"SIGTERM mid-step, {processes} process(es)",
-              "kill -TERM to process 0 while it trains (steps slowed to 0.3 s)")
+              f"kill -TERM to process {processes - 1} only, mid-step (steps slowed to 0.3 s)")
     workdir = self._dir(f"sigterm{processes}")
     procs = start(workdir, self.tok, ["--slow=0.3"], processes)
     wait_for_step(workdir, 5, procs)
