@@ -138,3 +138,17 @@ def test_train_stop_resume_and_load_params_through_a_gs_bucket(bucket, tmp_path)
                      jax.tree.leaves(nnx.to_pure_dict(local["state"].params))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+  c = run_config(tmp_path, str(tmp_path / "from_bucket"))  # a local run starting from the bucket's
+  c.checkpoint.init_from = URL
+  started = train(c, stop_at_step=0)["state"]
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(started.params)),
+                  jax.tree.leaves(nnx.to_pure_dict(loaded.params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.fast
+def test_init_from_a_bucket_without_a_run_names_the_fix(bucket):
+  from jaxlm.train.init_from import read_source
+  with pytest.raises(ConfigError, match=r"holds no jaxlm run .* must be a local path"):
+    read_source("gs://fake-bucket/hf_model", base_config(), None, None, None)
