@@ -66,6 +66,7 @@ def event_tags(path) -> dict:
     ("train.workdir", "s3://bucket/run", r"train.workdir='s3://bucket/run'.*local path or a gs://"),
     ("train.workdir", "gs:///run", r"train.workdir='gs:///run' names no bucket"),
     ("checkpoint.init_from", "hf://org/model", r"checkpoint.init_from='hf://org/model'.*not hf://"),
+    ("tokenizer.path", URL, r"tokenizer.path='gs://fake-bucket/run'.*local folder"),
 ])
 def test_a_run_directory_url_orbax_cannot_reach_is_refused_at_validation(field, value, match):
   c = base_config()

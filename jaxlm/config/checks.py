@@ -338,6 +338,11 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset, e.g. 'lm1b'")
   check_location(t.workdir, "train.workdir")
   check_location(config.checkpoint.init_from, "checkpoint.init_from")
+  if is_url(config.tokenizer.path):  # jaxlm/data reads tokenizers from local files
+    raise ConfigError(
+        f"tokenizer.path={config.tokenizer.path!r}: a tokenizer is read from local files; copy its "
+        "tokenizer.json or tokenizer.model (a run directory keeps them at its top) to a local "
+        "folder and give that")
   _validate_mesh(config.mesh)
   _validate_posttrain(config)
   return config
