@@ -119,9 +119,10 @@ def test_train_stop_resume_and_load_params_through_a_gs_bucket(bucket, tmp_path)
   train(run_config(tmp_path, URL), stop_at_step=3)
   run = bucket / "fake-bucket" / "run"
   assert (run / "checkpoints" / "3" / "commit_success.txt").exists()  # orbax's gs:// commit marker
-  uploads = fake_gcs.requests("POST")
-  assert uploads, "TensorStore wrote no array through the fake GCS server"
+  assert fake_gcs.requests("POST"), "TensorStore wrote no array through the fake GCS server"
+  reads = len([p for p in fake_gcs.requests("GET") if "alt=media" in p])
   remote = train(run_config(tmp_path, URL))  # resumes from step 3 in the bucket
+  assert len([p for p in fake_gcs.requests("GET") if "alt=media" in p]) > reads  # TensorStore's
 
   assert json.loads((run / "config.json").read_text())["train"]["workdir"] == URL
   assert (run / "tokenizer.model").exists()
