@@ -11,16 +11,22 @@ Layout:
                      run's params are its adapters alone, its base is config.json's
                      checkpoint.init_from
 
+The run directory may be a local path or a gs:// URL (jaxlm/workdir.py): every file in it is read
+and written through etils.epath or orbax. The tokenizer classes read and write local files only, so
+a gs:// run's tokenizer files pass through a local folder on their way in and out.
+
 Nothing here imports jaxlm.train, so sampling from a run needs neither the optimizer nor the loop
 (except a LoRA run's: its base is read as checkpoint.init_from is, see jaxlm/posttrain/lora.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
 import shutil
+import tempfile
 
 import jax
 import ml_collections
@@ -36,6 +42,7 @@ from jaxlm.models import build_model
 from jaxlm.models.layers import ADAPTERS
 from jaxlm.parallel.mesh import platform
 from jaxlm.parallel.sharding import tree_shardings
+from jaxlm.workdir import as_path, copy_tree, is_url
 
 
 class CheckpointError(RuntimeError):
@@ -72,7 +79,8 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+  """Where orbax keeps the run's checkpoints: an absolute local path, or a URL under the run's."""
+  return str(as_path(workdir) / "checkpoints")
 
 
 # Every tokenizer file a run directory may hold; those the run's tokenizer does not write are
@@ -86,37 +94,52 @@ def write_run_files(workdir: str, config, tokenizer: AnyTokenizer | str):
 
   tokenizer: a loaded tokenizer, or a path load_tokenizer takes.
   """
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  root = as_path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "config.json").write_text(config.to_json_best_effort(indent=2))
   if isinstance(tokenizer, (str, os.PathLike)):
     tokenizer = load_tokenizer(tokenizer)
-  written = tokenizer.save(workdir)
+  if is_url(workdir):
+    with tempfile.TemporaryDirectory(prefix="jaxlm-tokenizer-") as staging:
+      written = tokenizer.save(staging)
+      for name in written:
+        copy_tree(as_path(staging) / name, root / name)
+  else:
+    written = tokenizer.save(workdir)
   for name in set(TOKENIZER_FILES) - set(written):
-    stale = os.path.join(workdir, name)
-    if os.path.isdir(stale):
-      shutil.rmtree(stale)
-    elif os.path.exists(stale):
-      os.remove(stale)
+    stale = root / name
+    if stale.is_dir():
+      stale.rmtree()
+    elif stale.exists():
+      stale.unlink()
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's config.json as today's config tree (a run written by an older jaxlm migrates)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = as_path(workdir) / "config.json"
+  if not path.exists():
     raise CheckpointError(f"{path} not found: is {workdir} the train.workdir of a jaxlm run?")
-  with open(path) as f:
-    return from_saved(json.load(f))
+  return from_saved(json.loads(path.read_text()))
 
 
 def read_tokenizer(workdir: str) -> AnyTokenizer:
-  """The run's copy of its tokenizer: tokenizer.json if there is one, else tokenizer.model."""
-  if not any(os.path.isfile(os.path.join(workdir, n)) for n in (TOKENIZER_FILE, MODEL_FILE)):
+  """The run's copy of its tokenizer: tokenizer.json if there is one, else tokenizer.model. A
+  gs:// run's files are first copied to a local folder kept until the process ends (the tokenizer
+  may read or copy them again later, e.g. when a converted model is saved with it)."""
+  root = as_path(workdir)
+  if not any((root / n).is_file() for n in (TOKENIZER_FILE, MODEL_FILE)):
     raise CheckpointError(
         f"no {TOKENIZER_FILE} or {MODEL_FILE} in {workdir}: a run keeps a copy of its tokenizer "
         "there; copy the files of the tokenizer the run trained with (its tokenizer.path, or the "
         f"{MODEL_FILE} it trained in tokenizer.cache_dir) into the run directory")
-  return load_tokenizer(workdir)
+  if not is_url(workdir):
+    return load_tokenizer(workdir)
+  local = tempfile.mkdtemp(prefix="jaxlm-tokenizer-")
+  atexit.register(shutil.rmtree, local, ignore_errors=True)
+  for name in TOKENIZER_FILES:
+    if (root / name).exists():
+      copy_tree(root / name, as_path(local) / name)
+  return load_tokenizer(local)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +198,7 @@ def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh |
       restored = manager.restore(step, args=ocp.args.Composite(state=state))
     except Exception as e:  # orbax raises many types for truncated or foreign files
       raise CheckpointError(
-          f"checkpoint {os.path.join(directory, str(step))} could not be read ({type(e).__name__}: "
+          f"checkpoint {directory}/{step} could not be read ({type(e).__name__}: "
           f"{str(e)[:300]}). If config.json was edited since the run saved it, put the run's model "
           "and compute fields back; if the files are damaged, delete that step's folder (or pick "
           f"another of the saved steps {sorted(saved)})") from e

@@ -7,11 +7,13 @@ typo never silently falls back to a default. The fields and their meaning live i
 jaxlm/config/fields.py, the checks in jaxlm/config/checks.py; import both from here.
 """
 
-from jaxlm.config.checks import (LOGICAL_AXES, LORA_TARGETS, MESH_AXES, check_overrides, flat_fields,
-                                 layer_kinds, lora_targets, parse_rules, rows_per_example,
-                                 unknown_field_error, validate, with_vocab_size)
+from jaxlm.config.checks import (LOGICAL_AXES, LORA_TARGETS, MESH_AXES, RUN_DIR_SCHEMES,
+                                 check_location, check_overrides, flat_fields, is_url, layer_kinds,
+                                 lora_targets, parse_rules, rows_per_example, unknown_field_error,
+                                 validate, with_vocab_size)
 from jaxlm.config.fields import ConfigDict, ConfigError, base_config
 
-__all__ = ["ConfigDict", "ConfigError", "LOGICAL_AXES", "LORA_TARGETS", "MESH_AXES", "base_config",
-           "check_overrides", "flat_fields", "layer_kinds", "lora_targets", "parse_rules",
-           "rows_per_example", "unknown_field_error", "validate", "with_vocab_size"]
+__all__ = ["ConfigDict", "ConfigError", "LOGICAL_AXES", "LORA_TARGETS", "MESH_AXES",
+           "RUN_DIR_SCHEMES", "base_config", "check_location", "check_overrides", "flat_fields",
+           "is_url", "layer_kinds", "lora_targets", "parse_rules", "rows_per_example",
+           "unknown_field_error", "validate", "with_vocab_size"]

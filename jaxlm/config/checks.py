@@ -108,6 +108,32 @@ LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "ml
                 "stage", "lora")
 
 
+# URL schemes a run directory (train.workdir, a run as checkpoint.init_from) may use: {scheme:
+# (jaxlm's extra, the packages in it its clients need)}; see jaxlm/workdir.py.
+RUN_DIR_SCHEMES = {"gs": ("gcs", "gcsfs google-cloud-storage")}
+
+
+def is_url(location) -> bool:
+  return "://" in str(location)
+
+
+def check_location(location: str, field: str) -> None:
+  """Refuses a URL orbax cannot keep checkpoints at: its TensorStore reaches only local files and
+  gs://. Names the field; no I/O (whether the scheme's clients are installed is checked at the
+  first touch, jaxlm.workdir.as_path)."""
+  if not is_url(location):
+    return
+  scheme, _, rest = str(location).partition("://")
+  if scheme not in RUN_DIR_SCHEMES:
+    raise ConfigError(
+        f"{field}={location!r}: a run directory is a local path or a gs:// URL (orbax writes "
+        f"checkpoint arrays through TensorStore, which reaches local files and gs:// only), not "
+        f"{scheme}://; mount the bucket (e.g. with a FUSE client) and give the mount's local path, "
+        "or use gs://BUCKET/PATH")
+  if not rest.split("/", 1)[0]:
+    raise ConfigError(f"{field}={location!r} names no bucket; give {scheme}://BUCKET/PATH")
+
+
 def parse_rules(text: str) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
   """mesh.rules text -> ((logical name, mesh axes or None), ...); raises ConfigError naming the entry."""
   rules, seen = [], set()
@@ -317,6 +343,13 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError(f"data.allow_reshard must be True or False, got {d.allow_reshard!r}")
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError("data.source is 'tfds' but data.tfds_name is empty; name a prepared dataset, e.g. 'lm1b'")
+  check_location(t.workdir, "train.workdir")
+  check_location(config.checkpoint.init_from, "checkpoint.init_from")
+  if is_url(config.tokenizer.path):  # jaxlm/data reads tokenizers from local files
+    raise ConfigError(
+        f"tokenizer.path={config.tokenizer.path!r}: a tokenizer is read from local files; copy its "
+        "tokenizer.json or tokenizer.model (a run directory keeps them at its top) to a local "
+        "folder and give that")
   _validate_mesh(config.mesh)
   _validate_posttrain(config)
   return config

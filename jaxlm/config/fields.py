@@ -186,7 +186,9 @@ def _train() -> ConfigDict:
   t.eval_batches = 0  # batches per evaluation; 0: the whole held-out split
   t.log_every = 10  # steps between metric lines
   t.peak_tflops = 0.0  # per-device peak for MFU; 0: a table by device kind, or a matmul measure on CPU
-  t.workdir = "runs/default"  # metrics.jsonl, TensorBoard events, checkpoints, tokenizer copy
+  # metrics.jsonl, TensorBoard events, checkpoints, tokenizer copy; a local path or gs://BUCKET/PATH
+  # (pip install ".[gcs]"; jaxlm/workdir.py), no other URL scheme
+  t.workdir = "runs/default"
   t.progress_bar = True
   # A step whose loss, gradient norm or update is not finite is not applied (decided inside the
   # jitted step: params and optimizer state stay as they were), counted in the metrics and logged

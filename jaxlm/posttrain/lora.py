@@ -40,16 +40,16 @@ all see the merged model.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 from jaxlm.config import ConfigError
 from jaxlm.models import compute as compute_lib
 from jaxlm.models.layers import ADAPTERS, BASE
 from jaxlm.models.transformer import Transformer
+from jaxlm.workdir import absolute
 
 SUFFIX = "_lora"  # an adapter's name is its projection's plus this: attn/q_lora adapts attn/q
 
@@ -113,8 +113,8 @@ def describe(config, trainable: int, frozen: int) -> str:
 
 def _has_checkpoint(workdir: str) -> bool:
   from jaxlm.runs import checkpoint_dir
-  directory = checkpoint_dir(workdir)
-  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+  directory = epath.Path(checkpoint_dir(workdir))
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def with_recorded_base(config):
@@ -125,12 +125,12 @@ def with_recorded_base(config):
   from jaxlm.runs import read_config
   if not config.lora.rank:
     return config
-  given = os.path.abspath(config.checkpoint.init_from) if config.checkpoint.init_from else ""
+  given = absolute(config.checkpoint.init_from) if config.checkpoint.init_from else ""
   workdir = config.train.workdir
   recorded = ""
   if config.checkpoint.resume != "never" and _has_checkpoint(workdir):
     recorded = read_config(workdir).checkpoint.init_from
-    recorded = os.path.abspath(recorded) if recorded else ""
+    recorded = absolute(recorded) if recorded else ""
     if given and given != recorded:
       raise ConfigError(
           f"checkpoint.init_from={config.checkpoint.init_from!r}, but the LoRA run in {workdir} "

@@ -290,6 +290,7 @@ def train_rl(config, stop_at_step: int | None = None) -> dict:
           log.write(step, result, prefix="eval")
       if _crossed(before, step, config.checkpoint.every):
         checkpointer.save(step, state)
+        log.sync()  # a gs:// run's metrics reach the bucket with each checkpoint
       if preemption.reached(step):
         if checkpointer.latest_step() != step:
           checkpointer.save(step, state)

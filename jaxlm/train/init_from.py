@@ -21,6 +21,7 @@ from jaxlm.parallel.sharding import tree_shardings
 from jaxlm.runs import load_params, read_config
 from jaxlm.train.setup import Setup, abstract_model, new_model
 from jaxlm.train.step import TrainState, init_state
+from jaxlm.workdir import as_path, is_url
 
 
 def _restack(blocks: dict, scanned: bool, num_layers: int) -> dict:
@@ -34,13 +35,16 @@ def _restack(blocks: dict, scanned: bool, num_layers: int) -> dict:
 
 
 def _is_run(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
+  return (as_path(path, "checkpoint.init_from") / "checkpoints").is_dir()
 
 
 def _source_model_config(path: str):
   """The architecture of a jaxlm run or a Hugging Face directory, read before any weight is."""
   if _is_run(path):
     return read_config(path).model
+  if is_url(path):
+    raise ConfigError(f"checkpoint.init_from={path!r} holds no jaxlm run (no checkpoints/ there); a "
+                      "Hugging Face model directory must be a local path: copy it down first")
   config_json = os.path.join(path, "config.json")
   if os.path.exists(config_json):
     with open(config_json) as f:

@@ -33,6 +33,7 @@ from jaxlm.train.init_from import start_from
 from jaxlm.train.setup import (abstract_state, init_sharded_state, jit_eval_step, jit_train_step,
                                make_setup)
 from jaxlm.train.step import summarize_eval
+from jaxlm.workdir import as_path
 
 
 def _mesh_text(mesh) -> str:
@@ -103,6 +104,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
   LoRA's base weights (None without LoRA): the model is nnx.merge(graphdef, state.params[, frozen]).
   """
   validate(config)
+  as_path(config.train.workdir)  # a gs:// run without its clients installed: ConfigError, now
   if config.posttrain.objective in ("grpo", "ppo"):  # rollouts from the policy between updates
     from jaxlm.posttrain.rl_loop import train_rl  # pylint: disable=g-import-not-at-top
     return train_rl(config, stop_at_step)
@@ -187,6 +189,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
           log.write(step, result, prefix="eval")
       if config.checkpoint.every and step % config.checkpoint.every == 0:
         checkpointer.save(step, state, train_iter)
+        log.sync()  # a gs:// run's metrics reach the bucket with each checkpoint
       if preemption.reached(step):
         watch.flush()
         if checkpointer.latest_step() != step:
