@@ -74,14 +74,14 @@ def check_config(path: str) -> str:
 
 
 def check_workdir(path: str) -> str:
-  if path.startswith("gs://"):
-    raise LaunchError(
-        f"--workdir={path!r}: jaxlm writes its workdir with plain file I/O, so gs:// URLs do not work "
-        "yet; mount the bucket on every host (gcsfuse) and give the mount path, e.g. /gcs/my-bucket/runs/x")
+  if path.startswith("gs://"):  # jaxlm writes run directories through etils.epath and orbax
+    if len(path) <= len("gs://") or path[len("gs://")] == "/":
+      raise LaunchError(f"--workdir={path!r} names no bucket; write gs://BUCKET/PATH")
+    return path
   if not os.path.isabs(path):
     raise LaunchError(
         f"--workdir={path!r} must be an absolute path on storage every host shares and that outlives "
-        "the job (checkpoints for resuming live there), e.g. /gcs/my-bucket/runs/llama3-8b")
+        "the job (checkpoints for resuming live there), e.g. gs://my-bucket/runs/llama3-8b or a shared mount")
   return path
 
 

@@ -97,7 +97,7 @@ def make_commands(a: argparse.Namespace) -> TpuVmCommands:
       Step(("git", "archive", "--format=tar.gz", f"--output={archive}", "HEAD")),
       Step(g("tpu-vm", "scp", archive, f"{a.name}:jaxlm.tar.gz", "--worker=all")),
       ssh('rm -rf jaxlm && mkdir jaxlm && tar -xzf jaxlm.tar.gz -C jaxlm && '
-          'python3 -m pip install -q -e ./jaxlm "jax[tpu]"'),
+          'python3 -m pip install -q -e "./jaxlm[gcs]" "jax[tpu]"'),  # [gcs]: gs:// workdirs
   )
   # Each worker appends to its own ~/jaxlm-train.log and streams the lines, tagged with its hostname
   # (…-w-<worker>), back through gcloud; pipefail keeps the trainer's exit status.

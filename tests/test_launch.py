@@ -211,7 +211,7 @@ TPU_JOB = ["job", "--name=x", "--zone=z", "--workdir=/gcs/b/x"]
     (["--accelerator_type=v5p-63"], r"v5p slices are a multiple of 8 TensorCores.*e.g. v5p-64"),
     (["--accelerator_type=v5e-12"], r"v5e slices are 1, 4, 8, 16"),
     (["--name=Llama_8B"], r"--name='Llama_8B' is not a valid name; use lowercase letters"),
-    (["--workdir=gs://b/x"], r"gs:// URLs do not work yet; mount the bucket"),
+    (["--workdir=gs://"], r"names no bucket; write gs://BUCKET/PATH"),
     (["--workdir=runs/x"], r"must be an absolute path"),
     (["--config=configs/nope.py"], r"not a config file; give a path relative to the repository root"),
     (["--max_retries=-1"], r"--max_retries=-1 must be >= 0"),
