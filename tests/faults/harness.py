@@ -262,3 +262,34 @@ class Scenarios:
         line for line in out.splitlines() if "stopped answering" in line)[:120]
     self._resume(row, workdir, 2, lost=trained - checkpoint_steps(workdir)[-1])
     return row
+
+  def bad_record(self) -> Row:
+    """A JSONL corpus with one line that is not JSON: refused by default, skipped on request."""
+    row = Row("bad JSONL line", "line 3 of 6 is not JSON; data.on_bad_record error, then skip")
+    from jaxlm.data import sources  # pylint: disable=g-import-not-at-top
+    plays = list(sources.shakespeare_plays().values())[:5]
+    folder = self._dir("bad_record")
+    os.makedirs(folder)
+    clean, dirty = os.path.join(folder, "clean.jsonl"), os.path.join(folder, "dirty.jsonl")
+    lines = [json.dumps({"text": p}) for p in plays]
+    with open(clean, "w") as f:
+      f.write("\n".join(lines) + "\n")
+    with open(dirty, "w") as f:
+      f.write("\n".join(lines[:2] + ['{"text": "no closing quote}'] + lines[2:]) + "\n")
+    data = ["--config.data.source=jsonl", "--config.data.eval_paths="]
+    (refused,) = run(os.path.join(folder, "refused"), self.tok, extra=[*data, f"--config.data.train_paths={dirty}"])
+    assert refused.code != 0 and f"{dirty}:3" in refused.out, refused.out[-3000:]
+    assert not checkpoint_steps(os.path.join(folder, "refused"))
+    (skipped,) = run(os.path.join(folder, "skipped"), self.tok,
+                     extra=[*data, f"--config.data.train_paths={dirty}", "--config.data.on_bad_record=skip"])
+    (reference,) = run(os.path.join(folder, "clean"), self.tok, extra=[*data, f"--config.data.train_paths={clean}"])
+    assert skipped.code == 0 and reference.code == 0, (skipped.out[-3000:], reference.out[-3000:])
+    row.steps_lost = 0
+    row.data_lost = "the bad line only (counted: data/skipped_records " + str(
+        metric(os.path.join(folder, "skipped"), "data/skipped_records")) + ")"
+    row.params_equal = same_params(final_params(os.path.join(folder, "skipped")),
+                                   final_params(os.path.join(folder, "clean")))
+    row.notes = ("error names the line: " + next(l for l in refused.out.splitlines() if f"{dirty}:3" in l)[:160]
+                 + "; params compared with a run on the file without that line")
+    return row
+
