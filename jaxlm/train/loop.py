@@ -166,9 +166,13 @@ def train(config, stop_at_step: int | None = None) -> dict:
       if result:
         log.write(step, result, prefix="eval")
     if config.checkpoint.every and step % config.checkpoint.every == 0:
+      errors = checkpointer.save_errors
       checkpointer.save(step, state, train_iter)
+      if checkpointer.save_errors != errors:  # checkpoint.on_save_error=warn: the run goes on
+        log.write(step, {"save_errors": checkpointer.save_errors}, prefix="checkpoint")
 
   final_step = int(state.step)
+  errors = checkpointer.save_errors
   if checkpointer.latest_step() != final_step:
     checkpointer.save(final_step, state, train_iter)
   result = None
@@ -180,8 +184,10 @@ def train(config, stop_at_step: int | None = None) -> dict:
   if result:
     log.write(final_step, result, prefix="eval")
     last = {**last, **{f"eval_{k}": v for k, v in result.items()}}
+  checkpointer.wait()  # the last async save's failure, if any, surfaces here
+  if checkpointer.save_errors != errors:
+    log.write(final_step, {"save_errors": checkpointer.save_errors}, prefix="checkpoint")
   log.close()
-  checkpointer.wait()
   checkpointer.close()
   return {"state": state, "frozen": frozen if config.lora.rank else None, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last,
           "config": config}
