@@ -41,8 +41,10 @@ class Checkpointer:
   def __init__(self, workdir: str, ckpt_cfg):
     self.directory = checkpoint_dir(workdir)
     self.on_save_error = ckpt_cfg.on_save_error
+    self._async = ckpt_cfg.async_save
     self.save_errors = 0  # failed saves so far (on_save_error=warn); the loop logs it
     self._in_flight = None  # the step of the last save, until it is known to have finished
+    self._stale_error = False  # whether a failed async save may still raise at the next save
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -60,10 +62,22 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     try:
-      self.manager.save(step, args=ocp.args.Composite(**items))
+      self._save_once(step, ocp.args.Composite(**items))
       self._in_flight = step
     except Exception as e:  # pylint: disable=broad-exception-caught
       self._save_failed(step, e)
+
+  def _save_once(self, step: int, args):
+    retry, self._stale_error = self._stale_error, False
+    try:
+      self.manager.save(step, args=args)
+    except Exception:  # pylint: disable=broad-exception-caught
+      if not retry:
+        raise
+      # A failed async save leaves its error in two of orbax's background threads: the manager's
+      # (raised at the wait that reported it) and its checkpointer's, which orbax raises once at the
+      # start of the next save. That one is not this step's: save again.
+      self.manager.save(step, args=args)
 
   def _finish_in_flight(self):
     step, self._in_flight = self._in_flight, None
@@ -90,6 +104,7 @@ class Checkpointer:
         pass
       raise error from e
     self.save_errors += 1
+    self._stale_error = self._async
     _print(f"warning: {error} [save error {self.save_errors}; training goes on]")
 
   def wait(self):

@@ -66,20 +66,29 @@ def remove_metadata(ckpt_dir, step: int) -> epath.Path:
 
 @contextlib.contextmanager
 def failing_writes(code: int = errno.ENOSPC, match: str = ""):
-  """Imitates a full disk (ENOSPC) or a read-only folder (EACCES): every metadata or commit file
-  orbax writes whose path contains `match` raises OSError(code). In an async save the error is
-  raised in orbax's background thread, as a real one is."""
-  from orbax.checkpoint._src.path import async_path  # orbax's one door for these writes
+  """Imitates a full disk (ENOSPC) or a read-only folder (EACCES): every file written through
+  etils.epath (orbax's metadata and commit files, grain's iterator state) whose path contains
+  `match` raises OSError(code). In an async save the error is raised in orbax's background thread,
+  as a real one is. Local paths only (it patches the class of a local epath.Path)."""
+  cls = type(epath.Path("/"))
+  names = ("write_text", "write_bytes")
+  own = {name: cls.__dict__.get(name) for name in names}  # None: inherited
+  originals = {name: getattr(cls, name) for name in names}
 
-  original = async_path.write_text
+  def failing(name):
+    def write(self, *args, **kwargs):
+      if match in str(self):
+        raise OSError(code, os.strerror(code), str(self))
+      return originals[name](self, *args, **kwargs)
+    return write
 
-  async def write_text(path, text):
-    if match in str(path):
-      raise OSError(code, os.strerror(code), str(path))
-    return await original(path, text)
-
-  async_path.write_text = write_text
+  for name in names:
+    setattr(cls, name, failing(name))
   try:
     yield
   finally:
-    async_path.write_text = original
+    for name in names:
+      if own[name] is None:
+        delattr(cls, name)
+      else:
+        setattr(cls, name, own[name])
