@@ -23,6 +23,7 @@ that step number writes a fresh folder.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from typing import Any, Callable
@@ -85,10 +86,25 @@ def check_tree(item_dir, template, partial: bool = False) -> None:
   differ = [f"{name(k)} missing there" for k in wanted if k not in saved]
   if not partial:
     differ += [f"{name(k)} not in the config's tree" for k in saved if k not in wanted]
-  differ += [f"{name(k)} {tuple(saved[k].shape)} there, {tuple(wanted[k].shape)} here"
-             for k in wanted if k in saved and tuple(saved[k].shape) != tuple(wanted[k].shape)]
+  shape = lambda leaf: tuple(getattr(leaf, "shape", None) or ())
+  differ += [f"{name(k)} {shape(saved[k])} there, {shape(wanted[k])} here"
+             for k in wanted if k in saved and shape(saved[k]) != shape(wanted[k])]
   if differ:
     raise Mismatch(f"{len(differ)} difference(s) in the saved arrays: " + "; ".join(differ[:6]))
+
+
+def check_json_item(item_dir) -> None:
+  """Raises Damaged unless `item_dir` (grain's data iterator item: process_<i>-of-<n>.json) holds
+  JSON files that all parse: then a failure to restore it is a config change, not damage."""
+  item_dir = epath.Path(item_dir)
+  files = [p for p in item_dir.iterdir() if p.name.endswith(".json")] if item_dir.exists() else []
+  if not files:
+    raise Damaged(f"its data iterator state ({item_dir}/*.json) is missing")
+  for path in files:
+    try:
+      json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      raise Damaged(f"its data iterator state {path} cannot be read ({describe(e)})") from e
 
 
 def unfinished_saves(directory, listed) -> dict[int, list[epath.Path]]:

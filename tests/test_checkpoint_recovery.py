@@ -3,7 +3,8 @@
 * resume reads the newest readable step: a truncated array file, a missing tree metadata file or a
   save never committed is skipped with a printed line, and its folder renamed <step>.unreadable
   byte for byte; keep-N never deletes a readable step on its account; with none readable the
-  error lists every step tried. An intact checkpoint of another config is not damage.
+  error lists every step tried. An intact checkpoint of another config (its arrays' shapes, or a
+  data iterator state that does not fit the pipeline) is not damage: an error, nothing renamed.
 * a failed save (ENOSPC, EACCES; sync or async) is a CheckpointError naming the path and the free
   space (checkpoint.on_save_error=stop) or a counted warning (warn); the earlier steps stay readable.
 * load_params (inference, read-only) reads the newest readable step and renames nothing.
@@ -268,3 +269,48 @@ def test_the_loop_warns_on_a_failed_save_and_logs_the_count(tmp_path, capsys):
   assert np.isfinite(out["metrics"]["eval_bits_per_byte"])
   assert sorted(n for n in os.listdir(workdir / "checkpoints") if n[0].isdigit()) == [
       "1.orbax-checkpoint-tmp", "2"]
+
+
+def data_run(workdir) -> str:
+  """Steps 1 and 2, each with a grain iterator's state (at 1 and 2 elements read)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  saver = Checkpointer(str(workdir), ckpt_cfg())
+  it = iter(grain.MapDataset.range(10).to_iter_dataset())
+  for s in (1, 2):
+    next(it)
+    saver.save(s, tiny_state(s), it)
+  saver.close()
+  return os.path.join(workdir, "checkpoints")
+
+
+@pytest.mark.fast
+def test_a_damaged_data_iterator_state_falls_back(tmp_path):
+  import grain  # pylint: disable=g-import-not-at-top
+  ckpt = data_run(tmp_path)
+  (state_file,) = [n for n in os.listdir(os.path.join(ckpt, "2", "data")) if n.endswith(".json")]
+  with open(os.path.join(ckpt, "2", "data", state_file), "w") as f:
+    f.write('{"next_ind')  # cut off mid-write
+  it = iter(grain.MapDataset.range(10).to_iter_dataset())
+  checkpointer = Checkpointer(str(tmp_path), ckpt_cfg())
+  assert int(checkpointer.restore(TEMPLATE, it)["step"]) == 1
+  checkpointer.close()
+  assert next(it) == 1  # the iterator is where step 1 left it
+  assert sorted(os.listdir(ckpt)) == ["1", "2.unreadable"]
+
+
+@pytest.mark.fast
+def test_an_intact_data_state_of_another_pipeline_is_not_damage(tmp_path, monkeypatch):
+  import grain  # pylint: disable=g-import-not-at-top
+  ckpt = data_run(tmp_path)
+  before = contents(ckpt)
+  it = iter(grain.MapDataset.range(10).to_iter_dataset())
+
+  def refuse(state):
+    raise KeyError("exhausted")  # what grain raises for a pipeline of another shape
+  monkeypatch.setattr(it, "set_state", refuse)
+  checkpointer = Checkpointer(str(tmp_path), ckpt_cfg())
+  with pytest.raises(CheckpointError, match=r"data iterator state is intact but does not fit.*"
+                     r"config.json.*Nothing was renamed"):
+    checkpointer.restore(TEMPLATE, it)
+  checkpointer.close()
+  assert contents(ckpt) == before

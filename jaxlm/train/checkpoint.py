@@ -6,8 +6,9 @@ reads a run's parameters back for inference), as orbax CheckpointManager items (
 Faults (jaxlm/checkpoint_health.py says how orbax marks a finished save):
   * resume reads the newest readable step: a damaged one (or a save cut short) is skipped with a
     printed line and renamed `<step>.unreadable`, never deleted; orbax no longer lists it, so
-    keep-N neither counts nor deletes it. An intact step of another config is not damage: that
-    stays an error naming config.json, and nothing is renamed.
+    keep-N neither counts nor deletes it. An intact step of another config (other array shapes
+    in its tree metadata, or a data iterator state, valid JSON, that the pipeline refuses) is not
+    damage: that stays an error naming config.json, and nothing is renamed.
   * a failed save (disk full, permission denied; an async one's failure shows at the next save,
     wait or close) is a CheckpointError naming the path and the free space, raised or, with
     checkpoint.on_save_error=warn, printed and counted in `save_errors`.
@@ -125,14 +126,25 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
 
     def attempt(s: int):
+      step_dir = health.step_path(self.directory, s)
       try:
-        health.check_tree(health.step_path(self.directory, s) / "state", abstract)
+        health.check_tree(step_dir / "state", abstract)
       except health.Mismatch as e:
         raise self._mismatch_error(s, e) from e
-      items = {"state": ocp.args.StandardRestore(abstract)}
+      state = self.manager.restore(
+          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
       if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-      return self.manager.restore(s, args=ocp.args.Composite(**items))["state"]
+        health.check_json_item(step_dir / "data")  # intact files, so a failure below is the config's
+        try:
+          self.manager.restore(
+              s, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          raise health.Mismatch(
+              f"checkpoint {step_dir}: its data iterator state is intact but does not fit this "
+              f"run's data pipeline ({health.describe(e)}); the data.* fields must match the run's "
+              "config.json again, or start over with a fresh train.workdir. (Nothing was renamed.)"
+          ) from e
+      return state
 
     if step is not None:
       try:
