@@ -132,7 +132,9 @@ class LoadedParams:
 
 
 def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> LoadedParams:
-  """Restores only the parameters of a run's checkpoint (the latest by default).
+  """Restores only the parameters of a run's checkpoint (by default the newest that can be read: a
+  damaged newer one is skipped with a line on stderr and left as it is, see
+  jaxlm/checkpoint_health.py).
 
   A LoRA run's (lora.rank > 0) come back merged: its adapters added into the base weights its
   config.json names (jaxlm/posttrain/lora.py, `merged_run_params`), as a plain model's parameters.
