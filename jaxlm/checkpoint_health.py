@@ -23,6 +23,7 @@ that step number writes a fresh folder.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -175,6 +176,9 @@ def newest_readable(steps, attempt: Callable[[int], Any], on_skip: Callable[[int
       if _is_transient(e):
         raise
       error, value = e, None
+      # orbax's reads of the damaged files leave coroutines that were never awaited: end them here,
+      # not at some later, arbitrary allocation.
+      gc.collect()
     if _all_processes_ok(error is None):
       return step, value, skipped
     why = str(error) if isinstance(error, Damaged) else (

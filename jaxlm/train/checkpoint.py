@@ -42,15 +42,11 @@ class Checkpointer:
   def __init__(self, workdir: str, ckpt_cfg):
     self.directory = checkpoint_dir(workdir)
     self.on_save_error = ckpt_cfg.on_save_error
-    self._async = ckpt_cfg.async_save
     self.save_errors = 0  # failed saves so far (on_save_error=warn); the loop logs it
     self._in_flight = None  # the step of the last save, until it is known to have finished
-    self._stale_error = False  # whether a failed async save may still raise at the next save
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=ckpt_cfg.keep, enable_async_checkpointing=ckpt_cfg.async_save, create=True),
-    )
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=ckpt_cfg.keep, enable_async_checkpointing=ckpt_cfg.async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -63,29 +59,31 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     try:
-      self._save_once(step, ocp.args.Composite(**items))
+      self.manager.save(step, args=ocp.args.Composite(**items))
       self._in_flight = step
     except Exception as e:  # pylint: disable=broad-exception-caught
       self._save_failed(step, e)
-
-  def _save_once(self, step: int, args):
-    retry, self._stale_error = self._stale_error, False
-    try:
-      self.manager.save(step, args=args)
-    except Exception:  # pylint: disable=broad-exception-caught
-      if not retry:
-        raise
-      # A failed async save leaves its error in two of orbax's background threads: the manager's
-      # (raised at the wait that reported it) and its checkpointer's, which orbax raises once at the
-      # start of the next save. That one is not this step's: save again.
-      self.manager.save(step, args=args)
 
   def _finish_in_flight(self):
     step, self._in_flight = self._in_flight, None
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-exception-caught
+      self._settle()
       self._save_failed(step, e)
+
+  def _settle(self):
+    """After a failed async save. orbax's manager reports the first error of its background
+    threads while its checkpointer's thread may still be writing (and would raise its own error,
+    of the same failed save, at the next save). Closing waits for both; a new manager then lists
+    what is on disk, so keep-N counts only finished steps."""
+    for _ in range(2):  # the first close may stop at that second error
+      try:
+        self.manager.close()
+        break
+      except Exception:  # pylint: disable=broad-exception-caught
+        continue
+    self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def _save_failed(self, step, e: Exception):
     path = self.directory if step is None else health.step_path(self.directory, step)
@@ -105,7 +103,6 @@ class Checkpointer:
         pass
       raise error from e
     self.save_errors += 1
-    self._stale_error = self._async
     _print(f"warning: {error} [save error {self.save_errors}; training goes on]")
 
   def wait(self):
