@@ -62,6 +62,7 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(**items))
       self._in_flight = step
     except Exception as e:  # pylint: disable=broad-exception-caught
+      self._settle()  # parts of this save may already run in the background (an async one's arrays)
       self._save_failed(step, e)
 
   def _finish_in_flight(self):
@@ -73,10 +74,11 @@ class Checkpointer:
       self._save_failed(step, e)
 
   def _settle(self):
-    """After a failed async save. orbax's manager reports the first error of its background
-    threads while its checkpointer's thread may still be writing (and would raise its own error,
-    of the same failed save, at the next save). Closing waits for both; a new manager then lists
-    what is on disk, so keep-N counts only finished steps."""
+    """After a failed save: every error of that save is its own, none leaks into the next one.
+    orbax reports the first error (a failed file, its background step-metadata write, its
+    checkpointer's thread) while the other background parts may still be writing, and raises
+    their errors at the next save. Closing waits for all of them; a new manager then lists what
+    is on disk, so keep-N counts only finished steps."""
     for _ in range(2):  # the first close may stop at that second error
       try:
         self.manager.close()
@@ -92,10 +94,6 @@ class Checkpointer:
         f"{health.free_space(self.directory)}. Earlier checkpoints are untouched and a resume never "
         "reads this step's partial folder; free space or fix the folder's permissions, then resume "
         "(checkpoint.on_save_error=warn trains on past failed saves)")
-    try:
-      self.manager.reload()  # the failed step must not count towards keep-N
-    except Exception:  # pylint: disable=broad-exception-caught
-      pass
     if self.on_save_error == "stop":
       try:
         self.manager.close()  # let orbax's background threads end before the error surfaces
