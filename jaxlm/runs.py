@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import jax
@@ -33,6 +34,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxlm import checkpoint_health as health
+from jaxlm.checkpoint_health import CheckpointError  # noqa: F401  (jaxlm.runs.CheckpointError)
 from jaxlm.config import (ConfigError, base_config, flat_fields, parse_rules, unknown_field_error,
                           with_vocab_size)
 from jaxlm.data.hf_tokenizer import (CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, CONFIG_FILE,
@@ -43,10 +46,6 @@ from jaxlm.models.layers import ADAPTERS
 from jaxlm.parallel.mesh import platform
 from jaxlm.parallel.sharding import tree_shardings
 from jaxlm.workdir import as_path, copy_tree, is_url
-
-
-class CheckpointError(RuntimeError):
-  """A run directory or checkpoint is missing or unreadable; the message says what to do."""
 
 
 # Fields that moved from `model` to `compute` when the architecture was split from how it is run.
@@ -156,7 +155,9 @@ class LoadedParams:
 
 
 def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> LoadedParams:
-  """Restores only the parameters of a run's checkpoint (the latest by default).
+  """Restores only the parameters of a run's checkpoint (by default the newest that can be read: a
+  damaged newer one is skipped with a line on stderr and left as it is, see
+  jaxlm/checkpoint_health.py).
 
   A LoRA run's (lora.rank > 0) come back merged: its adapters added into the base weights its
   config.json names (jaxlm/posttrain/lora.py, `merged_run_params`), as a plain model's parameters.
@@ -183,25 +184,52 @@ def load_params(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh |
   directory = checkpoint_dir(workdir)
   # Not read_only=True: it only adds warnings to the terminal; this manager never saves or deletes.
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    saved = list(manager.all_steps())
-    step = max(saved, default=None) if step is None else step
-    if step not in saved:
-      raise CheckpointError(
-          f"no checkpoint {'' if step is None else f'of step {step} '}in {directory} (saved steps: "
-          f"{sorted(saved)}); train the run until it saves one, or pick a saved step")
+
+  def attempt(s: int):
+    try:
+      health.check_tree(health.step_path(directory, s) / "state", target, partial=True)
+    except health.Mismatch as e:
+      raise health.Mismatch(
+          f"checkpoint {health.step_path(directory, s)} could not be read: it holds other arrays "
+          f"than {os.path.join(workdir, 'config.json')} builds ({e}). If config.json was edited "
+          "since the run saved it, put the run's model and compute fields back") from e
     # partial_restore reads the subtree `target` names ("params") and skips the rest of the state.
     state = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=state))
-    except Exception as e:  # orbax raises many types for truncated or foreign files
+    return manager.restore(s, args=ocp.args.Composite(state=state))
+
+  def skip(s: int, why: str):  # read-only: the damaged step is left where it is
+    print(f"jaxlm: checkpoint step {s} skipped: {why}; reading an earlier step", file=sys.stderr,
+          flush=True)
+
+  try:
+    saved = sorted(manager.all_steps())
+    if step is not None and step not in saved:
       raise CheckpointError(
-          f"checkpoint {directory}/{step} could not be read ({type(e).__name__}: "
-          f"{str(e)[:300]}). If config.json was edited since the run saved it, put the run's model "
-          "and compute fields back; if the files are damaged, delete that step's folder (or pick "
-          f"another of the saved steps {sorted(saved)})") from e
+          f"no checkpoint of step {step} in {directory} (saved steps: {saved}); train the run "
+          "until it saves one, or pick a saved step")
+    if step is not None:  # the step asked for, or an error
+      try:
+        restored = attempt(step)
+      except CheckpointError:
+        raise
+      except Exception as e:  # orbax raises many types for truncated or foreign files
+        raise CheckpointError(
+            f"checkpoint {health.step_path(directory, step)} could not be read "
+            f"({health.describe(e)}); if the files are damaged, pick another of the saved steps "
+            f"{saved} (or delete that step's folder)") from e
+    else:  # the newest readable step
+      step, restored, skipped = health.newest_readable(saved, attempt, skip)
+      if step is None and not skipped:
+        raise CheckpointError(
+            f"no checkpoint in {directory} (saved steps: []); train the run until it saves one")
+      if step is None:
+        raise CheckpointError(
+            f"no readable checkpoint in {directory}: "
+            + "; ".join(f"step {s} could not be read ({why})" for s, why in skipped)
+            + ". If the files are damaged, delete that step's folder (or move it aside) to read an "
+            "earlier one, copy a good checkpoint back, or train the run again")
   finally:
     manager.close()
   params = restored["state"]["params"]

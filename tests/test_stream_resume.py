@@ -2,11 +2,10 @@
 trains K steps and checkpoints, 2 processes (4 devices each, gloo) resume it for K more, 1 process
 finishes the last K; losses and final parameters are those of an uninterrupted 3K-step run.
 
-It needs jaxlm/train/checkpoint.py to save the data iterator with jaxlm.data.stream's
-DataSave/DataRestore (grain's own handler only restores on the process count that wrote it).
+jaxlm/train/checkpoint.py saves the data iterator with jaxlm.data.stream's DataSave/DataRestore
+(grain's own handler only restores on the process count that wrote it).
 """
 
-import inspect
 import json
 import os
 import socket
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 
 from jaxlm import presets
-from jaxlm.train import checkpoint
 from jaxlm.train.loop import train
 
 K = 2  # steps per leg
@@ -70,9 +68,6 @@ def _data_state(workdir, step):
     return files, json.load(f)
 
 
-@pytest.mark.skipif("DataSave" not in inspect.getsource(checkpoint),
-                    reason="jaxlm/train/checkpoint.py saves the data iterator with grain's handler, "
-                           "which restores only on the process count that wrote it")
 def test_one_two_one_processes_continue_the_uninterrupted_run(tmp_path):
   assert jax.device_count() == 8  # tests/conftest.py
   straight = train(resume_config(tmp_path / "straight"))

@@ -24,6 +24,7 @@ _CHOICES = {
     "posttrain.loss_aggregation": ("token", "sequence"),
     "train.schedule": ("cosine", "linear", "wsd", "constant"),
     "checkpoint.resume": ("auto", "always", "never"),
+    "checkpoint.on_save_error": ("stop", "warn"),
 }
 
 _POSITIVE = (

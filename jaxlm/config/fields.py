@@ -209,6 +209,12 @@ def _checkpoint() -> ConfigDict:
   c.keep = 3  # newest checkpoints kept
   c.async_save = True  # write in the background while training goes on
   c.resume = "auto"  # auto: resume if the workdir holds a checkpoint | always: it must | never
+  # A save that fails (disk full, permission denied; an async save's failure shows at the next
+  # save or at the end). stop: the run ends with a CheckpointError naming the path and the free
+  # space | warn: the same text as a warning, counted in metric checkpoint/save_errors, and
+  # training goes on. Either way earlier checkpoints stay readable, and a resume skips the failed
+  # step's partial folder (jaxlm/checkpoint_health.py).
+  c.on_save_error = "stop"
   # A jaxlm run directory (its latest checkpoint) or a Hugging Face model directory whose parameters
   # start this run: step 0, fresh optimizer state. model.* must describe the same architecture.
   # Ignored when the run resumes from its own checkpoint, except with LoRA (lora.rank > 0): there

@@ -25,6 +25,7 @@ from jaxlm.posttrain import lora, offline
 from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.train import flops
 from jaxlm.runs import write_run_files
+from jaxlm.checkpoint_health import CheckpointError
 from jaxlm.train.checkpoint import Checkpointer
 from jaxlm.train.guard import NonFiniteError, StepWatch
 from jaxlm.train.preemption import Preempted, PreemptionWatch
@@ -188,7 +189,10 @@ def train(config, stop_at_step: int | None = None) -> dict:
         if result:
           log.write(step, result, prefix="eval")
       if config.checkpoint.every and step % config.checkpoint.every == 0:
+        errors = checkpointer.save_errors
         checkpointer.save(step, state, train_iter)
+        if checkpointer.save_errors != errors:  # checkpoint.on_save_error=warn: the run goes on
+          log.write(step, {"save_errors": checkpointer.save_errors}, prefix="checkpoint")
         log.sync()  # a gs:// run's metrics reach the bucket with each checkpoint
       if preemption.reached(step):
         watch.flush()
@@ -202,10 +206,14 @@ def train(config, stop_at_step: int | None = None) -> dict:
     checkpointer.wait()  # the checkpoints written so far are complete before the process exits
     checkpointer.close()
     raise
+  except CheckpointError:  # a failed save with checkpoint.on_save_error=stop: keep what was logged
+    log.close()
+    raise
   finally:
     preemption.close()
 
   final_step = int(state.step)
+  errors = checkpointer.save_errors
   if checkpointer.latest_step() != final_step:
     checkpointer.save(final_step, state, train_iter)
   result = None
@@ -217,8 +225,10 @@ def train(config, stop_at_step: int | None = None) -> dict:
   if result:
     log.write(final_step, result, prefix="eval")
     last = {**last, **{f"eval_{k}": v for k, v in result.items()}}
+  checkpointer.wait()  # the last async save's failure, if any, surfaces here
+  if checkpointer.save_errors != errors:
+    log.write(final_step, {"save_errors": checkpointer.save_errors}, prefix="checkpoint")
   log.close()
-  checkpointer.wait()
   checkpointer.close()
   return {"state": state, "frozen": frozen if config.lora.rank else None, "graphdef": graphdef, "tokenizer": tokenizer, "metrics": last,
           "config": config}
