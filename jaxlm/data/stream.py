@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 GLOBAL, PER_PROCESS = "global", "per_process"
@@ -142,8 +143,7 @@ class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
     item = item or args.item
     if not isinstance(item, StreamIterator):  # another iterator (SFT, post-training): grain's way
       return super().restore(directory, item)
-    from grain._src.core import sharding  # pylint: disable=g-import-not-at-top
-    index, count = sharding.get_process_index_and_count()
+    index, count = jax.process_index(), jax.process_count()  # the names grain's handler wrote
     path = _state_file(directory, index, count)
     state = json.loads(path.read_text())
     match = _STATE_FILE.fullmatch(path.name)
