@@ -23,17 +23,29 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from faults import harness  # noqa: E402
+from faults import harness, inject  # noqa: E402
+
+
+def truncated(ckpt_dir, step):
+  """A truncated array file (the newest step's largest, cut in half)."""
+  return inject.truncate_newest_array(ckpt_dir)
 
 
 def scenarios(s: harness.Scenarios) -> dict:
   return {
       "sigterm1": lambda: s.sigterm(processes=1),
       "sigterm2": lambda: s.sigterm(processes=2),
+      "process_count": s.other_process_count,
       "kill_in_save": s.kill_in_save,
+      "truncated": lambda: s.damaged("truncated array file", truncated),
+      "commit_marker": lambda: s.damaged("missing commit marker", inject.remove_commit_marker),
+      "metadata": lambda: s.damaged("missing tree metadata", inject.remove_metadata),
       "nan": lambda: s.nonfinite("NaN in a batch", "--nan_at=6"),
       "inf_lr": lambda: s.nonfinite("inf learning rate for one step", "--inf_lr_at=6"),
+      "full_disk": s.full_disk,
+      "full_disk_warn": s.full_disk_warn,
       "dead_peer": lambda: s.dead_peer(timeout=10),
+      "bad_record": s.bad_record,
   }
 
 

@@ -151,7 +151,7 @@ def _data() -> ConfigDict:
   # text/jsonl records that cannot be documents (undecodable UTF-8, whitespace-only, a JSONL line
   # that is not JSON or lacks a string data.jsonl_field; chat: undecodable or non-JSON-object
   # lines): "error" stops with the file and line | "skip" leaves them out and logs their count by
-  # reason once at the start (metrics data_skipped_*)
+  # reason once at the start (metrics data/skipped_*)
   d.on_bad_record = "error"
   # Resume on another number of processes. Shakespeare/text/jsonl/chat give one global stream of
   # batches whatever the process count (each process keeps its rows of every batch), so a

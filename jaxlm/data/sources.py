@@ -12,7 +12,7 @@ does not exist.
 Bad records in text/jsonl files (undecodable UTF-8, a whitespace-only document, a JSONL line that
 is not JSON, lacks data.jsonl_field or holds a non-string there) follow data.on_bad_record: "error"
 (the default) names the file and line; "skip" leaves the record out and counts it by reason
-(`read_documents`), and training logs the counts once, as data_skipped_* metrics. Files are read
+(`read_documents`), and training logs the counts once, as data/skipped_* metrics. Files are read
 as bytes and decoded per file (text) or per line (jsonl), so a decoding error names its line.
 """
 

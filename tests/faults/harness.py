@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -79,13 +81,22 @@ def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=No
       env.update(JAXLM_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index))
     argv = [sys.executable, RUNNER, f"--devices={2 // processes}", *faults, "--", *flags]
-    procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    # Output to a file, not a pipe: nobody reads a pipe while the test waits for a step, and a
+    # full one would stall the trainer.
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"process{index}-", suffix=".log")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    procs.append(proc)
   return procs
 
 
+def output(proc) -> str:
+  proc.log.seek(0)
+  return proc.log.read()
+
+
 def finish(procs, timeout=600) -> list[Done]:
-  return [Done(p.wait(timeout), p.stdout.read()) for p in procs]
+  return [Done(p.wait(timeout), output(p)) for p in procs]
 
 
 def run(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None) -> list[Done]:
@@ -217,19 +228,45 @@ class Scenarios:
     return row
 
   def damaged(self, name, damage) -> Row:
-    """A run stopped (SIGTERM) at step 8 with checkpoints 4 and 8; `damage(ckpt_dir)` then breaks 8."""
-    row = Row(name, damage.__doc__.strip().splitlines()[0])
+    """A run stopped (SIGTERM) at step 8 with checkpoints 4 and 8; `damage(ckpt_dir, 8)` breaks 8."""
+    row = Row(name, damage.__doc__.strip().split(":")[0].split(".")[0])
     workdir = self._dir(name.replace(" ", "_"))
     (done,) = run(workdir, self.tok, ["--sigterm_at=8"])
     assert done.code == PREEMPTED, done.out[-3000:]
     ckpts = os.path.join(workdir, "checkpoints")
-    damage(ckpts)
-    before = tree_bytes(os.path.join(ckpts, "8"))
+    damage(ckpts, 8)
+    (folder,) = [n for n in os.listdir(ckpts) if n.split(".")[0] == "8"]
+    before = tree_bytes(os.path.join(ckpts, folder))
     dones = self._resume(row, workdir, lost=4)
-    aside = [n for n in os.listdir(ckpts) if n.startswith("8.")]
-    row.notes = f"set aside: {aside}"
+    aside = [n for n in os.listdir(ckpts) if n.startswith("8.unreadable")]
+    row.notes = f"{folder} set aside as {aside}"
     assert aside and tree_bytes(os.path.join(ckpts, aside[0])) == before, "damaged files changed"
-    assert "8" in dones[0].out, dones[0].out[-3000:]  # it said which step it skipped
+    assert "checkpoint step 8 skipped" in dones[0].out, dones[0].out[-3000:]  # said which and why
+    return row
+
+  def full_disk(self) -> Row:
+    row = Row("disk full during save", "ENOSPC from every file write of the step-8 checkpoint")
+    workdir = self._dir("full_disk")
+    (done,) = run(workdir, self.tok, ["--full_disk_at=8"])
+    assert done.code == 1 and "free" in done.out and "checkpoints/8" in done.out, done.out[-3000:]
+    assert checkpoint_steps(workdir) == [4], checkpoint_steps(workdir)
+    trained = max(logged_losses(workdir))
+    self._resume(row, workdir, lost=trained - 4)
+    line = next(line for line in done.out.splitlines() if "could not be saved" in line)
+    free = re.search(r"[\d.]+ GiB free of [\d.]+ GiB", line)
+    row.notes = (f"checkpoint.on_save_error=stop: the error names {line.split()[2]} and "
+                 f"{free.group(0) if free else 'no free space'}")
+    return row
+
+  def full_disk_warn(self) -> Row:
+    row = Row("disk full during save, on_save_error=warn", "as above; the run trains on")
+    workdir = self._dir("full_disk_warn")
+    (done,) = run(workdir, self.tok, ["--full_disk_at=8"], extra=["--config.checkpoint.on_save_error=warn"])
+    assert done.code == 0, done.out[-3000:]
+    row.steps_lost = 0
+    row.data_lost = data_lost(workdir, self.reference)
+    row.params_equal = same_params(final_params(workdir), self.want)
+    row.notes = f"checkpoints {checkpoint_steps(workdir)}, checkpoint/save_errors {metric(workdir, 'checkpoint/save_errors')}"
     return row
 
   def nonfinite(self, name, option) -> Row:
@@ -254,8 +291,7 @@ class Scenarios:
     procs[1].kill()
     killed = time.time()
     code = procs[0].wait(timeout * 6)
-    waited = time.time() - killed
-    out = procs[0].stdout.read()
+    waited, out = time.time() - killed, output(procs[0])
     assert code != 0 and "stopped answering" in out, out[-3000:]
     trained = max(logged_losses(workdir))
     row.notes = f"survivor exited {waited:.0f} s after the kill (code {code}): " + next(

@@ -10,12 +10,14 @@ Everything after `--` goes to the trainer unchanged. The options patch the train
   --nan_at K           step K's batch carries a NaN loss weight (weights are float at every step)
   --inf_lr_at K        step K's update is multiplied by an infinite learning rate
   --kill_in_save_at K  SIGKILL this process right after the checkpoint save of step K starts
+  --full_disk_at K     every file write of step K's checkpoint fails with ENOSPC (disk full)
 It prints `first step after start: T s` when the first step it runs has finished (T from start).
 A multi-process run is started like a user would by hand: JAXLM_DISTRIBUTED=1 with
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment.
 """
 
 import argparse
+import errno
 import dataclasses
 import os
 import signal
@@ -31,7 +33,7 @@ def parse(argv):
   p = argparse.ArgumentParser()
   p.add_argument("--devices", type=int, default=1)
   p.add_argument("--slow", type=float, default=0.0)
-  for name in ("sigterm_at", "nan_at", "inf_lr_at", "kill_in_save_at"):
+  for name in ("sigterm_at", "nan_at", "inf_lr_at", "kill_in_save_at", "full_disk_at"):
     p.add_argument(f"--{name}", type=int, default=0)
   return p.parse_args(argv[:cut]), argv[cut + 1:]
 
@@ -41,6 +43,7 @@ def main():
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
   sys.path.insert(0, ROOT)
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
   import jax
   import jax.numpy as jnp
   import optax
@@ -93,6 +96,18 @@ def main():
       if step == a.kill_in_save_at:
         os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.Checkpointer.save = save_then_die
+
+  if a.full_disk_at:
+    from faults import inject
+    save = checkpoint.Checkpointer.save
+
+    def save_on_full_disk(self, step, *args, **kwargs):
+      if step != a.full_disk_at:
+        return save(self, step, *args, **kwargs)
+      with inject.failing_writes(errno.ENOSPC, match=f"/checkpoints/{step}"):
+        save(self, step, *args, **kwargs)
+        self.wait()  # an async save fails in its background thread: while the disk is still full
+    checkpoint.Checkpointer.save = save_on_full_disk
 
   sys.argv = ["jaxlm.train", *trainer_argv]
   cli.run()

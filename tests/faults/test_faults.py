@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from faults import harness
+from faults import harness, inject
 from faults.harness import EVERY
 
 
@@ -28,6 +28,40 @@ def test_sigterm_mid_step_loses_no_step_and_resumes_bit_for_bit(scenarios, proce
 def test_sigkill_mid_save_loses_at_most_one_checkpoint_interval(scenarios):
   row = scenarios.kill_in_save()
   assert row.steps_lost <= EVERY and row.data_lost == "none" and row.params_equal, row
+
+
+def truncate(ckpt_dir, step):
+  """A truncated array file (the newest step's largest, cut in half)."""
+  return inject.truncate_newest_array(ckpt_dir)
+
+
+@pytest.mark.parametrize("damage", [truncate, inject.remove_commit_marker, inject.remove_metadata],
+                         ids=["truncated_array", "missing_commit_marker", "missing_metadata"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    scenarios, damage):
+  row = scenarios.damaged(damage.__name__, damage)
+  assert row.steps_lost == EVERY and row.data_lost == "none" and row.params_equal, row
+
+
+def test_a_full_disk_stops_the_run_keeping_earlier_checkpoints(scenarios):
+  row = scenarios.full_disk()
+  assert row.data_lost == "none" and row.params_equal and "GiB free" in row.notes, row
+
+
+def test_a_full_disk_with_on_save_error_warn_trains_on(scenarios):
+  row = scenarios.full_disk_warn()
+  assert row.data_lost == "none" and row.params_equal, row
+  assert "checkpoint/save_errors [1.0]" in row.notes and "8" not in row.notes.split(",")[0], row
+
+
+def test_a_run_moves_between_process_counts_without_changing_its_data(scenarios):
+  row = scenarios.other_process_count()
+  assert row.data_lost == "none" and row.params_equal, row
+
+
+def test_a_bad_jsonl_line_is_refused_by_line_or_skipped_and_counted(scenarios):
+  row = scenarios.bad_record()
+  assert row.params_equal and "skipped_records [1.0]" in row.data_lost, row
 
 
 @pytest.mark.parametrize("option", ["--nan_at=6", "--inf_lr_at=6"])
