@@ -8,7 +8,8 @@ Columns: how the fault is injected; steps lost (checkpointed progress thrown awa
 starts that many steps before where the faulted run had got to); seconds to recover (the relaunch's
 start to its first new step, compile included); data lost (steps that trained on another batch or
 from another state than the uninterrupted run's: "none" is the promise); final parameters bitwise
-equal to the uninterrupted run's. The scenarios live in tests/faults/harness.py, which
+equal to the uninterrupted run's; every checkpoint folder there before the relaunch still there after
+it (a damaged one renamed <step>.unreadable). The scenarios live in tests/faults/harness.py, which
 tests/faults/test_faults.py runs with the same assertions.
 """
 
@@ -68,12 +69,14 @@ def main(argv=None):
     except AssertionError as e:  # a broken promise is a row too
       rows.append(harness.Row(name, "", notes=f"FAILED: {str(e)[-300:]}"))
     print(f"{name}: {time.time() - t:.0f} s", flush=True)
-  cols = ("fault", "injected", "steps lost", "recover s", "data lost", "params equal")
+  cols = ("fault", "injected", "steps lost", "recover s", "data lost", "params equal",
+          "checkpoints kept")
   print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
   for r in rows:
     recover = "-" if r.recover_s is None else f"{r.recover_s:.1f}"
     equal = {True: "yes", False: "no", None: "-"}[r.params_equal]
-    print(f"| {r.fault} | {r.injected} | {r.steps_lost} | {recover} | {r.data_lost} | {equal} |")
+    kept = {True: "yes", False: "NO", None: "-"}[r.kept]
+    print(f"| {r.fault} | {r.injected} | {r.steps_lost} | {recover} | {r.data_lost} | {equal} | {kept} |")
   print("\nnotes:")
   for r in rows:
     print(f"- {r.fault}: {r.notes}")

@@ -53,7 +53,6 @@ def test_write_cache_puts_each_row_at_its_own_slots_and_drops_overflow():
   assert (v[:, 0, :, :, 1:3] == 1).all() and (v[:, 1, :, :, 3] == 2).all() and (v[:, 1, :, :, :3] == 0).all()
 
 
-@pytest.mark.fast
 def test_with_matmul_dtype_equals_a_model_built_with_it():
   graphdef, params = nnx.split(tiny_model())
   low_def, low_params = with_matmul_dtype(graphdef, params, "bfloat16")

@@ -37,7 +37,6 @@ def setup():
   return c, graphdef, params
 
 
-@pytest.mark.fast
 def test_a_nan_loss_leaves_params_and_optimizer_state_unchanged(setup):
   c, graphdef, params = setup
   tx = optimizer.make_optimizer(c.train)
@@ -54,7 +53,6 @@ def test_a_nan_loss_leaves_params_and_optimizer_state_unchanged(setup):
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(good.params), jax.tree.leaves(want.params)))
 
 
-@pytest.mark.fast
 def test_an_infinite_learning_rate_is_caught_by_the_update_check(setup):
   """Loss and gradients are finite; only the update is not. Without the guard the weights are lost."""
   c, graphdef, params = setup

@@ -86,7 +86,6 @@ def test_targets_name_projections_or_groups():
     lora_targets(c.lora, c.model)
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("scan", [True, False])
 def test_new_adapters_leave_the_base_model_exactly(scan):
   c = small(scan, attention_bias=True, mlp_bias=True)
@@ -111,7 +110,6 @@ def test_new_adapters_leave_the_base_model_exactly(scan):
   assert axes[("down_lora", "b")] == (*lead, "lora", "embed")
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("scan", [True, False])
 def test_merged_model_computes_what_the_adapted_one_does(scan, tmp_path):
   c = small(scan, targets="q,v,o,down,gate")

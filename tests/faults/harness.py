@@ -39,6 +39,7 @@ class Row:
   recover_s: float | None = None
   data_lost: str = "none"
   params_equal: bool | None = None
+  kept: bool | None = None  # every checkpoint folder there before the relaunch is still there
   notes: str = ""
 
 
@@ -182,9 +183,16 @@ class Scenarios:
     return path
 
   def _resume(self, row, workdir, processes=1, lost=0):
-    """Relaunches the unchanged command; fills recovery time, data lost and params equality."""
+    """Relaunches the unchanged command; fills recovery time, data lost, params equality and
+    whether every checkpoint folder the fault left is still there (a damaged one renamed
+    <step>.unreadable counts as kept)."""
+    ckpts = os.path.join(workdir, "checkpoints")
+    before = sorted(os.listdir(ckpts)) if os.path.isdir(ckpts) else []
     dones = run(workdir, self.tok, processes=processes)
     assert all(d.code == 0 for d in dones), [d.out[-3000:] for d in dones]
+    after = os.listdir(ckpts)
+    row.kept = all(n in after or any(a.startswith(n.split(".")[0] + ".unreadable") for a in after)
+                   for n in before)
     row.steps_lost = lost
     row.recover_s = dones[0].first_step_s
     row.data_lost = data_lost(workdir, self.reference)

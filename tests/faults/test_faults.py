@@ -22,12 +22,12 @@ def scenarios(tmp_path_factory):
 def test_sigterm_mid_step_loses_no_step_and_resumes_bit_for_bit(scenarios, processes):
   """With 2 processes the signal reaches one; both save the same step and exit 75."""
   row = scenarios.sigterm(processes=processes)
-  assert row.steps_lost == 0 and row.data_lost == "none" and row.params_equal, row
+  assert row.steps_lost == 0 and row.data_lost == "none" and row.params_equal and row.kept, row
 
 
 def test_sigkill_mid_save_loses_at_most_one_checkpoint_interval(scenarios):
   row = scenarios.kill_in_save()
-  assert row.steps_lost <= EVERY and row.data_lost == "none" and row.params_equal, row
+  assert row.steps_lost <= EVERY and row.data_lost == "none" and row.params_equal and row.kept, row
 
 
 def truncate(ckpt_dir, step):
@@ -40,12 +40,12 @@ def truncate(ckpt_dir, step):
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
     scenarios, damage):
   row = scenarios.damaged(damage.__name__, damage)
-  assert row.steps_lost == EVERY and row.data_lost == "none" and row.params_equal, row
+  assert row.steps_lost == EVERY and row.data_lost == "none" and row.params_equal and row.kept, row
 
 
 def test_a_full_disk_stops_the_run_keeping_earlier_checkpoints(scenarios):
   row = scenarios.full_disk()
-  assert row.data_lost == "none" and row.params_equal and "GiB free" in row.notes, row
+  assert row.data_lost == "none" and row.params_equal and row.kept and "GiB free" in row.notes, row
 
 
 def test_a_full_disk_with_on_save_error_warn_trains_on(scenarios):
@@ -56,7 +56,7 @@ def test_a_full_disk_with_on_save_error_warn_trains_on(scenarios):
 
 def test_a_run_moves_between_process_counts_without_changing_its_data(scenarios):
   row = scenarios.other_process_count()
-  assert row.data_lost == "none" and row.params_equal, row
+  assert row.data_lost == "none" and row.params_equal and row.kept, row
 
 
 def test_a_bad_jsonl_line_is_refused_by_line_or_skipped_and_counted(scenarios):
@@ -73,4 +73,4 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(scenarios, option):
 def test_a_dead_peer_ends_the_survivor_naming_it_and_a_relaunch_resumes(scenarios):
   row = scenarios.dead_peer(timeout=10)
   assert "process(es) [1] of 2 stopped answering" in row.notes, row
-  assert row.steps_lost <= EVERY and row.data_lost == "none" and row.params_equal, row
+  assert row.steps_lost <= EVERY and row.data_lost == "none" and row.params_equal and row.kept, row
