@@ -42,10 +42,10 @@ from jaxlm.posttrain import datasets, rewards as rewards_lib, rl_objectives, rol
 from jaxlm.runs import write_run_files
 from jaxlm.train import flops
 from jaxlm.train.checkpoint import Checkpointer
-from jaxlm.train.guard import NonFiniteError, StepWatch
+from jaxlm.train.guard import StepWatch
 from jaxlm.train.init_from import read_source, start_from
 from jaxlm.train.metrics import MetricsLogger
-from jaxlm.train.preemption import Preempted, PreemptionWatch
+from jaxlm.train.preemption import Preempted, stopping_cleanly
 from jaxlm.train.setup import (abstract_model, abstract_state, forward_fn, init_sharded_state,
                                jit_train_step, make_setup, new_model)
 
@@ -243,8 +243,8 @@ def train_rl(config, stop_at_step: int | None = None) -> dict:
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   step = start
   watch = StepWatch(t, t.batch_size, log)  # skipped (non-finite) updates, as in pretraining
-  preemption = PreemptionWatch()  # SIGTERM/SIGINT: checkpoint at the next rollout boundary, stop
-  try:
+  # SIGTERM/SIGINT: checkpoint at the next step boundary and stop (jaxlm/train/preemption.py)
+  with stopping_cleanly(log, checkpointer) as preemption:
     while step < end:
       rollout = step // p.updates_per_rollout + 1
       t0 = time.perf_counter()
@@ -295,14 +295,6 @@ def train_rl(config, stop_at_step: int | None = None) -> dict:
         if checkpointer.latest_step() != step:
           checkpointer.save(step, state)
         raise Preempted(step, preemption.received)
-  except (Preempted, NonFiniteError) as stop:
-    log.print(f"jaxlm: {stop}")
-    log.close()
-    checkpointer.wait()  # the checkpoints written so far are complete before the process exits
-    checkpointer.close()
-    raise
-  finally:
-    preemption.close()
 
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:

@@ -25,10 +25,9 @@ from jaxlm.posttrain import lora, offline
 from jaxlm.posttrain.sft import make_sft_iterator, sft_eval_batches
 from jaxlm.train import flops
 from jaxlm.runs import write_run_files
-from jaxlm.checkpoint_health import CheckpointError
 from jaxlm.train.checkpoint import Checkpointer
-from jaxlm.train.guard import NonFiniteError, StepWatch
-from jaxlm.train.preemption import Preempted, PreemptionWatch
+from jaxlm.train.guard import StepWatch
+from jaxlm.train.preemption import Preempted, stopping_cleanly
 from jaxlm.train.metrics import MetricsLogger
 from jaxlm.train.init_from import start_from
 from jaxlm.train.setup import (abstract_state, init_sharded_state, jit_eval_step, jit_train_step,
@@ -167,8 +166,8 @@ def train(config, stop_at_step: int | None = None) -> dict:
   last, window_tokens, window_start = {}, 0.0, time.perf_counter()
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   watch = StepWatch(t, t.batch_size * rows_per_example(config), log)
-  preemption = PreemptionWatch()
-  try:
+  # SIGTERM/SIGINT: checkpoint at the next step boundary and stop (jaxlm/train/preemption.py)
+  with stopping_cleanly(log, checkpointer) as preemption:
     for step in range(start + 1, end + 1):
       batch = global_batch(next(train_iter), setup.batch_sharding)  # this process's rows -> global arrays
       state, metrics = train_step(state, batch, *frozen_args)
@@ -200,17 +199,6 @@ def train(config, stop_at_step: int | None = None) -> dict:
           checkpointer.save(step, state, train_iter)
         raise Preempted(step, preemption.received)
     watch.flush()
-  except (Preempted, NonFiniteError) as stop:
-    log.print(f"jaxlm: {stop}")
-    log.close()
-    checkpointer.wait()  # the checkpoints written so far are complete before the process exits
-    checkpointer.close()
-    raise
-  except CheckpointError:  # a failed save with checkpoint.on_save_error=stop: keep what was logged
-    log.close()
-    raise
-  finally:
-    preemption.close()
 
   final_step = int(state.step)
   errors = checkpointer.save_errors

@@ -14,11 +14,15 @@ is turned into SIGTERM so Ctrl-C takes the same path. A second SIGINT still inte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
 import jax
 from jax.experimental import multihost_utils
+
+from jaxlm.checkpoint_health import CheckpointError
+from jaxlm.train.guard import NonFiniteError
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL ("try again later"): requeue and resume
 
@@ -66,3 +70,24 @@ class PreemptionWatch:
     for sig, old in self._old.items():
       signal.signal(sig, old)
     self._old = {}
+
+
+@contextlib.contextmanager
+def stopping_cleanly(log, checkpointer):
+  """Around a training loop: yields its PreemptionWatch. A run that stops (Preempted, NonFiniteError)
+  closes its log and waits for the checkpoints it wrote before the error leaves; a failed save
+  (checkpoint.on_save_error=stop) closes the log. The signal handlers are restored either way."""
+  preemption = PreemptionWatch()
+  try:
+    yield preemption
+  except (Preempted, NonFiniteError) as stop:
+    log.print(f"jaxlm: {stop}")
+    log.close()
+    checkpointer.wait()  # the checkpoints written so far are complete before the process exits
+    checkpointer.close()
+    raise
+  except CheckpointError:  # keep what was logged
+    log.close()
+    raise
+  finally:
+    preemption.close()
