@@ -79,6 +79,7 @@ def throughput(a):
   from flax import nnx
 
   from jaxlm.inference.decode import generate_batch
+  from jaxlm.inference.layout import for_decoding
   from jaxlm.inference.precision import with_matmul_dtype
   from jaxlm.interop import hf
 
@@ -93,7 +94,7 @@ def throughput(a):
   with tempfile.TemporaryDirectory() as d:
     hf_model.save_pretrained(d, safe_serialization=True)
     model, _ = hf.load_model(d)
-  graphdef, params = nnx.split(model)
+  graphdef, params = for_decoding(*nnx.split(model))  # what `python -m jaxlm.generate` decodes with
   n_params = sum(p.numel() for p in hf_model.parameters())
   print(f"model: {n_params / 1e6:.1f}M parameters (vocab {a.vocab}, d_model {a.d_model}, {a.layers} "
         f"layers), prompt {a.prompt} tokens, {a.new} new tokens, greedy, float32 weights, "
@@ -153,6 +154,7 @@ def speculative(a):
   from jaxlm import runs
   from jaxlm.data import sources
   from jaxlm.inference.decode import generate_batch
+  from jaxlm.inference.layout import for_decoding
   from jaxlm.inference.precision import with_matmul_dtype
   from jaxlm.inference.speculative import speculative_batch
 
@@ -165,8 +167,8 @@ def speculative(a):
     train(draft_dir, a.draft_layers, a.train_steps)
   target, draft = runs.load_params(target_dir), runs.load_params(draft_dir)
   tok = target.tokenizer
-  t_model = with_matmul_dtype(target.graphdef, target.params, a.spec_matmul_dtype)
-  d_model = with_matmul_dtype(draft.graphdef, draft.params, a.spec_matmul_dtype)
+  t_model = with_matmul_dtype(*for_decoding(target.graphdef, target.params), a.spec_matmul_dtype)
+  d_model = with_matmul_dtype(*for_decoding(draft.graphdef, draft.params), a.spec_matmul_dtype)
   text = " ".join(sources.documents(target.config.data, "eval"))
   ids = tok.encode(text[:200_000])
   rng = np.random.default_rng(0)

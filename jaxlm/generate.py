@@ -82,6 +82,17 @@ def _load(workdir, mesh_from_run: bool):
   return runs.load_params(workdir, _STEP.value, mesh=mesh), mesh, parse_rules(config.mesh.rules)
 
 
+def _decoding_layout(run):
+  """The run with its parameters in the layout a decode loop reads directly (see
+  jaxlm.inference.layout): done once here, not per batch, since it copies the weights."""
+  import dataclasses
+
+  from jaxlm.inference.layout import for_decoding
+
+  graphdef, params = for_decoding(run.graphdef, run.params)
+  return dataclasses.replace(run, graphdef=graphdef, params=params)
+
+
 def _generate(run, draft, prompt_ids, sample_cfg, key, mesh, rules):
   """Completions (and the draft's stats, or None) of token-id prompts."""
   from jaxlm.inference.decode import generate_batch
@@ -125,6 +136,7 @@ def main(argv):
       draft = runs.load_params(_DRAFT_WORKDIR.value, mesh=mesh) if mesh else runs.load_params(_DRAFT_WORKDIR.value)
   except (runs.CheckpointError, ValueError) as e:  # the message names the fix; a trace would bury it
     sys.exit(f"jaxlm: {e}")
+  run, draft = (None if r is None else _decoding_layout(r) for r in (run, draft))
   sample_cfg = sample_settings(run.config.sample)
   if texts is None:
     texts = [sample_cfg.prompt]

@@ -1,0 +1,49 @@
+"""for_decoding: unstacked layers and an untied output projection compute the same model."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import base_config
+from jaxlm.inference.decode import generate_batch
+from jaxlm.inference.layout import for_decoding
+from jaxlm.models.compute import Compute
+from jaxlm.models.transformer import Transformer
+
+
+def tiny(scan_layers, tie, score=0):
+  c = base_config().model
+  c.vocab_size, c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.mlp_dim = 100, 3, 32, 2, 1, 64
+  c.tie_embeddings = tie
+  return nnx.split(Transformer(c, nnx.Rngs(0), Compute(scan_layers=scan_layers), score_outputs=score))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("scan_layers,tie", [(True, True), (True, False), (False, True)])
+def test_same_logits_and_greedy_tokens_in_the_decoding_layout(scan_layers, tie):
+  graphdef, params = tiny(scan_layers, tie)
+  new_def, new_params = for_decoding(graphdef, params)
+  model = nnx.merge(new_def, new_params)
+  assert not model.compute.scan_layers and not model.cfg.tie_embeddings
+  assert len(model.blocks) == 3 and model.unembed[...].shape == (32, 100)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 9)))
+  want = nnx.merge(graphdef, params)(tokens)
+  np.testing.assert_allclose(model(tokens), want, rtol=0, atol=1e-5)
+  prompts = [np.arange(1, 8), np.arange(3, 5), np.array([9])]
+  a = generate_batch(graphdef, params, prompts, max_new_tokens=12)
+  b = generate_batch(new_def, new_params, prompts, max_new_tokens=12)
+  for x, y, lx, ly in zip(a.tokens, b.tokens, a.logprobs, b.logprobs):
+    np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(lx, ly, atol=1e-5)
+
+
+@pytest.mark.fast
+def test_the_decoding_layout_is_returned_as_is_and_keeps_a_score_head():
+  graphdef, params = tiny(False, False)
+  assert for_decoding(graphdef, params) == (graphdef, params)
+  graphdef, params = tiny(True, True, score=1)
+  new_def, new_params = for_decoding(graphdef, params)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  want = nnx.merge(graphdef, params).logits_and_scores(tokens)[1]
+  np.testing.assert_allclose(nnx.merge(new_def, new_params).logits_and_scores(tokens)[1], want, atol=1e-6)
