@@ -26,8 +26,8 @@ MLA_FIELDS = dict(attention_kind="mla", q_lora_rank=16, kv_lora_rank=12, qk_nope
 
 def raw_config(**model):
   c = base_config()
-  c.model.update(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=64,
-                 max_seq_len=64, **{**MLA_FIELDS, **model})
+  c.model.update(**{**dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                           mlp_dim=64, max_seq_len=64), **MLA_FIELDS, **model})
   c.tokenizer.vocab_size = VOCAB
   c.data.seq_len = 16
   c.train.update(batch_size=4, steps=30, warmup_steps=2, learning_rate=1e-2, weight_decay=0.0)
@@ -72,10 +72,8 @@ def expanded_reference(layer, x, positions, slots, cache, start):
 def test_absorbed_decoding_equals_the_expanded_form(q_lora_rank):
   """float32: three new tokens per row over a cache filled to a different length in each row."""
   c = tiny_config(q_lora_rank=q_lora_rank, init_std=0.3)
-  model = build_model(c)
-  layer = nnx.merge(*nnx.split(model.blocks))  # scanned: take layer 0's parameters
-  graphdef, state = nnx.split(layer)
-  layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state)).attn
+  c.compute.scan_layers = False
+  graphdef, state = nnx.split(build_model(c).blocks[0].attn)
   rng = np.random.default_rng(0)
   b, size, t = 3, 10, 3
   cache = {"latent": jnp.asarray(rng.normal(size=(b, size, 12)), jnp.float32),
@@ -83,8 +81,14 @@ def test_absorbed_decoding_equals_the_expanded_form(q_lora_rank):
   start = jnp.array([0, 4, 7], jnp.int32)
   slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)
   x = jnp.asarray(rng.normal(size=(b, t, 32)), jnp.float32)
-  got, new = layer(x, slots, slots, cache=cache, cache_index=start)
-  want = expanded_reference(layer, x, slots, slots, cache, start)
+
+  @jax.jit
+  def both(state, x, cache):
+    layer = nnx.merge(graphdef, state)
+    return (layer(x, slots, slots, cache=cache, cache_index=start),
+            expanded_reference(layer, x, slots, slots, cache, start))
+
+  (got, new), want = both(state, x, cache)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
   assert np.abs(np.asarray(want)).max() > 0.1  # far from zero: a wrong mask or scale would show
   assert new["latent"].shape == (b, t, 12) and new["k_rope"].shape == (b, t, 4)
@@ -128,6 +132,23 @@ def test_cached_greedy_decoding_of_a_ragged_batch_equals_full_forward_passes(q_l
     want = greedy_by_full_forward(graphdef, params, p, new, width=32)
     np.testing.assert_array_equal(got, want)
   assert len({tuple(t) for t in out.tokens}) == len(prompts)  # rows really differ
+
+
+def test_speculative_decoding_with_an_mla_target_and_a_standard_draft():
+  """Greedy: the output is the MLA target's own greedy output; each model keeps its own cache
+  kind (latent / k, v) through the same rounds."""
+  from jaxlm.inference.speculative import speculative_batch
+  target = nnx.split(build_model(tiny_config(init_std=0.3), seed=1))
+  draft_cfg = tiny_config(**{k: 0 for k in MLA_FIELDS if k != "attention_kind"},
+                          attention_kind="standard", num_layers=1)
+  draft = nnx.split(build_model(draft_cfg, seed=2))
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, VOCAB, n).astype(np.int32) for n in (3, 11)]
+  want = generate_batch(*target, prompts, max_new_tokens=9)
+  got, stats = speculative_batch(target, draft, prompts, k=3, max_new_tokens=9)
+  for a, b in zip(got.tokens, want.tokens):
+    np.testing.assert_array_equal(a, b)
+  assert stats.rounds > 0
 
 
 def batch_of(c, seed=0):
@@ -300,6 +321,14 @@ def test_mla_fields_need_mla_and_mscale_needs_yarn():
   from jaxlm.models.compute import resolve_attention
   assert resolve_attention("auto", "gpu", attention_kind="mla") == ("xla", "")
   assert resolve_attention("auto", "tpu", attention_kind="mla") == ("xla", "")
+
+
+@pytest.mark.fast
+def test_export_to_hugging_face_refuses_mla():
+  from jaxlm.interop.errors import InteropError
+  from jaxlm.interop.hf_config import config_to_hf
+  with pytest.raises(InteropError, match="attention_kind"):
+    config_to_hf(tiny_config().model)
 
 
 @pytest.mark.fast

@@ -109,7 +109,8 @@ def _compute() -> ConfigDict:
   c.matmul_dtype = ""
   c.scan_layers = True  # stack layers and run them with lax.scan: compile time independent of depth
   c.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
-  # Attention in training and prefill (KV-cache decoding always uses xla):
+  # Attention in training and prefill (KV-cache decoding always uses xla). MLA
+  # (model.attention_kind): xla, or flash/splash with q/k and v zero-padded to one width; not cudnn.
   #   xla: plain einsum attention, the reference, any platform |
   #   flash: jaxlm's own Pallas kernels (Mosaic TPU; Mosaic GPU on Hopper; interpret mode on CPU) |
   #   splash: JAX's own TPU splash-attention kernel (TPU; interpret mode on CPU) |
