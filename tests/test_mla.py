@@ -318,6 +318,8 @@ def test_mla_fields_need_mla_and_mscale_needs_yarn():
   c.lora.update(rank=4, targets="attn")  # a group: q, k, v left out under MLA
   from jaxlm.config import lora_targets
   assert lora_targets(c.lora, c.model) == ("o",)
+  model = nnx.eval_shape(lambda: build_model(validate(c)))
+  assert model.blocks.attn.o_lora is not None  # the output projection takes an adapter
   from jaxlm.models.compute import resolve_attention
   assert resolve_attention("auto", "gpu", attention_kind="mla") == ("xla", "")
   assert resolve_attention("auto", "tpu", attention_kind="mla") == ("xla", "")
