@@ -11,6 +11,7 @@ _CHOICES = {
     "model.norm_kind": ("rmsnorm", "layernorm"),
     "model.position_kind": ("rope", "learned"),
     "model.rope_scaling": ("none", "linear", "llama3", "yarn"),
+    "model.attention_kind": ("standard", "mla"),
     "compute.param_dtype": ("float32", "bfloat16"),
     "compute.compute_dtype": ("float32", "bfloat16"),
     "compute.matmul_dtype": ("", "float32", "bfloat16"),
@@ -37,7 +38,9 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "model.vocab_size", "model.head_dim", "compute.flash_block_q", "compute.flash_block_k",
     "model.sliding_window", "model.attn_logit_softcap", "model.final_logit_softcap",
-    "model.rope_local_theta", "model.query_pre_attn_scalar",
+    "model.rope_local_theta", "model.query_pre_attn_scalar", "model.q_lora_rank",
+    "model.kv_lora_rank", "model.qk_nope_head_dim", "model.qk_rope_head_dim", "model.v_head_dim",
+    "model.yarn_mscale", "model.yarn_mscale_all_dim",
     "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
@@ -105,8 +108,11 @@ MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
 # The names model code gives array dimensions; see jaxlm/parallel/rules.py.
 # "stage" is the pipeline's stage dimension (jaxlm/parallel/pipeline.py).
 # "lora" is a LoRA adapter's rank dimension (replicated unless the rules name it).
+# "latent" is MLA's low-rank query and key/value width (q_lora_rank, kv_lora_rank [+ the RoPE
+# key]): replicated unless the rules name it, so the latent is whole on every tensor shard and
+# only its per-head expansion (heads) is split.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-                "stage", "lora")
+                "stage", "lora", "latent")
 
 
 # URL schemes a run directory (train.workdir, a run as checkpoint.init_from) may use: {scheme:
@@ -189,15 +195,25 @@ _LORA_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("up", "gate", "down"),
 
 def lora_targets(lora: ConfigDict, model: ConfigDict) -> tuple[str, ...]:
   """The projections lora.targets names, in LORA_TARGETS order; raises ConfigError naming the field.
-  A group leaves out what the model lacks (gate under a gelu MLP); a name it lacks is an error."""
+  A group leaves out what the model lacks (gate under a gelu MLP; q, k, v under MLA, whose
+  queries, keys and values come from latent projections); a name it lacks is an error."""
+  lacks = set()
+  if model.mlp_kind == "gelu":
+    lacks.add("gate")
+  if model.attention_kind == "mla":
+    lacks.update(("q", "k", "v"))
   names = set()
   for entry in (e.strip() for e in str(lora.targets).split(",")):
     if entry in _LORA_GROUPS:
-      names.update(n for n in _LORA_GROUPS[entry] if n != "gate" or model.mlp_kind != "gelu")
+      names.update(n for n in _LORA_GROUPS[entry] if n not in lacks)
     elif entry in LORA_TARGETS:
       if entry == "gate" and model.mlp_kind == "gelu":
         raise ConfigError("config field 'lora.targets' names 'gate' but model.mlp_kind is 'gelu', "
                           "whose MLP has no gate projection; drop 'gate'")
+      if entry in lacks:
+        raise ConfigError(f"config field 'lora.targets' names {entry!r} but model.attention_kind "
+                          "is 'mla', whose queries, keys and values come from latent projections "
+                          "LoRA does not adapt; target 'o' and the MLP's projections")
       names.add(entry)
     else:
       raise ConfigError(f"config field 'lora.targets': {entry!r} is not a projection; use a "
@@ -277,6 +293,51 @@ def _validate_layer_pattern(m: ConfigDict) -> None:
                       f"{m.position_kind!r}; local RoPE needs position_kind='rope'")
 
 
+def _validate_mla(config: ConfigDict) -> None:
+  """MLA's own fields (see model.attention_kind), and what it cannot be combined with."""
+  m = config.model
+  if m.attention_kind != "mla":
+    for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      if m[name]:
+        raise ConfigError(f"config field 'model.{name}' is set but model.attention_kind is "
+                          f"{m.attention_kind!r}; it is an MLA field: set attention_kind='mla' or "
+                          f"{name}=0")
+    if m.yarn_mscale_all_dim:
+      raise ConfigError("config field 'model.yarn_mscale_all_dim' is DeepSeek's MLA softmax scale "
+                        "adjustment; set model.attention_kind='mla' or yarn_mscale_all_dim=0")
+    return
+  for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    if not m[name] > 0:
+      raise ConfigError(f"config field 'model.{name}' must be > 0 with model.attention_kind='mla', "
+                        f"got {m[name]!r}")
+  if m.qk_rope_head_dim % 2:
+    raise ConfigError(f"config field 'model.qk_rope_head_dim' must be even (RoPE rotates pairs), "
+                      f"got {m.qk_rope_head_dim}")
+  refused = {  # field: (its value counts as set, why MLA cannot take it)
+      "position_kind": (m.position_kind != "rope", "MLA's decoupled key is a RoPE key: use 'rope'"),
+      "num_kv_heads": (m.num_kv_heads != m.num_heads,
+                       f"MLA expands one latent into every head's key and value: set it to "
+                       f"model.num_heads ({m.num_heads})"),
+      "head_dim": (bool(m.head_dim), "MLA's widths are qk_nope_head_dim, qk_rope_head_dim and "
+                                     "v_head_dim: set head_dim=0"),
+      "sliding_window": (bool(m.sliding_window), "MLA attends the whole causal context: set 0"),
+      "layer_pattern": (bool(m.layer_pattern), "MLA layers are all global: set ''"),
+      "attn_logit_softcap": (bool(m.attn_logit_softcap), "not implemented for MLA: set 0"),
+      "qk_norm": (bool(m.qk_norm), "MLA normalises its latents instead: set False"),
+      "attention_bias": (bool(m.attention_bias), "not implemented for MLA: set False"),
+      "query_pre_attn_scalar": (bool(m.query_pre_attn_scalar),
+                                "MLA scales by (qk_nope_head_dim + qk_rope_head_dim)**-0.5: set 0"),
+  }
+  for name, (is_set, why) in refused.items():
+    if is_set:
+      raise ConfigError(f"config field 'model.{name}' is {m[name]!r} but model.attention_kind is "
+                        f"'mla'; {why}")
+  if config.compute.attention == "cudnn":
+    raise ConfigError("compute.attention='cudnn' is not wired for model.attention_kind='mla' (its "
+                      "query/key and value widths differ); use 'flash' (values zero-padded to the "
+                      "query/key width) or 'xla'")
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks every field once; returns the config so callers can chain. Raises ConfigError."""
   known, given = flat_fields(base_config()), flat_fields(config)
@@ -311,6 +372,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   if config.compute.attention == "cudnn" and m.attn_logit_softcap:
     raise ConfigError("compute.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
   _validate_layer_pattern(m)
+  _validate_mla(config)
   _validate_lora(config)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
@@ -328,6 +390,10 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
   if not 0 < t.wsd_decay_fraction <= 1:
     raise ConfigError(f"train.wsd_decay_fraction must be in (0, 1], got {t.wsd_decay_fraction}")
+  if (m.yarn_mscale != 1 or m.yarn_mscale_all_dim) and m.rope_scaling != "yarn":
+    raise ConfigError("config fields 'model.yarn_mscale' / 'model.yarn_mscale_all_dim' apply to "
+                      f"rope_scaling='yarn' only, and model.rope_scaling is {m.rope_scaling!r}; "
+                      "set yarn_mscale=1 and yarn_mscale_all_dim=0")
   if m.rope_scaling != "none" and m.rope_scaling_factor < 1:
     raise ConfigError(f"model.rope_scaling_factor must be >= 1, got {m.rope_scaling_factor}")
   if not 0 < config.sample.top_p <= 1:

@@ -27,6 +27,20 @@ def _model() -> ConfigDict:
   m.num_heads = 4  # query heads
   m.num_kv_heads = 4  # = num_heads: MHA; 1: MQA; in between: GQA (must divide num_heads)
   m.head_dim = 0  # 0: d_model // num_heads
+  # "standard": multi-head attention with num_kv_heads K/V heads (MHA / GQA / MQA) |
+  # "mla": DeepSeek's multi-head latent attention (jaxlm/models/mla.py). Keys and values come from
+  # one shared latent of kv_lora_rank values per token (RMS-normalised, expanded per head by a
+  # [kv_lora_rank, heads, qk_nope_head_dim + v_head_dim] projection) plus one RoPE key of
+  # qk_rope_head_dim shared by every head; the KV cache holds just those kv_lora_rank +
+  # qk_rope_head_dim values per token and layer. Scores are scaled by (qk_nope_head_dim +
+  # qk_rope_head_dim)**-0.5. MLA needs position_kind rope, num_kv_heads = num_heads, head_dim 0,
+  # and no sliding window, layer pattern, soft-capping, QK-norm, biases or query_pre_attn_scalar.
+  m.attention_kind = "standard"
+  m.q_lora_rank = 0  # mla: queries through a [embed, q_lora_rank] bottleneck + RMSNorm; 0: direct
+  m.kv_lora_rank = 0  # mla: width of the shared key/value latent (the cache's per-token latent)
+  m.qk_nope_head_dim = 0  # mla: per-head query/key features without RoPE
+  m.qk_rope_head_dim = 0  # mla: query/key features with RoPE (the key's shared by all heads); even
+  m.v_head_dim = 0  # mla: per-head value width (what the output projection reads)
   m.mlp_dim = 768  # hidden width of the MLP ("mlp")
   m.mlp_kind = "swiglu"  # swiglu | geglu | gelu
   m.norm_kind = "rmsnorm"  # rmsnorm | layernorm
@@ -40,6 +54,12 @@ def _model() -> ConfigDict:
   m.rope_high_freq_factor = 4.0  # llama3: wavelengths below original_len / high_freq_factor are kept
   m.yarn_beta_fast = 32.0  # yarn: rotations per context above which a dimension is not interpolated
   m.yarn_beta_slow = 1.0  # yarn: rotations per context below which a dimension is fully interpolated
+  # yarn: DeepSeek's two magnitude factors, mscale(s) = 0.1 s ln(factor) + 1. RoPE's cos/sin are
+  # scaled by mscale(yarn_mscale) / mscale(yarn_mscale_all_dim) (the second 1 when it is 0), and
+  # with attention_kind "mla" the softmax scale is multiplied by mscale(yarn_mscale_all_dim)**2.
+  # Defaults (1, 0): plain YaRN, 0.1 ln(factor) + 1 on cos/sin. DeepSeek-V3: 1.0 and 1.0.
+  m.yarn_mscale = 1.0
+  m.yarn_mscale_all_dim = 0.0
   m.max_seq_len = 256  # longest sequence the model accepts (size of learned positions, KV cache)
   m.tie_embeddings = True  # output projection reuses the token embedding
   m.qk_norm = False  # RMSNorm on queries and keys per head (Gemma-3, OLMo-2 style)
@@ -89,7 +109,8 @@ def _compute() -> ConfigDict:
   c.matmul_dtype = ""
   c.scan_layers = True  # stack layers and run them with lax.scan: compile time independent of depth
   c.remat_policy = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
-  # Attention in training and prefill (KV-cache decoding always uses xla):
+  # Attention in training and prefill (KV-cache decoding always uses xla). MLA
+  # (model.attention_kind): xla, or flash/splash with q/k and v zero-padded to one width; not cudnn.
   #   xla: plain einsum attention, the reference, any platform |
   #   flash: jaxlm's own Pallas kernels (Mosaic TPU; Mosaic GPU on Hopper; interpret mode on CPU) |
   #   splash: JAX's own TPU splash-attention kernel (TPU; interpret mode on CPU) |

@@ -23,8 +23,10 @@ from flax import nnx
 from jaxlm.models.compute import Compute
 
 # Parameters consumed only as matmul weights (attention and MLP projections, an untied output
-# projection, LoRA factors); everything else (embeddings, norms, biases) keeps its dtype.
-MATMUL_WEIGHTS = frozenset({"q", "k", "v", "o", "up", "gate", "down", "unembed", "a", "b"})
+# projection, LoRA factors, MLA's latent projections); everything else (embeddings, norms, biases)
+# keeps its dtype.
+MATMUL_WEIGHTS = frozenset({"q", "k", "v", "o", "up", "gate", "down", "unembed", "a", "b",
+                            "q_a", "q_b", "kv_a", "kv_b"})
 
 
 def with_matmul_dtype(graphdef, params, dtype: str):

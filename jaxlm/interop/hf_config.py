@@ -230,7 +230,10 @@ def _refuse(what: str, fields: dict) -> None:
 
 def _family(m) -> str:
   """The HF architecture that expresses jaxlm model config `m` exactly; InteropError if none does."""
-  common = {"norm_kind": m.norm_kind != "rmsnorm", "position_kind": m.position_kind != "rope"}
+  common = {"norm_kind": m.norm_kind != "rmsnorm", "position_kind": m.position_kind != "rope",
+            # MLA (DeepSeek) and its YaRN factors: no export wired yet
+            "attention_kind": m.attention_kind != "standard", "yarn_mscale": m.yarn_mscale != 1,
+            "yarn_mscale_all_dim": bool(m.yarn_mscale_all_dim)}
   if not any(m[name] for name in _GEMMA_FEATURES):
     _refuse("no supported Hugging Face architecture", {
         **common, "mlp_kind": m.mlp_kind != "swiglu", "attn_logit_softcap": bool(m.attn_logit_softcap),

@@ -15,7 +15,7 @@ def build_model(config, seed: int = 0, platform: str | None = None) -> Transform
   LoRA adapters `config.lora` asks for (none when lora.rank is 0) and the score head of a reward
   model or PPO policy (posttrain.objective reward/ppo)."""
   compute = resolve(config.compute, platform or jax.default_backend(), 1,
-                    config.model.attn_logit_softcap)
+                    config.model.attn_logit_softcap, config.model.attention_kind)
   return Transformer(config.model, nnx.Rngs(seed), compute, lora_spec(config), score_outputs(config))
 
 

@@ -21,13 +21,14 @@ from jaxlm.parallel.rules import constrain
 def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments=None,
                           window: int = 0, softcap: float = 0.0, causal: bool = True,
                           scale: float | None = None, local=None):
-  """q: [batch, t, heads, head_dim]; k, v: [batch, s, kv_heads, head_dim]; slots: [batch, t|s].
+  """q, k: [batch, t|s, heads|kv_heads, head_dim]; v: [batch, s, kv_heads, v_dim] (v_dim =
+  head_dim but for MLA's expanded values); slots: [batch, t|s].
 
   causal=False drops the k_slot <= q_slot condition (a window then limits |q_slot - k_slot|).
   scale: of the scores (default head_dim**-0.5). local: None, or a traced bool scalar (a scanned
   layer's kind, see model.layer_pattern): the window then applies only where it is true.
   Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
-  Returns [batch, t, heads, head_dim].
+  Returns [batch, t, heads, v_dim].
   """
   b, t, h, d = q.shape
   kvh = k.shape[2]
@@ -46,7 +47,7 @@ def dot_product_attention(q, k, v, q_slots, k_slots, q_segments=None, k_segments
   scores = jnp.where(mask[:, None, None], scores, MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, h, d).astype(v.dtype)
+  return out.reshape(b, t, h, v.shape[-1]).astype(v.dtype)
 
 
 def causal_blocked_attention(q, k, v, segments=None, blocks: int = 1, window: int = 0,
@@ -116,25 +117,34 @@ def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
   return out.reshape(b, t, h, d).astype(v.dtype)
 
 
+# Where each cache entry keeps its slots: the axis of S in the cache array. Every entry's layout is
+# its new entries' [layers, batch, t, *features] with t moved to that axis (and grown to S).
+# Standard attention: "k" [layers, batch, kv_heads, S, head_dim], "v" [layers, batch, kv_heads,
+# head_dim, S]; MLA (jaxlm/models/mla.py): "latent", "k_rope" [layers, batch, S, width].
+CACHE_SLOT_AXES = {"k": 3, "v": 4, "latent": 2, "k_rope": 2}
+
+
 def write_cache(cache, new, start):
   """Writes every layer's new entries into the cache, each row at its own slots.
 
-  cache: {"k": [layers, batch, kv_heads, S, head_dim], "v": [layers, batch, kv_heads, head_dim, S]};
-  new: {"k","v": [layers, batch, t, kv_heads, head_dim]}; start: [batch] -> the cache with row b's
-  entries at slots [start[b], start[b] + t). Rows have their own start, so rows of a batch may hold
-  prompts of different lengths and advance by different amounts (speculative decoding). One scatter
-  per array and step, in place inside a decoding loop; slots past S are dropped (decoding checks
-  lengths up front, so only finished rows, whose tokens are discarded, can reach them).
+  cache: {name: [layers, batch, ..., S, ...]} (S at CACHE_SLOT_AXES[name]); new: {name: [layers,
+  batch, t, *features]}; start: [batch] -> the cache with row b's entries at slots [start[b],
+  start[b] + t). Rows have their own start, so rows of a batch may hold prompts of different
+  lengths and advance by different amounts (speculative decoding). One scatter per array and step,
+  in place inside a decoding loop; slots past S are dropped (decoding checks lengths up front, so
+  only finished rows, whose tokens are discarded, can reach them).
   """
-  t = new["k"].shape[2]
+  t = next(iter(new.values())).shape[2]
   rows = jnp.arange(start.shape[0])[:, None]  # [batch, 1]
   slots = start[:, None] + jnp.arange(t, dtype=start.dtype)  # [batch, t]
 
-  def put(c, n, index):  # indexed dims (rows, slots) come first: [batch, t, layers, kv_heads, head_dim]
-    return c.at[index].set(n.transpose(1, 2, 0, 3, 4).astype(c.dtype), mode="drop")
+  def put(c, n, axis):
+    index = (slice(None), rows) + (slice(None),) * (axis - 2) + (slots,)
+    if axis > 2:  # rows and slots apart: the indexed dims come first, [batch, t, layers, *features]
+      n = n.transpose(1, 2, 0, *range(3, n.ndim))
+    return c.at[index].set(n.astype(c.dtype), mode="drop")  # else in place: [layers, batch, t, ...]
 
-  return {"k": put(cache["k"], new["k"], (slice(None), rows, slice(None), slots)),
-          "v": put(cache["v"], new["v"], (slice(None), rows, slice(None), slice(None), slots))}
+  return {name: put(cache[name], n, CACHE_SLOT_AXES[name]) for name, n in new.items()}
 
 
 class Attention(nnx.Module):

@@ -62,8 +62,14 @@ class Compute:
     return jnp.dtype(self.param_dtype)
 
 
-def resolve_attention(kind: str, platform: str, softcap: float = 0.0) -> tuple[str, str]:
-  """(implementation, kernel backend) that compute.attention=`kind` runs on `platform`."""
+def resolve_attention(kind: str, platform: str, softcap: float = 0.0,
+                      attention_kind: str = "standard") -> tuple[str, str]:
+  """(implementation, kernel backend) that compute.attention=`kind` runs on `platform` for a model
+  of model.attention_kind `attention_kind`."""
+  if kind == "auto" and attention_kind == "mla":
+    # MLA reaches a kernel only with its query/key and value widths padded to one (mla.py); no
+    # measurement says that beats xla anywhere, and cuDNN is not wired for it: xla.
+    kind = "xla"
   if kind == "auto":
     kind = AUTO_ATTENTION.get(platform, "xla")
     if kind == "cudnn" and softcap:
@@ -86,7 +92,8 @@ def resolve_attention(kind: str, platform: str, softcap: float = 0.0) -> tuple[s
   return kind, ""
 
 
-def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float = 0.0) -> Compute:
+def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float = 0.0,
+            attention_kind: str = "standard") -> Compute:
   """config.compute -> Compute for models that run on `platform` ("cpu", "gpu", "tpu").
 
   Under sequence parallelism (sequence_shards > 1) only jaxlm's flash kernels attend a shard's
@@ -94,7 +101,7 @@ def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float
   whole row, so "auto" takes flash there and an explicit "splash" is refused. (jaxlm's GPU kernel
   does not take the offset yet: flash on GPU with sequence shards is refused too.)
   """
-  attention, backend = resolve_attention(compute_cfg.attention, platform, softcap)
+  attention, backend = resolve_attention(compute_cfg.attention, platform, softcap, attention_kind)
   if attention == "splash" and sequence_shards > 1:
     if compute_cfg.attention != "auto":
       raise ConfigError(

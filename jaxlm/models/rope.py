@@ -7,7 +7,8 @@ run on `factor` times longer sequences:
   linear: every frequency divided by factor (position interpolation).
   llama3: high frequencies kept, low frequencies divided by factor, a smooth ramp in between.
   yarn:   the same idea with the ramp placed by rotation counts (beta_fast/beta_slow), plus a
-          logit temperature 0.1 * ln(factor) + 1 folded into cos/sin.
+          logit temperature 0.1 * ln(factor) + 1 folded into cos/sin (DeepSeek's variant moves
+          it: see model.yarn_mscale, model.yarn_mscale_all_dim and `yarn_score_scale`).
 The half-split pairing (not interleaved) matches the Hugging Face Llama layout.
 """
 
@@ -17,6 +18,19 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+  """YaRN's magnitude factor 0.1 * mscale * ln(factor) + 1 (1 when the context is not stretched)."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_score_scale(cfg) -> float:
+  """The factor DeepSeek's MLA multiplies its softmax scale by: mscale(yarn_mscale_all_dim)**2
+  under yarn with yarn_mscale_all_dim set, else 1."""
+  if cfg.rope_scaling != "yarn" or not cfg.yarn_mscale_all_dim:
+    return 1.0
+  return yarn_mscale(cfg.rope_scaling_factor, cfg.yarn_mscale_all_dim) ** 2
 
 
 def inverse_frequencies(cfg, head_dim: int) -> tuple[np.ndarray, float]:
@@ -41,7 +55,10 @@ def inverse_frequencies(cfg, head_dim: int) -> tuple[np.ndarray, float]:
     high = min(math.ceil(dim_for(cfg.yarn_beta_slow)), head_dim - 1)
     ramp = np.clip((np.arange(head_dim // 2) - low) / max(high - low, 1e-3), 0, 1)
     inv = inv / factor * ramp + inv * (1 - ramp)  # ramp 0: keep (extrapolate), 1: interpolate
-    return inv.astype(np.float32), 0.1 * math.log(factor) + 1.0
+    magnitude = yarn_mscale(factor, cfg.yarn_mscale)
+    if cfg.yarn_mscale_all_dim:  # DeepSeek: the rest of the temperature is in the softmax scale
+      magnitude /= yarn_mscale(factor, cfg.yarn_mscale_all_dim)
+    return inv.astype(np.float32), magnitude
   return inv.astype(np.float32), 1.0
 
 

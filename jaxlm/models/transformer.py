@@ -35,6 +35,7 @@ from flax import nnx
 
 from jaxlm.config import layer_kinds
 from jaxlm.kernels.masking import MASKED
+from jaxlm.models import mla
 from jaxlm.models.attention import Attention, write_cache
 from jaxlm.models.compute import Compute
 from jaxlm.models.layers import MLP, LoraSpec, Norm, ScoreParam, dense, param
@@ -63,7 +64,8 @@ class Block(nnx.Module):
                lora_rngs: nnx.Rngs | None = None):
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # keeps the residual stream's scale with depth
     self.attn_norm = Norm(cfg, compute, cfg.d_model, rngs)
-    self.attn = Attention(cfg, compute, rngs, out_std, lora, lora_rngs)
+    attention = mla.MLA if cfg.attention_kind == "mla" else Attention
+    self.attn = attention(cfg, compute, rngs, out_std, lora, lora_rngs)
     self.mlp_norm = Norm(cfg, compute, cfg.d_model, rngs)
     self.mlp = MLP(cfg, compute, rngs, out_std, lora, lora_rngs)
     self.post_norms = cfg.post_norms
@@ -120,8 +122,13 @@ class Transformer(nnx.Module):
     transpose (see attention.cached_attention).
 
     index[b] is where row b's next tokens go (and how many slots of row b are filled): rows advance
-    on their own, so a batch may hold prompts of different lengths."""
+    on their own, so a batch may hold prompts of different lengths. With model.attention_kind
+    "mla" the entries are MLA's latent cache instead of "k"/"v" (mla.init_cache); code outside
+    the model only ever reads "index"."""
     cfg = self.cfg
+    if cfg.attention_kind == "mla":
+      cdt = cache_dtype or self.compute.activations
+      return {**mla.init_cache(cfg, batch, max_len, cdt), "index": jnp.zeros((batch,), jnp.int32)}
     hd = cfg.head_dim or cfg.d_model // cfg.num_heads
     head = (cfg.num_layers, batch, cfg.num_kv_heads)
     cdt = cache_dtype or self.compute.activations
@@ -173,8 +180,8 @@ class Transformer(nnx.Module):
     return (params, kinds), run
 
   def run_layers(self, x, rows, kv=None, start=0):
-    """x: [batch, t, embed] through every block; kv: the cache's {"k","v"} or None. Returns (x, the
-    blocks' new cache entries {"k","v": [layers, batch, t, kv_heads, head_dim]}, or None)."""
+    """x: [batch, t, embed] through every block; kv: the cache's entries ({"k","v"}, or MLA's) or
+    None. Returns (x, the blocks' new cache entries {name: [layers, batch, t, ...]}, or None)."""
     if self.compute.scan_layers:
       layers, run = self.layer_stack(start)
       return run(layers, x, rows, kv)
@@ -224,7 +231,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = slots
     x = self.embed_tokens(tokens, positions)
-    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    kv = None if cache is None else {n: a for n, a in cache.items() if n != "index"}
     # with a cache: the layers only read it and return their new entries [layers, batch, t, ...]
     x, new = self.run_layers(x, (positions, slots, segment_ids), kv, start)
     logits = self.head(x)

@@ -171,7 +171,7 @@ def merged_run_params(config, adapters: nnx.State, mesh=None) -> tuple[nnx.Graph
   from jaxlm.train.setup import abstract_model
 
   compute = compute_lib.resolve(config.compute, platform(mesh) if mesh else jax.default_backend(),
-                                1, config.model.attn_logit_softcap)
+                                1, config.model.attn_logit_softcap, config.model.attention_kind)
   abstract = abstract_model(config, compute)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

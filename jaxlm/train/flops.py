@@ -1,9 +1,10 @@
 """Analytic training FLOPs per token and the per-device peak they are measured against (MFU).
 
-Counted: every matmul (2 FLOPs per multiply-add) in q/k/v/o, the MLP and the output logits, plus
-the attention score and value products (QK^T and PV) with causal attention counted as half (with a
-sliding window: the keys in the window; under model.layer_pattern only its local layers have
-one). Not counted: the embedding lookup, norms, softmax, the optimizer. Training = forward +
+Counted: every matmul (2 FLOPs per multiply-add) in q/k/v/o (MLA: q_a, q_b or q, kv_a, kv_b, o),
+the MLP and the output logits, plus the attention score and value products (QK^T and PV) with
+causal attention counted as half (with a sliding window: the keys in the window; under
+model.layer_pattern only its local layers have one). MLA is counted in the form training runs,
+keys and values expanded per head: QK^T over nope + rope features, PV over v_head_dim. Not counted: the embedding lookup, norms, softmax, the optimizer. Training = forward +
 backward = 3 x forward. Recomputation (remat) is not counted either: these are model FLOPs, so MFU
 does not reward recomputing.
 """
@@ -19,10 +20,24 @@ from jaxlm import chips
 from jaxlm.config import layer_kinds
 
 
+def attention_params(m) -> int:
+  """One layer's attention projection weights (m = config.model)."""
+  if m.attention_kind == "mla":
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    if m.q_lora_rank:
+      q = m.d_model * m.q_lora_rank + m.q_lora_rank * m.num_heads * qk
+    else:
+      q = m.d_model * m.num_heads * qk
+    kv = (m.d_model * (m.kv_lora_rank + m.qk_rope_head_dim)
+          + m.kv_lora_rank * m.num_heads * (m.qk_nope_head_dim + m.v_head_dim))
+    return q + kv + m.num_heads * m.v_head_dim * m.d_model
+  hd = m.head_dim or m.d_model // m.num_heads
+  return m.d_model * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
+
+
 def matmul_params(m) -> int:
   """Parameters that take part in a matmul for every token (m = config.model)."""
-  hd = m.head_dim or m.d_model // m.num_heads
-  attn = m.d_model * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
+  attn = attention_params(m)
   mlp = m.d_model * m.mlp_dim * (2 if m.mlp_kind == "gelu" else 3)
   return m.num_layers * (attn + mlp) + m.d_model * m.vocab_size  # + the output logits
 
@@ -48,11 +63,14 @@ def attention_context(m, seq_len: int, causal: bool = True, window: int | None =
 
 def train_flops_per_token(m, seq_len: int, causal: bool = True) -> float:
   """Model FLOPs of one training token (forward + backward) at rows of seq_len tokens."""
-  hd = m.head_dim or m.d_model // m.num_heads
-  # QK^T and PV: 2 products x 2 FLOPs x heads x head_dim per key attended to.
+  if m.attention_kind == "mla":  # QK^T over nope + rope features, PV over v
+    widths = m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim
+  else:
+    widths = 2 * (m.head_dim or m.d_model // m.num_heads)
+  # QK^T and PV: 2 FLOPs x heads x (their widths) per key attended to.
   kinds = layer_kinds(m) or (True,) * m.num_layers  # model.layer_pattern's G layers have no window
   context = sum(attention_context(m, seq_len, causal, None if local else 0) for local in kinds)
-  attention = 2 * 2 * m.num_heads * hd * context
+  attention = 2 * m.num_heads * widths * context
   return 3 * (2 * matmul_params(m) + attention)
 
 

@@ -110,7 +110,7 @@ def make_setup(config, devices=None) -> Setup:
   # How many pieces the rules cut a row's length into (mesh.sequence with the default rules).
   shards = math.prod(mesh.shape[a] for a in dict(rules).get("length") or ())
   compute = compute_lib.resolve(config.compute, mesh_lib.platform(mesh), shards,
-                                config.model.attn_logit_softcap)
+                                config.model.attn_logit_softcap, config.model.attention_kind)
   if compute.sequence_shards > 1 and config.data.seq_len % (2 * shards):
     raise ConfigError(
         f"data.seq_len ({config.data.seq_len}) must be a multiple of 2 x the sequence axis "
