@@ -12,17 +12,26 @@ from jaxlm.models.compute import Compute
 from jaxlm.models.transformer import Transformer
 
 
-def tiny(scan_layers, tie, score=0):
+MLA = dict(attention_kind="mla", q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+           qk_rope_head_dim=4, v_head_dim=6)
+
+
+def tiny(scan_layers, tie, score=0, **fields):
   c = base_config().model
   c.vocab_size, c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.mlp_dim = 100, 3, 32, 2, 1, 64
   c.tie_embeddings = tie
+  if fields.get("attention_kind") == "mla":
+    c.num_kv_heads = c.num_heads
+  c.update(fields)
   return nnx.split(Transformer(c, nnx.Rngs(0), Compute(scan_layers=scan_layers), score_outputs=score))
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("scan_layers,tie", [(True, True), (True, False), (False, True)])
-def test_same_logits_and_greedy_tokens_in_the_decoding_layout(scan_layers, tie):
-  graphdef, params = tiny(scan_layers, tie)
+@pytest.mark.parametrize("scan_layers,tie,fields", [(True, True, {}), (True, False, {}),
+                                                    (False, True, {}), (True, True, MLA)],
+                         ids=["scanned_tied", "scanned_untied", "unrolled_tied", "mla"])
+def test_same_logits_and_greedy_tokens_in_the_decoding_layout(scan_layers, tie, fields):
+  graphdef, params = tiny(scan_layers, tie, **fields)
   new_def, new_params = for_decoding(graphdef, params)
   model = nnx.merge(new_def, new_params)
   assert not model.compute.scan_layers and not model.cfg.tie_embeddings
