@@ -278,7 +278,7 @@ def test_distributed_initializes_only_when_a_launcher_asks(monkeypatch):
   assert distributed.maybe_initialize(env, peer_timeout_seconds=30)
   assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
                        "heartbeat_timeout_seconds": 30}
-  with pytest.raises(ConfigError, match="JAX_COORDINATOR_ADDRESS unset"):
+  with pytest.raises(ConfigError, match=r"\(or JAX_COORDINATOR_ADDRESS\) unset"):
     distributed.maybe_initialize({**env, "JAX_COORDINATOR_ADDRESS": ""})
-  with pytest.raises(ConfigError, match=r"JAX_PROCESS_ID 2 is not in \[0, JAX_NUM_PROCESSES=2\)"):
+  with pytest.raises(ConfigError, match=r"process id 2 \(train.process_id or JAX_PROCESS_ID\) is not in \[0, num_processes=2\)"):
     distributed.maybe_initialize({**env, "JAX_PROCESS_ID": "2"})

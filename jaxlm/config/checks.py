@@ -33,7 +33,7 @@ _POSITIVE = (
     "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "compute.attention_blocks", "data.seq_len",
     "train.steps",
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
-    "train.max_bad_steps", "train.peer_timeout_seconds",
+    "train.max_bad_steps", "train.peer_timeout_seconds", "train.start_timeout_seconds",
 )
 _NON_NEGATIVE = (
     "model.vocab_size", "model.head_dim", "compute.flash_block_q", "compute.flash_block_k",
@@ -44,7 +44,7 @@ _NON_NEGATIVE = (
     "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
-    "train.loss_spike_factor",
+    "train.loss_spike_factor", "train.num_processes",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
     "posttrain.beta", "posttrain.rpo_alpha", "posttrain.kto_desirable_weight", "posttrain.kto_undesirable_weight",
     "posttrain.reward_center", "posttrain.temperature", "posttrain.epsilon", "posttrain.kl_beta",
@@ -358,6 +358,9 @@ def validate(config: ConfigDict) -> ConfigDict:
       raise ConfigError(f"config field '{name}' must be >= 0, got {given[name]!r}")
 
   m, d, t = config.model, config.data, config.train
+  if t.process_id < -1 or (t.num_processes and t.process_id >= t.num_processes):
+    raise ConfigError(f"train.process_id is {t.process_id}; give each process a distinct id in "
+                      f"[0, train.num_processes={t.num_processes or '?'}), or -1 to take JAX_PROCESS_ID")
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(
         f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")

@@ -221,6 +221,17 @@ def _train() -> ConfigDict:
   # Multi-process runs: a process that stops answering (killed, host lost) makes the others exit
   # with an error naming it after this many seconds (jax.distributed's heartbeat timeout).
   t.peer_timeout_seconds = 120
+  # Multi-process start on machines with no cluster manager (every process run with
+  # JAXLM_DISTRIBUTED=1): process 0's host:port, which every machine must reach; the number of
+  # processes; this process's id (0 .. num_processes - 1). Unset ("", 0, -1): taken from
+  # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or, when those are unset too, found
+  # by JAX (Cloud TPU metadata, SLURM). A value given both here and in the environment must agree.
+  t.coordinator_address = ""
+  t.num_processes = 0
+  t.process_id = -1
+  # A starting process waits this long for every other one to join, then stops saying so (rather
+  # than hanging on a process that was started with another coordinator or count, or not at all).
+  t.start_timeout_seconds = 300
   return t
 
 

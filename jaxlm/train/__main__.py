@@ -24,6 +24,7 @@ def main(argv):
   from flax import nnx
 
   from jaxlm.inference.decode import generate_text
+  from jaxlm.config import validate
   from jaxlm.runs import CheckpointError
   from jaxlm.train.distributed import lost_processes, maybe_initialize
   from jaxlm.train.guard import NonFiniteError
@@ -33,7 +34,8 @@ def main(argv):
   config = _CONFIG.value
   try:
     # before any computation: a multi-host job must agree on its devices first
-    maybe_initialize(peer_timeout_seconds=config.train.peer_timeout_seconds)
+    validate(config)  # the start-up fields too, before any process waits for another
+    maybe_initialize(peer_timeout_seconds=config.train.peer_timeout_seconds, train_cfg=config.train)
     result = train(config)
   except (ConfigError, FileNotFoundError) as e:  # bad input: a message, not a trace
     sys.exit(f"jaxlm: {e}")
