@@ -26,8 +26,8 @@ def _cfg(**kw):
   return m
 
 
-def _layer(seed=0, **kw):
-  return moe.MoE(_cfg(**kw), Compute(), nnx.Rngs(seed), out_std=0.3)
+def _layer(seed=0, grouped="ragged", **kw):
+  return moe.MoE(_cfg(**kw), Compute(moe_grouped_matmul=grouped), nnx.Rngs(seed), out_std=0.3)
 
 
 def _out_and_grads(layer, x, dispatch, cotangent):
@@ -42,12 +42,16 @@ def _out_and_grads(layer, x, dispatch, cotangent):
 
 
 def _check_equal(layer, x, other="dropless"):
+  """other's output and gradients equal the reference's; dropless is checked with both grouped
+  matmuls (compute.moe_grouped_matmul ragged and blocks)."""
   cot = jax.random.normal(jax.random.PRNGKey(9), x.shape)
-  out, grads = _out_and_grads(layer, x, other, cot)
   ref, ref_grads = _out_and_grads(layer, x, "reference", cot)
-  np.testing.assert_allclose(out, ref, atol=TOL, rtol=TOL)
-  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(g, r, atol=TOL, rtol=TOL)
+  for grouped in (("ragged", "blocks") if other == "dropless" else ("ragged",)):
+    layer.compute = Compute(moe_grouped_matmul=grouped)
+    out, grads = _out_and_grads(layer, x, other, cot)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=TOL, err_msg=grouped)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, atol=TOL, rtol=TOL, err_msg=grouped)
   return out
 
 

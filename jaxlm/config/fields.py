@@ -211,7 +211,8 @@ def _train() -> ConfigDict:
   t.z_loss = 0.0  # weight of log(Z)^2 (PaLM); keeps output logits from drifting
   # MoE models only (model.moe_num_experts > 0; jaxlm/models/moe.py), language-model objective:
   # weight of the load-balancing loss E * sum_e f_e P_e (f_e: expert e's share of the layer's
-  # assignments, P_e: its mean normalized router score; 1 when balanced), summed over MoE layers
+  # assignments, P_e: its mean normalized router score; 1 when balanced), summed over MoE layers,
+  # over the tokens of one micro-batch (train.grad_accum_steps averages it)
   t.moe_balance_loss = 0.01
   t.moe_z_loss = 0.001  # weight of the router z-loss mean logsumexp(router logits)^2 (ST-MoE), summed over layers
   # model.moe_router=sigmoid: after each step every MoE layer's router bias moves by this toward

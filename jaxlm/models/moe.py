@@ -105,7 +105,7 @@ def reference(x, ids, weights, experts: Experts, kind: str, compute: Compute = C
   return out.astype(x.dtype), jnp.zeros((), f32)
 
 
-def _grouped_ffn(xs, group_sizes, experts: Experts, kind: str, compute: Compute):
+def _ragged_ffn(xs, group_sizes, experts: Experts, kind: str, compute: Compute):
   """xs: [N, d] rows sorted by expert, group_sizes: [E] -> [N, d] float32 (jax.lax.ragged_dot)."""
   mm, f32 = compute.matmul, jnp.float32
   xs = xs.astype(mm)
@@ -116,18 +116,60 @@ def _grouped_ffn(xs, group_sizes, experts: Experts, kind: str, compute: Compute)
   return jax.lax.ragged_dot(h, experts.down.astype(mm), group_sizes, preferred_element_type=f32)
 
 
+def _blocks_ffn(xs, block_expert, experts: Experts, kind: str, compute: Compute):
+  """xs: [blocks, B, d], every block's rows for one expert (block_expert [blocks]) -> [blocks, B, d]
+  float32: one batched matmul, each block with its expert's weights gathered."""
+  mm, f32 = compute.matmul, jnp.float32
+  xs = xs.astype(mm)
+  w = lambda a: a.astype(mm)[block_expert]  # [blocks, in, out]
+  up = jnp.einsum("bnd,bdf->bnf", xs, w(experts.up), preferred_element_type=f32)
+  gate = None if experts.gate is None else jnp.einsum(
+      "bnd,bdf->bnf", xs, w(experts.gate), preferred_element_type=f32)
+  h = _activate(kind, up, gate).astype(mm)
+  return jnp.einsum("bnf,bfd->bnd", h, w(experts.down), preferred_element_type=f32)
+
+
+def block_rows(num_assignments: int, num_experts: int) -> int:
+  """Rows per block of the `blocks` grouped matmul: about half an expert's mean share (padding
+  costs under one block per expert: ~E/2 blocks, a quarter of the work on average), a multiple of 8."""
+  return max(8, -(-num_assignments // (2 * num_experts) // 8) * 8)
+
+
 def dropless(x, ids, weights, experts: Experts, kind: str, compute: Compute = Compute()):
-  """x: [T, d], ids/weights: [T, k] -> (out [T, d], dropped 0). Assignments sorted by expert (a
-  stable sort: tokens keep their order inside a group), run as grouped matmuls, put back in
-  token order and summed over k. Exact: no assignment is ever dropped."""
+  """x: [T, d], ids/weights: [T, k] -> (out [T, d], dropped 0). Exact: no assignment is dropped.
+
+  The T*k assignments are sorted by expert (stable: tokens keep their order inside a group) and run
+  as grouped matmuls, by compute.moe_grouped_matmul: "ragged" (jax.lax.ragged_dot over the sorted
+  rows; native on GPU/TPU, while XLA:CPU computes every group over all rows, E times the work) or
+  "blocks" (each group padded to whole blocks of block_rows() rows, at most T*k/B + E blocks,
+  run as one batched matmul with each block's expert weights gathered). Results are gathered back
+  to token order (no scatter-add) and summed over k with the weights."""
   t, k = ids.shape
   e = experts.up.shape[0]
-  flat = ids.reshape(-1)  # [T*k], assignment a = token a // k, choice a % k
-  order = jnp.argsort(flat, stable=True)  # [T*k] assignments grouped by expert
-  group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
-  y = _grouped_ffn(x[order // k], group_sizes, experts, kind, compute)  # [T*k, d]
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
-  y = y[inverse].reshape(t, k, -1)  # back in assignment order: a gather, no scatter-add
+  n = t * k
+  flat = ids.reshape(-1)  # [N], assignment a = token a // k, choice a % k
+  order = jnp.argsort(flat, stable=True)  # [N] assignments grouped by expert
+  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
+  if compute.moe_grouped_matmul == "ragged":
+    y = _ragged_ffn(x[order // k], sizes, experts, kind, compute)  # [N, d]
+    row_of = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))  # [N]
+  else:
+    b = block_rows(n, e)
+    blocks = -(-n // b) + e  # sum_e ceil(size_e / b) never exceeds this
+    padded = (sizes + b - 1) // b * b
+    pad_start, start = jnp.cumsum(padded) - padded, jnp.cumsum(sizes) - sizes  # [E] each
+    block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(blocks) * b,
+                                                side="right"), e - 1)  # [blocks]
+    row_expert = jnp.repeat(block_expert, b)  # [blocks * B]
+    offset = jnp.arange(blocks * b) - pad_start[row_expert]
+    valid = offset < sizes[row_expert]  # padding rows and unused blocks: False
+    src = order[jnp.clip(start[row_expert] + offset, 0, n - 1)]  # the assignment each row holds
+    xs = jnp.where(valid[:, None], x[src // k], 0).reshape(blocks, b, -1)
+    y = _blocks_ffn(xs, block_expert, experts, kind, compute).reshape(blocks * b, -1)
+    sorted_expert = flat[order]
+    rows = pad_start[sorted_expert] + jnp.arange(n) - start[sorted_expert]  # [N] by sorted position
+    row_of = jnp.zeros_like(order).at[order].set(rows)
+  y = y[row_of].reshape(t, k, -1)  # back in assignment order: a gather, no scatter-add
   out = jnp.einsum("tkd,tk->td", y, weights)
   return out.astype(x.dtype), jnp.zeros((), jnp.float32)
 

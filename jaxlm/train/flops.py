@@ -3,7 +3,9 @@
 Counted: every matmul (2 FLOPs per multiply-add) in q/k/v/o, the MLP and the output logits, plus
 the attention score and value products (QK^T and PV) with causal attention counted as half (with a
 sliding window: the keys in the window; under model.layer_pattern only its local layers have
-one). Not counted: the embedding lookup, norms, softmax, the optimizer. Training = forward +
+one). A mixture-of-experts layer counts its active parameters: the router, the top-k routed experts
+and the shared ones (not the experts a token skips; capacity-mode drops are not subtracted).
+Not counted: the embedding lookup, norms, softmax, the optimizer. Training = forward +
 backward = 3 x forward. Recomputation (remat) is not counted either: these are model FLOPs, so MFU
 does not reward recomputing.
 """
@@ -16,15 +18,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import chips
-from jaxlm.config import layer_kinds
+from jaxlm.config import layer_kinds, moe_layers
 
 
 def matmul_params(m) -> int:
-  """Parameters that take part in a matmul for every token (m = config.model)."""
+  """Parameters that take part in a matmul for every token (m = config.model): with MoE layers,
+  the active ones (router, moe_experts_per_token routed experts, shared experts)."""
   hd = m.head_dim or m.d_model // m.num_heads
   attn = m.d_model * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
-  mlp = m.d_model * m.mlp_dim * (2 if m.mlp_kind == "gelu" else 3)
-  return m.num_layers * (attn + mlp) + m.d_model * m.vocab_size  # + the output logits
+  per_width = m.d_model * (2 if m.mlp_kind == "gelu" else 3)  # one MLP's params per hidden unit
+  mlp = per_width * m.mlp_dim
+  expert_dim = m.moe_mlp_dim or m.mlp_dim
+  moe = (m.d_model * m.moe_num_experts  # the router
+         + per_width * expert_dim * (m.moe_experts_per_token + m.moe_shared_experts))
+  n_moe = sum(moe_layers(m))
+  return (m.num_layers * attn + (m.num_layers - n_moe) * mlp + n_moe * moe
+          + m.d_model * m.vocab_size)  # + the output logits
 
 
 def attention_context(m, seq_len: int, causal: bool = True, window: int | None = None) -> float:
