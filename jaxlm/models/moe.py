@@ -303,7 +303,9 @@ def report(stats: dict) -> None:
 def load_metrics(load, dropped) -> dict:
   """Scalar metrics of summed loads [moe layers, experts] and dropped assignments [moe layers]:
   per layer the busiest expert's tokens, its and the idlest one's over the mean, the dropped
-  fraction; overall the worst layer's max/mean, the dropped fraction and mean tokens per expert."""
+  fraction; overall the worst layer's max/mean, the dropped fraction and mean tokens per expert.
+  moe/layer{i} is the i-th MoE layer in depth order (layer i + moe_first_dense_layers when every
+  layer after the dense ones is MoE), not the model's layer index."""
   mean = load.mean(-1)  # [layers]
   max_over_mean = load.max(-1) / jnp.maximum(mean, 1e-9)
   dropped_frac = dropped / jnp.maximum(load.sum(-1), 1e-9)
