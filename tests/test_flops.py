@@ -42,6 +42,30 @@ def test_hand_count_of_a_small_config():
 
 
 @pytest.mark.fast
+def test_moe_counts_active_parameters():
+  """Routed experts count only the top-k a token uses, plus the shared experts and the router."""
+  dense = model_config(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
+  m = model_config(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
+                   moe_num_experts=8, moe_experts_per_token=2, moe_mlp_dim=64)
+  # Both layers MoE: 2 x 3 x 64 x 64 = 24,576 active expert parameters (the dense MLP's count) and a
+  # router of 64 x 8 = 512 per layer; the other 6 experts of each layer are not counted.
+  assert flops.matmul_params(m) == flops.matmul_params(dense) + 2 * 512
+  m.moe_first_dense_layers, m.moe_shared_experts = 1, 1  # layer 0 dense, layer 1 MoE with 1 shared
+  # layer 1: router 512 + (2 routed + 1 shared) x 3 x 64 x 64 = 36,864
+  assert flops.matmul_params(m) == flops.matmul_params(dense) + 512 + 3 * 64 * 64
+  # A model's active parameters, counted from its arrays: all but 6 of the 8 experts per MoE layer.
+  m.vocab_size, m.tie_embeddings = 512, False
+  model = nnx.state(build_model(SimpleNamespace(model=m, compute=base_config().compute,
+                                                lora=base_config().lora,
+                                                posttrain=base_config().posttrain)), nnx.Param)
+  p = nnx.to_pure_dict(model)
+  total = sum(x.size for x in jax.tree.leaves(p))
+  norms = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(p) if "norm" in str(path))
+  idle = 6 * 3 * 64 * 64  # the unused experts of the one MoE layer
+  assert total - norms - idle - m.vocab_size * m.d_model == flops.matmul_params(m)
+
+
+@pytest.mark.fast
 def test_sliding_window_counts_the_keys_in_the_window():
   m = model_config(sliding_window=4096)
   assert flops.attention_context(m, 4096) == 2048  # the window hides nothing: causal half

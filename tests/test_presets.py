@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxlm import presets
-from jaxlm.config import base_config, check_overrides, flat_fields, validate, with_vocab_size
+from jaxlm.config import base_config, check_overrides, flat_fields, moe_layers, validate, with_vocab_size
 
 pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
@@ -40,6 +40,11 @@ def closed_form_params(m) -> int:
     mlp += m.mlp_dim * (2 if gated else 1) + d
   layer = attn + mlp + (4 if m.post_norms else 2) * norm  # + the pre- (and post-) attention and MLP norms
   total = m.vocab_size * d + m.num_layers * layer + norm  # embedding, layers, final norm
+  if m.moe_num_experts:  # MoE layers: a router (+ its bias), the experts and the shared MLP instead
+    e, width = m.moe_num_experts, m.moe_mlp_dim or m.mlp_dim
+    moe_mlp = d * e + (e if m.moe_router == "sigmoid" else 0)
+    moe_mlp += d * width * (3 if gated else 2) * (e + m.moe_shared_experts)
+    total += sum(moe_layers(m)) * (moe_mlp - mlp)
   if m.position_kind == "learned":
     total += m.max_seq_len * d
   if not m.tie_embeddings:
@@ -66,6 +71,12 @@ def test_closed_form_covers_every_optional_weight():
   # = 7,640; three 22,920. Embedding 96 x 32 = 3,072, positions 24 x 32 = 768, final norm 64,
   # unembedding 3,072.
   assert closed_form_params(m) == 29_896 == presets.param_count(m)
+  # Without MLP biases (3 x 72 fewer) and MoE in layers 1 and 2 (first 1 dense): each swaps the 2,560
+  # of its MLP for a router 32 x 6 = 192 with its bias 6, six experts of 2 x 32 x 16 = 1,024 and one
+  # shared MLP of 1,024: 7,366.
+  m.update(mlp_bias=False, moe_num_experts=6, moe_mlp_dim=16, moe_shared_experts=1,
+           moe_router="sigmoid", moe_first_dense_layers=1)
+  assert closed_form_params(m) == 29_896 - 3 * 72 + 2 * (192 + 6 + 7 * 1_024 - 2_560) == presets.param_count(m)
 
 
 @pytest.mark.parametrize("name", SCALE_PRESETS)

@@ -9,11 +9,11 @@ jaxlm/config/fields.py, the checks in jaxlm/config/checks.py; import both from h
 
 from jaxlm.config.checks import (LOGICAL_AXES, LORA_TARGETS, MESH_AXES, RUN_DIR_SCHEMES,
                                  check_location, check_overrides, flat_fields, is_url, layer_kinds,
-                                 lora_targets, parse_rules, rows_per_example, unknown_field_error,
+                                 lora_targets, moe_layers, parse_rules, rows_per_example, unknown_field_error,
                                  validate, with_vocab_size)
 from jaxlm.config.fields import ConfigDict, ConfigError, base_config
 
 __all__ = ["ConfigDict", "ConfigError", "LOGICAL_AXES", "LORA_TARGETS", "MESH_AXES",
            "RUN_DIR_SCHEMES", "base_config", "check_location", "check_overrides", "flat_fields",
-           "is_url", "layer_kinds", "lora_targets", "parse_rules", "rows_per_example",
+           "is_url", "layer_kinds", "lora_targets", "moe_layers", "parse_rules", "rows_per_example",
            "unknown_field_error", "validate", "with_vocab_size"]

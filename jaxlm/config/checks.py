@@ -12,6 +12,7 @@ _CHOICES = {
     "model.position_kind": ("rope", "learned"),
     "model.rope_scaling": ("none", "linear", "llama3", "yarn"),
     "model.attention_kind": ("standard", "mla"),
+    "model.moe_router": ("softmax", "sigmoid"),
     "compute.param_dtype": ("float32", "bfloat16"),
     "compute.compute_dtype": ("float32", "bfloat16"),
     "compute.matmul_dtype": ("", "float32", "bfloat16"),
@@ -41,6 +42,9 @@ _NON_NEGATIVE = (
     "model.rope_local_theta", "model.query_pre_attn_scalar", "model.q_lora_rank",
     "model.kv_lora_rank", "model.qk_nope_head_dim", "model.qk_rope_head_dim", "model.v_head_dim",
     "model.yarn_mscale", "model.yarn_mscale_all_dim",
+    "model.moe_num_experts", "model.moe_mlp_dim", "model.moe_shared_experts", "model.moe_groups",
+    "model.moe_topk_groups", "model.moe_first_dense_layers", "model.moe_capacity_factor",
+    "train.moe_balance_loss", "train.moe_z_loss", "train.moe_bias_rate",
     "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
     "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
@@ -113,6 +117,10 @@ MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
 # only its per-head expansion (heads) is split.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
                 "stage", "lora", "latent")
+# "experts" is a MoE layer's expert dimension (jaxlm/models/moe.py): no mesh axis splits experts
+# yet, so the default rules leave it out (replicated).
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
+                "stage", "lora", "experts")
 
 
 # URL schemes a run directory (train.workdir, a run as checkpoint.init_from) may use: {scheme:
@@ -185,6 +193,49 @@ def layer_kinds(m) -> tuple[bool, ...] | None:
   if not m.layer_pattern:
     return None
   return tuple(m.layer_pattern[i % len(m.layer_pattern)] == "L" for i in range(m.num_layers))
+
+
+def moe_layers(m) -> tuple[bool, ...]:
+  """Per layer of config.model `m`: True where its MLP is a mixture of experts (model.moe_*)."""
+  first, every = m.moe_first_dense_layers, m.moe_every
+  return tuple(bool(m.moe_num_experts) and i >= first and (i - first + 1) % every == 0
+               for i in range(m.num_layers))
+
+
+def _validate_moe(config: ConfigDict) -> None:
+  m = config.model
+  if not m.moe_num_experts:
+    return
+  e, k = m.moe_num_experts, m.moe_experts_per_token
+  for name in ("moe_num_experts", "moe_experts_per_token", "moe_every"):
+    if not (isinstance(m[name], int) and m[name] >= 1):
+      raise ConfigError(f"config field 'model.{name}' must be an integer >= 1, got {m[name]!r}")
+  if k > e:
+    raise ConfigError(f"model.moe_experts_per_token ({k}) exceeds model.moe_num_experts ({e}); "
+                      "a token picks at most every expert once")
+  if not any(moe_layers(m)):
+    raise ConfigError(f"model.moe_num_experts is {e} but no layer is MoE: model.moe_first_dense_layers "
+                      f"({m.moe_first_dense_layers}) and model.moe_every ({m.moe_every}) leave all "
+                      f"{m.num_layers} layers dense; lower them, or set moe_num_experts=0")
+  if m.moe_groups or m.moe_topk_groups:
+    g, tg = m.moe_groups, m.moe_topk_groups
+    if not g or e % g:
+      raise ConfigError(f"model.moe_groups ({g}) must divide model.moe_num_experts ({e}) when "
+                        "group-limited routing is on (0 with moe_topk_groups=0: off)")
+    if not 1 <= tg <= g or tg * (e // g) < k:
+      raise ConfigError(f"model.moe_topk_groups ({tg}) must be in [1, moe_groups={g}] and its groups "
+                        f"must hold at least moe_experts_per_token ({k}) experts")
+  if not m.moe_routed_scale > 0:
+    raise ConfigError(f"model.moe_routed_scale must be > 0, got {m.moe_routed_scale}")
+  if m.mlp_bias:
+    raise ConfigError("model.mlp_bias with MoE layers (model.moe_num_experts > 0) is not implemented; "
+                      "set model.mlp_bias=False")
+  if config.mesh.stage != 1 or config.mesh.dcn_stage != 1:
+    raise ConfigError("MoE models (model.moe_num_experts > 0) do not run pipeline stages yet (their "
+                      "layers are not one stack of alike blocks); set mesh.stage=1 and mesh.dcn_stage=1")
+  if config.lora.rank and set(lora_targets(config.lora, m)) & {"up", "gate", "down"}:
+    raise ConfigError("lora.targets names MLP projections but the model has MoE layers, whose experts "
+                      "take no adapters yet; target attention only (lora.targets='attn')")
 
 
 # Projections LoRA can adapt (lora.targets), and the groups that name several.
@@ -377,6 +428,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   _validate_layer_pattern(m)
   _validate_mla(config)
   _validate_lora(config)
+  _validate_moe(config)
   if d.seq_len > m.max_seq_len:
     raise ConfigError(
         f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "

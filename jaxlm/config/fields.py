@@ -90,6 +90,33 @@ def _model() -> ConfigDict:
   m.norm_plus_one = False
   m.scale_embeddings = False
   m.init_std = 0.02  # normal init of embeddings and projections; residual outputs scaled by depth
+  # Mixture of experts (jaxlm/models/moe.py). moe_num_experts 0: every layer has the dense MLP of
+  # model.mlp_dim. E > 0: the MoE layers (below) route each token to moe_experts_per_token (top-k)
+  # of E expert MLPs of width moe_mlp_dim (model.mlp_kind), weighted by the router, plus
+  # moe_shared_experts experts every token passes through (one MLP of their summed width).
+  m.moe_num_experts = 0
+  m.moe_experts_per_token = 2  # top-k
+  m.moe_mlp_dim = 0  # hidden width of one routed expert; 0: model.mlp_dim
+  m.moe_shared_experts = 0  # DeepSeek-V3: 1; Qwen2-MoE: its shared width / moe_mlp_dim
+  # softmax: top-k of softmax(router logits) (Mixtral, Qwen3-MoE) | sigmoid: sigmoid scores, the
+  # top-k picked with a learned per-expert bias added (DeepSeek-V3's auxiliary-loss-free
+  # balancing: train.moe_bias_rate moves the bias; it never scales an output)
+  m.moe_router = "softmax"
+  m.moe_norm_topk = True  # divide the k weights by their sum (Mixtral, Qwen3-MoE, DeepSeek-V3)
+  m.moe_routed_scale = 1.0  # the routed experts' weights are multiplied by this (DeepSeek-V3: 2.5)
+  # Group-limited routing (DeepSeek-V3): experts split into moe_groups equal groups, each scored by
+  # the sum of its two best scores; only the best moe_topk_groups groups are eligible. 0: off.
+  m.moe_groups = 0
+  m.moe_topk_groups = 0
+  # Which layers are MoE: layer i (from 0) is MoE when i >= moe_first_dense_layers and
+  # (i - moe_first_dense_layers + 1) % moe_every == 0; the others keep the dense MLP.
+  # DeepSeek-V3: first 3 dense, every 1; Qwen2-MoE/Llama-4 style interleaving: every 2 (layers 1, 3, ...).
+  m.moe_first_dense_layers = 0
+  m.moe_every = 1
+  # 0: dropless (every assignment computed: tokens sorted by expert, grouped matmuls). c > 0: each
+  # expert takes at most ceil(c * tokens * k / E) assignments of a layer's batch (first choices
+  # first); the rest are dropped (they add nothing; metric moe/dropped counts them).
+  m.moe_capacity_factor = 0.0
   return m
 
 
@@ -203,6 +230,15 @@ def _train() -> ConfigDict:
   t.decay_embeddings = False  # also decay embedding tables (norm scales and biases never decay)
   t.clip_norm = 1.0  # global gradient norm clip; 0: off
   t.z_loss = 0.0  # weight of log(Z)^2 (PaLM); keeps output logits from drifting
+  # MoE models only (model.moe_num_experts > 0; jaxlm/models/moe.py), language-model objective:
+  # weight of the load-balancing loss E * sum_e f_e P_e (f_e: expert e's share of the layer's
+  # assignments, P_e: its mean normalized router score; 1 when balanced), summed over MoE layers,
+  # over the tokens of one micro-batch (train.grad_accum_steps averages it)
+  t.moe_balance_loss = 0.01
+  t.moe_z_loss = 0.001  # weight of the router z-loss mean logsumexp(router logits)^2 (ST-MoE), summed over layers
+  # model.moe_router=sigmoid: after each step every MoE layer's router bias moves by this toward
+  # balance, bias += rate * sign(mean load - load) (DeepSeek-V3: 0.001). Not a gradient step.
+  t.moe_bias_rate = 0.001
   t.eval_every = 0  # steps between evaluations; 0: only at the end
   t.eval_batches = 0  # batches per evaluation; 0: the whole held-out split
   t.log_every = 10  # steps between metric lines

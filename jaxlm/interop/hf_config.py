@@ -296,6 +296,9 @@ def _gemma_to_hf(arch: str, m, head_dim: int) -> dict:
 def config_to_hf(m) -> dict:
   """The HF config.json of jaxlm model config `m` (written in the transformers 4 spelling, which
   transformers 5 reads too)."""
+  if m.moe_num_experts:
+    raise InteropError("this model has mixture-of-experts layers (model.moe_num_experts > 0), which "
+                       "jaxlm does not export to Hugging Face yet")
   arch = _family(m)
   head_dim = m.head_dim or m.d_model // m.num_heads
   rope = None

@@ -47,6 +47,10 @@ class Compute:
   sequence_shards: int = 1
   # CPU: materialise the transposes that feed low-precision matmuls (see jaxlm/kernels/matmul.py).
   copy_transposes: bool = False
+  # Dropless MoE's grouped matmul (jaxlm/models/moe.py, dropless): "ragged" (jax.lax.ragged_dot,
+  # native on GPU/TPU) | "blocks" (on CPU, where XLA runs ragged_dot as E dense masked matmuls:
+  # benchmarks/moe.py measures both).
+  moe_grouped_matmul: str = "ragged"
 
   @property
   def activations(self):
@@ -120,4 +124,4 @@ def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float
       flash_block_q=compute_cfg.flash_block_q, flash_block_k=compute_cfg.flash_block_k,
       attention_blocks=compute_cfg.attention_blocks,
       sequence_shards=sequence_shards if attention == "flash" else 1,
-      copy_transposes=platform == "cpu")
+      copy_transposes=platform == "cpu", moe_grouped_matmul="blocks" if platform == "cpu" else "ragged")

@@ -169,12 +169,14 @@ class Norm(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU / GeGLU (gated, two input projections) or GELU (one), then a down projection.
 
-  lora: which projections get adapters (drawn from lora_rngs), or None."""
+  lora: which projections get adapters (drawn from lora_rngs), or None. mlp_dim: the hidden
+  width, default model.mlp_dim (a MoE layer's shared experts have their own)."""
 
   def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, out_std: float,
-               lora: LoraSpec | None = None, lora_rngs: nnx.Rngs | None = None):
+               lora: LoraSpec | None = None, lora_rngs: nnx.Rngs | None = None,
+               mlp_dim: int | None = None):
     self.kind, self.compute = cfg.mlp_kind, compute
-    d, f, p = cfg.d_model, cfg.mlp_dim, compute.params
+    d, f, p = cfg.d_model, mlp_dim or cfg.mlp_dim, compute.params
     self.up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, p)
     if self.kind != "gelu":
       self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, p)

@@ -11,6 +11,13 @@ PPO's value head) is a [embed, n] weight on the final-normed hidden state beside
 With compute.scan_layers the blocks' parameters are stacked along a leading `layers` axis and run
 by `lax.scan`, so compile time does not grow with depth.
 
+Mixture-of-experts layers (model.moe_num_experts > 0, which layers by jaxlm.config.moe_layers) have
+another parameter structure than dense ones, so the model keeps two stacks: `blocks` (the dense
+layers, in depth order; all of them in a dense model, whose parameters are unchanged) and
+`moe_blocks` (the MoE layers). The layers run as segments, maximal runs of consecutive layers of one
+kind, each scanned over its slice of its stack (DeepSeek-V3's 3 dense + 58 MoE: two segments). The
+MoE layers' router statistics go out through jaxlm.models.moe.collect_stats, not the outputs.
+
 The model is a pure function of its parameters, in three parts that callers may compose
 differently (the pipeline schedule in jaxlm/parallel/pipeline.py runs the layer stack by stages):
   embed_tokens(tokens, positions) -> x [batch, t, embed]
@@ -33,11 +40,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxlm.config import layer_kinds
+from jaxlm.config import layer_kinds, moe_layers
 from jaxlm.kernels.masking import MASKED
 from jaxlm.models import mla
 from jaxlm.models.attention import Attention, write_cache
 from jaxlm.models.compute import Compute
+from jaxlm.models import moe as moe_lib
 from jaxlm.models.layers import MLP, LoraSpec, Norm, ScoreParam, dense, param
 from jaxlm.parallel.rules import constrain
 
@@ -58,32 +66,49 @@ def padded_vocab_size(cfg) -> int:
 
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with model.post_norms each
-  sublayer's output is normalized too before it is added (Gemma 2/3: x + norm(attn(norm(x))))."""
+  sublayer's output is normalized too before it is added (Gemma 2/3: x + norm(attn(norm(x))))).
+  moe: the MLP is a mixture of experts (jaxlm/models/moe.py)."""
 
   def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, lora: LoraSpec | None = None,
-               lora_rngs: nnx.Rngs | None = None):
+               lora_rngs: nnx.Rngs | None = None, moe: bool = False):
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # keeps the residual stream's scale with depth
     self.attn_norm = Norm(cfg, compute, cfg.d_model, rngs)
     attention = mla.MLA if cfg.attention_kind == "mla" else Attention
     self.attn = attention(cfg, compute, rngs, out_std, lora, lora_rngs)
     self.mlp_norm = Norm(cfg, compute, cfg.d_model, rngs)
-    self.mlp = MLP(cfg, compute, rngs, out_std, lora, lora_rngs)
+    self.moe = moe
+    if moe:
+      self.mlp = moe_lib.MoE(cfg, compute, rngs, out_std)
+    else:
+      self.mlp = MLP(cfg, compute, rngs, out_std, lora, lora_rngs)
     self.post_norms = cfg.post_norms
     if cfg.post_norms:
       self.attn_post_norm = Norm(cfg, compute, cfg.d_model, rngs)
       self.mlp_post_norm = Norm(cfg, compute, cfg.d_model, rngs)
 
   def __call__(self, x, positions, slots, segment_ids, cache=None, cache_index=None, local=None):
-    """local: the layer's kind (see Attention.__call__)."""
+    """local: the layer's kind (see Attention.__call__). Returns (x, cache, the MoE statistics
+    of this layer, or None for a dense MLP)."""
     h, cache = self.attn(self.attn_norm(x), positions, slots, segment_ids, cache, cache_index, local)
     if self.post_norms:
       h = self.attn_post_norm(h)
     x = constrain(x + h, ("batch", "length", "embed"))
-    h = self.mlp(self.mlp_norm(x))
+    h, stats = self.mlp(self.mlp_norm(x)) if self.moe else (self.mlp(self.mlp_norm(x)), None)
     if self.post_norms:
       h = self.mlp_post_norm(h)
     x = x + h
-    return constrain(x, ("batch", "length", "embed")), cache
+    return constrain(x, ("batch", "length", "embed")), cache, stats
+
+
+def _stack(cfg, compute, rngs, lora, lora_rngs, n: int, moe: bool):
+  """n blocks, stacked [n, ...] (compute.scan_layers) or a list."""
+  if compute.scan_layers:
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked(rngs, lora_rngs):
+      return Block(cfg, compute, rngs, lora, lora_rngs, moe)
+    return stacked(rngs, lora_rngs)
+  return nnx.List([Block(cfg, compute, rngs, lora, lora_rngs, moe) for _ in range(n)])
 
 
 class Transformer(nnx.Module):
@@ -100,14 +125,12 @@ class Transformer(nnx.Module):
     self.embed = param(rngs, (self.vocab, d), ("vocab", "embed"), cfg.init_std, p)
     if cfg.position_kind == "learned":
       self.pos_embed = param(rngs, (cfg.max_seq_len, d), (None, "embed"), cfg.init_std, p)
-    if compute.scan_layers:
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def stacked(rngs, lora_rngs):
-        return Block(cfg, compute, rngs, lora, lora_rngs)
-      self.blocks = stacked(rngs, lora_rngs)
-    else:
-      self.blocks = nnx.List([Block(cfg, compute, rngs, lora, lora_rngs) for _ in range(cfg.num_layers)])
+    self.moe_layers = moe_layers(cfg)  # per layer: True where the MLP is MoE
+    n_moe = sum(self.moe_layers)
+    if n_moe < cfg.num_layers:
+      self.blocks = _stack(cfg, compute, rngs, lora, lora_rngs, cfg.num_layers - n_moe, moe=False)
+    if n_moe:
+      self.moe_blocks = _stack(cfg, compute, rngs, lora, lora_rngs, n_moe, moe=True)
     self.final_norm = Norm(cfg, compute, d, rngs)
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (d, self.vocab), ("embed", "vocab"), cfg.init_std, p)
@@ -160,37 +183,81 @@ class Transformer(nnx.Module):
       return layer
     return nnx.remat(layer, policy=REMAT_POLICIES[policy], prevent_cse=not self.compute.scan_layers)
 
-  def layer_stack(self, start=0):
-    """(layers, run) of the scanned layers: layers = (block parameters, kinds), every leaf [layers, ...];
-    kinds: bool, True for model.layer_pattern's local layers (None without a pattern), so any
-    slice of the stack (a pipeline stage's) carries its own layers' kinds.
-    run(layers, x, rows, kv=None) -> (x, new cache entries) runs them in order (any leading slice of layers)."""
-    if not self.compute.scan_layers:
-      raise ValueError("layer_stack needs compute.scan_layers=True (layers stacked along one axis)")
-    graphdef, params = nnx.split(self.blocks)
+  def segments(self) -> tuple[tuple[bool, int, int, int], ...]:
+    """Maximal runs of consecutive layers of one kind: (moe, first layer, layers, first index in
+    its stack). A dense model is one segment: (False, 0, num_layers, 0)."""
+    out, used = [], {False: 0, True: 0}
+    for i, moe in enumerate(self.moe_layers):
+      if out and out[-1][0] == moe:
+        out[-1][2] += 1
+      else:
+        out.append([moe, i, 1, used[moe]])
+      used[moe] += 1
+    return tuple(tuple(seg) for seg in out)
+
+  def _stack_of(self, moe: bool):
+    return self.moe_blocks if moe else self.blocks
+
+  def _scanned(self, stack, start):
+    """(params of the stacked blocks, run(layers, x, rows, kv) -> (x, (new kv, stats)))."""
+    graphdef, params = nnx.split(stack)
     layer = self._layer(start)
-    kinds = layer_kinds(self.cfg)
-    kinds = None if kinds is None else jnp.asarray(kinds)
 
     def run(layers, x, rows, kv=None):
       def body(x, xs):  # one layer: xs = ((its parameters, its kind), its cache slice)
         (params, local), layer_kv = xs
-        return layer(nnx.merge(graphdef, params), x, layer_kv, rows, local)
+        x, new_kv, stats = layer(nnx.merge(graphdef, params), x, layer_kv, rows, local)
+        return x, (new_kv, stats)
       return jax.lax.scan(body, x, (layers, kv))
+    return params, run
+
+  def layer_stack(self, start=0):
+    """(layers, run) of the scanned layers: layers = (block parameters, kinds), every leaf [layers, ...];
+    kinds: bool, True for model.layer_pattern's local layers (None without a pattern), so any
+    slice of the stack (a pipeline stage's) carries its own layers' kinds.
+    run(layers, x, rows, kv=None) -> (x, new cache entries) runs them in order (any leading slice of layers).
+    Dense models only (one stack of alike blocks; MoE models keep two, see `segments`)."""
+    if not self.compute.scan_layers:
+      raise ValueError("layer_stack needs compute.scan_layers=True (layers stacked along one axis)")
+    if any(self.moe_layers):
+      raise ValueError("layer_stack runs one stack of alike dense blocks; this model has MoE layers")
+    params, run_stats = self._scanned(self.blocks, start)
+    kinds = layer_kinds(self.cfg)
+    kinds = None if kinds is None else jnp.asarray(kinds)
+
+    def run(layers, x, rows, kv=None):
+      x, (new_kv, _) = run_stats(layers, x, rows, kv)
+      return x, new_kv
     return (params, kinds), run
 
   def run_layers(self, x, rows, kv=None, start=0):
     """x: [batch, t, embed] through every block; kv: the cache's entries ({"k","v"}, or MLA's) or
-    None. Returns (x, the blocks' new cache entries {name: [layers, batch, t, ...]}, or None)."""
-    if self.compute.scan_layers:
-      layers, run = self.layer_stack(start)
-      return run(layers, x, rows, kv)
-    kinds, outs = layer_kinds(self.cfg) or (None,) * self.cfg.num_layers, []
-    for i, block in enumerate(self.blocks):
-      layer = self._layer(start, kinds[i])  # a static kind: each layer's window is fixed
-      x, layer_kv = layer(block, x, None if kv is None else jax.tree.map(lambda a: a[i], kv), rows)
-      outs.append(layer_kv)
-    return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    None. Returns (x, the blocks' new cache entries {name: [layers, batch, t, ...]}, or None).
+    MoE layers' statistics are reported to jaxlm.models.moe.collect_stats, in depth order."""
+    kinds = layer_kinds(self.cfg)
+    kv_of = lambda a, b: None if kv is None else jax.tree.map(lambda c: c[a:b], kv)
+    outs, stats = [], []
+    for moe, first, n, index in self.segments():
+      stack = self._stack_of(moe)
+      if self.compute.scan_layers:
+        params, run = self._scanned(stack, start)
+        if n != jax.tree.leaves(params)[0].shape[0]:  # a slice of its stack
+          params = jax.tree.map(lambda a: a[index:index + n], params)
+        seg_kinds = None if kinds is None else jnp.asarray(kinds[first:first + n])
+        x, (new_kv, seg_stats) = run((params, seg_kinds), x, rows, kv_of(first, first + n))
+        outs.append(new_kv)
+        stats.append(seg_stats)
+        continue
+      for i in range(n):
+        local = None if kinds is None else kinds[first + i]  # a static kind: each layer's window is fixed
+        layer_kv = None if kv is None else jax.tree.map(lambda a: a[first + i], kv)
+        x, new_kv, layer_stats = self._layer(start, local)(stack[index + i], x, layer_kv, rows)
+        outs.append(None if kv is None else jax.tree.map(lambda a: a[None], new_kv))
+        stats.append(None if layer_stats is None else jax.tree.map(lambda a: a[None], layer_stats))
+    stats = [s for s in stats if s is not None]
+    if stats:
+      moe_lib.report(jax.tree.map(lambda *a: jnp.concatenate(a), *stats))
+    return x, None if kv is None else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
   def head(self, x):
     """x: [batch, t, embed] -> logits [batch, t, padded vocab] float32; padded ids masked."""

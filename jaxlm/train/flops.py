@@ -4,7 +4,9 @@ Counted: every matmul (2 FLOPs per multiply-add) in q/k/v/o (MLA: q_a, q_b or q,
 the MLP and the output logits, plus the attention score and value products (QK^T and PV) with
 causal attention counted as half (with a sliding window: the keys in the window; under
 model.layer_pattern only its local layers have one). MLA is counted in the form training runs,
-keys and values expanded per head: QK^T over nope + rope features, PV over v_head_dim. Not counted: the embedding lookup, norms, softmax, the optimizer. Training = forward +
+keys and values expanded per head: QK^T over nope + rope features, PV over v_head_dim. A
+mixture-of-experts layer counts its active parameters: the router, the top-k routed experts and
+the shared ones (not the experts a token skips; capacity-mode drops are not subtracted). Not counted: the embedding lookup, norms, softmax, the optimizer. Training = forward +
 backward = 3 x forward. Recomputation (remat) is not counted either: these are model FLOPs, so MFU
 does not reward recomputing.
 """
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import chips
-from jaxlm.config import layer_kinds
+from jaxlm.config import layer_kinds, moe_layers
 
 
 def attention_params(m) -> int:
@@ -36,10 +38,17 @@ def attention_params(m) -> int:
 
 
 def matmul_params(m) -> int:
-  """Parameters that take part in a matmul for every token (m = config.model)."""
+  """Parameters that take part in a matmul for every token (m = config.model): with MoE layers,
+  the active ones (router, moe_experts_per_token routed experts, shared experts)."""
   attn = attention_params(m)
-  mlp = m.d_model * m.mlp_dim * (2 if m.mlp_kind == "gelu" else 3)
-  return m.num_layers * (attn + mlp) + m.d_model * m.vocab_size  # + the output logits
+  per_width = m.d_model * (2 if m.mlp_kind == "gelu" else 3)  # one MLP's params per hidden unit
+  mlp = per_width * m.mlp_dim
+  expert_dim = m.moe_mlp_dim or m.mlp_dim
+  moe = (m.d_model * m.moe_num_experts  # the router
+         + per_width * expert_dim * (m.moe_experts_per_token + m.moe_shared_experts))
+  n_moe = sum(moe_layers(m))
+  return (m.num_layers * attn + (m.num_layers - n_moe) * mlp + n_moe * moe
+          + m.d_model * m.vocab_size)  # + the output logits
 
 
 def attention_context(m, seq_len: int, causal: bool = True, window: int | None = None) -> float:

@@ -13,7 +13,7 @@ import os
 import jax
 from flax import nnx
 
-from jaxlm.config import ConfigError, flat_fields
+from jaxlm.config import ConfigError, flat_fields, moe_layers
 from jaxlm.interop import hf
 from jaxlm.models.layers import PRETRAINED, ScoreParam
 from jaxlm.models.transformer import padded_vocab_size
@@ -85,7 +85,10 @@ def read_source(path: str, config, compute, mesh, shardings) -> nnx.State:
         + "; set these fields to the source's values (or init_from a matching model)")
   params = _source_params(path, mesh)
   params.pop("score", None)  # a reward model's or PPO policy's head: not part of the language model
-  params["blocks"] = _restack(params["blocks"], compute.scan_layers, source.num_layers)
+  n_moe = sum(moe_layers(source))  # a MoE model's layers are two stacks (jaxlm/models/transformer.py)
+  for name, n in (("blocks", source.num_layers - n_moe), ("moe_blocks", n_moe)):
+    if name in params:
+      params[name] = _restack(params[name], compute.scan_layers, n)
   state = nnx.state(abstract_model(config, compute), PRETRAINED)
   # Master weights in the run's compute.param_dtype, whatever the source stored.
   params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, nnx.to_pure_dict(state))

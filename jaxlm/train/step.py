@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm.train.loss import cross_entropy
+from jaxlm.models import moe
+from jaxlm.train.loss import MOE_COUNTS, cross_entropy, moe_terms
 from jaxlm.train.optimizer import schedule
 
 
@@ -60,12 +61,18 @@ class Objective(NamedTuple):
   count_name: str = "tokens"
 
 
-def lm_objective(graphdef, z_loss: float, forward=model_forward) -> Objective:
+def lm_objective(graphdef, z_loss: float, forward=model_forward, moe_balance: float = 0.0,
+                 moe_z: float = 0.0) -> Objective:
   """Next-token cross-entropy over the batch's weighted targets (pretraining, and SFT whose weights
-  mark the assistant's tokens), plus z_loss x log(Z)^2."""
+  mark the assistant's tokens), plus z_loss x log(Z)^2; a MoE model adds its router terms
+  (loss.moe_terms, weights moe_balance and moe_z) and reports its expert load."""
   def fn(params, frozen, batch):
-    nll, z, count = loss_sums(graphdef, params, batch, z_loss, forward, frozen)
-    return nll + z, {"loss": nll}, count
+    with moe.collect_stats() as stats:
+      nll, z, count = loss_sums(graphdef, params, batch, z_loss, forward, frozen)
+    if not stats:
+      return nll + z, {"loss": nll}, count
+    router_loss, sums = moe_terms(stats, count, moe_balance, moe_z)
+    return nll + z + router_loss, {"loss": nll, **sums}, count
   return Objective(fn)
 
 
@@ -76,11 +83,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
 
   With train.skip_nonfinite, a step whose loss (any metric), gradient norm or update is not finite
   leaves params and optimizer state as they were (step and RNG still advance: the batch is
-  consumed) and reports metrics["skipped"] = 1; the loop counts and logs such steps."""
+  consumed) and reports metrics["skipped"] = 1; the loop counts and logs such steps.
+
+  MoE models: the expert load (loss.MOE_COUNTS) becomes scalar metrics (moe.load_metrics), and a
+  sigmoid router's bias moves by train.moe_bias_rate toward balance (moe.update_router_bias) in
+  the same step, after the optimizer, under the same non-finite guard."""
   accum, lr_at = train_cfg.grad_accum_steps, schedule(train_cfg)
   guard = train_cfg.skip_nonfinite
   if objective is None:
-    objective = lm_objective(graphdef, train_cfg.z_loss, forward)
+    objective = lm_objective(graphdef, train_cfg.z_loss, forward, train_cfg.moe_balance_loss,
+                             train_cfg.moe_z_loss)
 
   def total(params, frozen, batch):
     loss, sums, count = objective.fn(params, frozen, batch)
@@ -108,7 +120,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {name: value / denom for name, value in sums.items()}
+    counts = {name: sums[name] for name in MOE_COUNTS if name in sums}
+    metrics = {name: value / denom for name, value in sums.items() if name not in counts}
+    if counts:  # a MoE model: load metrics; a sigmoid router's bias (its only leaves) moves
+      metrics.update(moe.load_metrics(counts["moe_load"], counts["moe_dropped"]))
+      if train_cfg.moe_bias_rate:
+        params = moe.update_router_bias(params, counts["moe_load"], train_cfg.moe_bias_rate)
     grad_norm = optax.global_norm(grads)
     if guard:
       # Decided on device, so no step waits for the host. The update is checked too: a finite
