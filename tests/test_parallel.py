@@ -59,7 +59,8 @@ def packed_batch(c, seed=0):
 
 
 def run(c, devices=None):
-  """STEPS steps on `devices` (default all 8): losses, final state (host), the compiled step."""
+  """STEPS steps on `devices` (default all 8): losses, final state (host), the compiled step, the
+  last step's metrics."""
   setup = make_setup(c, devices)
   state = init_sharded_state(setup)
   step = jit_train_step(setup)
@@ -71,7 +72,7 @@ def run(c, devices=None):
     state, metrics = compiled(state, batch)
     losses.append(float(metrics["loss"]))
   return {"losses": np.array(losses), "state": state, "init": init_params, "batch": batch,
-          "compiled": compiled, "setup": setup}
+          "compiled": compiled, "setup": setup, "metrics": jax.device_get(metrics)}
 
 
 @pytest.fixture(scope="module")
