@@ -77,10 +77,11 @@ def test_expert_parallel_layout_matches_single_device(reference, name):
   assert "all-to-all" in got["compiled"].as_text()
 
 
-def test_sharded_dispatch_equals_dropless_when_one_rank_gets_every_token():
+@pytest.mark.parametrize("grouped", ["blocks", "ragged"])
+def test_sharded_dispatch_equals_dropless_when_one_rank_gets_every_token(grouped):
   """Value and gradients of the expert-parallel dispatch against moe.dropless on one device, with
   every token routed to experts 0 and 1 (rank 0 of 4 receives every assignment of every rank) and
-  with random routing."""
+  with random routing; both grouped matmuls (their padding rows of the receive buffers)."""
   mesh = jax.make_mesh((2, 4), ("fsdp", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = parse_rules("batch:fsdp+expert, embed:fsdp, experts:expert")
   b, t, d, f, e, k = 8, 4, 16, 8, 8, 2
@@ -91,7 +92,7 @@ def test_sharded_dispatch_equals_dropless_when_one_rank_gets_every_token():
   weights = jax.nn.softmax(jax.random.normal(keys[4], (b, t, k)), -1)
   skewed = jnp.broadcast_to(jnp.array([1, 0], jnp.int32), (b, t, k))
   spread = jax.random.randint(keys[5], (b, t, k), 0, e)
-  compute = Compute(moe_grouped_matmul="blocks")
+  compute = Compute(moe_grouped_matmul=grouped)
   ffn = lambda *a: moe.grouped_ffn(*a, kind="swiglu", compute=compute)  # noqa: E731
 
   def sharded(x, weights, w, ids):
