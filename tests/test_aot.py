@@ -64,8 +64,14 @@ def test_mesh_larger_than_the_slice_names_the_fix():
 @pytest.mark.fast
 def test_sweep_order_is_cheapest_first():
   tried = list(candidates(tiny(), 8))
-  assert tried[0] == ("none", dict(data=1, stage=1, fsdp=8, sequence=1, tensor=1))
+  assert tried[0] == ("none", dict(data=1, stage=1, fsdp=8, sequence=1, expert=1, tensor=1))
   assert [r for r, _ in tried] == sorted((r for r, _ in tried), key=["none", "dots", "full"].index)
+  # MoE models: expert sizes dividing the experts and the devices, most expert parallelism first
+  c = tiny()
+  c.model.update(moe_num_experts=4, moe_mlp_dim=64)
+  meshes = [m for r, m in candidates(c, 8) if r == "none"]
+  assert [(m["tensor"], m["expert"], m["fsdp"]) for m in meshes][:4] == [
+      (1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 4, 1)]
 
 
 def test_cli_sweep_stops_at_the_first_plan_that_fits():
@@ -85,3 +91,13 @@ def test_cli_exits_nonzero_when_the_job_does_not_fit():
       capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert out.returncode == 1, out.stderr[-2000:]
   assert " NO " in out.stdout and "does not fit" in out.stdout and "grad_accum_steps" in out.stdout
+
+
+def test_moe_plan_with_an_expert_axis():
+  """A MoE model's step compiles for TPU with its experts split over mesh.expert (the all-to-all
+  dispatch, jaxlm/parallel/experts.py)."""
+  c = tiny()
+  c.model.update(moe_num_experts=4, moe_mlp_dim=64)
+  c.mesh.update(data=1, expert=4)
+  p = plan(c, tpu_devices("v5p:2x2x1"))
+  assert p.mesh["expert"] == 4 and p.fits and p.temporaries > 0

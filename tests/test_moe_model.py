@@ -155,10 +155,12 @@ def test_bad_moe_fields_are_named(field, value, message):
 
 
 @pytest.mark.fast
-def test_pipeline_stages_refuse_moe():
+def test_pipeline_stages_refuse_mixed_dense_and_moe_layers():
   c = moe_config()
   c.mesh.stage = 2
-  with pytest.raises(ConfigError, match="mesh.stage=1"):
+  validate(c)  # every layer MoE: one stack of alike blocks, which stages split
+  c.model.moe_first_dense_layers = 1
+  with pytest.raises(ConfigError, match="mixes dense and MoE layers.*mesh.stage=1"):
     validate(c)
 
 

@@ -59,7 +59,8 @@ def packed_batch(c, seed=0):
 
 
 def run(c, devices=None):
-  """STEPS steps on `devices` (default all 8): losses, final state (host), the compiled step."""
+  """STEPS steps on `devices` (default all 8): losses, final state (host), the compiled step, the
+  last step's metrics."""
   setup = make_setup(c, devices)
   state = init_sharded_state(setup)
   step = jit_train_step(setup)
@@ -71,7 +72,7 @@ def run(c, devices=None):
     state, metrics = compiled(state, batch)
     losses.append(float(metrics["loss"]))
   return {"losses": np.array(losses), "state": state, "init": init_params, "batch": batch,
-          "compiled": compiled, "setup": setup}
+          "compiled": compiled, "setup": setup, "metrics": jax.device_get(metrics)}
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def _check_state_memory(name, got):
     (dict(data=-1, tensor=3), {}, {}, r"'mesh.data' is -1, but the other mesh.\* sizes multiply to 3, which does not divide the 8 devices"),
     (dict(data=1, tensor=8), dict(num_heads=12, head_dim=4), {}, r"model.num_heads \(12\) is not divisible by the tensor axis \(8 = mesh.tensor x mesh.dcn_tensor\): tensor parallelism splits whole heads"),
     (dict(data=2, tensor=4), dict(num_kv_heads=2), {}, r"model.num_kv_heads \(2\) is not divisible by the tensor axis \(4"),
-    (dict(data=1, fsdp=8), {}, dict(grad_accum_steps=2), r"4 rows per micro-batch is not divisible by the data-like axes \(data x fsdp = 8\)"),
+    (dict(data=1, fsdp=8), {}, dict(grad_accum_steps=2), r"4 rows per micro-batch is not divisible by the data-like axes \(data x fsdp x expert = 8\)"),
     (dict(data=1, fsdp=4, sequence=2), {}, {}, None),  # fits
     (dict(data=4, sequence=2), dict(max_seq_len=24), {}, None),
 ])
@@ -229,7 +230,7 @@ def test_sequence_and_stage_errors():
 def test_dcn_sizes_multiply_with_in_slice_sizes():
   c = tiny_config(data=2, fsdp=2)  # dcn_data is -1 by default
   ici, dcn = resolve_mesh(c, 8, num_slices=2)
-  assert ici == dict(data=2, stage=1, fsdp=2, sequence=1, tensor=1) and dcn["data"] == 2
+  assert ici == dict(data=2, stage=1, fsdp=2, sequence=1, expert=1, tensor=1) and dcn["data"] == 2
   c.mesh.update(dcn_data=1, dcn_fsdp=3)
   with pytest.raises(ConfigError, match=r"mesh sizes \(mesh.dcn_fsdp=3\) multiply to 3 but there are 2 slices"):
     resolve_mesh(c, 8, num_slices=2)
@@ -254,7 +255,8 @@ def test_bad_mesh_fields_fail_validation(field, value, message):
 @pytest.mark.fast
 def test_default_rules_parse():
   rules = dict(parse_rules(base_config().mesh.rules))
-  assert rules["batch"] == ("data", "fsdp") and rules["embed"] == ("fsdp",)
+  assert rules["batch"] == ("data", "fsdp", "expert") and rules["embed"] == ("fsdp",)
+  assert rules["experts"] == ("expert",)  # expert parallelism splits the experts
   assert rules["layers"] == ("stage",) and rules["stage"] == ("stage",)  # pipeline stages own their layers
 
 

@@ -3,8 +3,10 @@
 Compiles the config's real train step for the TPU slice on this machine (libtpu, no TPU needed)
 and prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity, FLOPs
 per step and the predicted step time at --mfu. Exits 1 if it does not fit. --sweep tries remat
-policies and mesh factorizations (fsdp x tensor) in order, least recompute first and then least
-tensor parallelism, and stops at the first that fits; it compares no step times.
+policies and mesh factorizations (fsdp x tensor, x expert for MoE models) in order, least
+recompute first, then least tensor parallelism, then most expert parallelism, and stops at the
+first that fits; it compares no step times. Any mesh field can be given as for training
+(--config.mesh.expert=8 --config.mesh.fsdp=-1 ...).
 """
 
 import copy
@@ -21,8 +23,8 @@ from jaxlm.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a jaxlm config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: 'v5p:8x8x8' (chips) or 'v5p-1024'.")
-_SWEEP = flags.DEFINE_bool("sweep", False, "Try remat policies and fsdp x tensor meshes, least recompute first; "
-                           "stop at the first that fits.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Try remat policies and fsdp x tensor (x expert for MoE) meshes, "
+                           "least recompute first; stop at the first that fits.")
 _MFU = flags.DEFINE_float("mfu", 0.5, "Assumed model FLOPs utilisation for the predicted step time.")
 
 _GB = 1e9
@@ -65,7 +67,7 @@ def main(argv):
     for remat, mesh in candidates(config, len(devices)):
       c = copy.deepcopy(config)
       c.compute.remat_policy = remat
-      c.mesh.update(**mesh, dcn_data=1)
+      c.mesh.update(**mesh, dcn_data=1, dcn_expert=1)
       try:
         p = plan(c, devices, _MFU.value)
       except ConfigError as e:

@@ -119,13 +119,27 @@ def _shard_bytes(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def expert_sizes(config, devices: int) -> list[int]:
+  """Expert-axis sizes worth trying for `devices` devices, largest first: powers of two dividing
+  both model.moe_num_experts and the devices; [1] for a dense model."""
+  e = config.model.moe_num_experts
+  if not e:
+    return [1]
+  return [s for s in (2 ** i for i in range(devices.bit_length() - 1, -1, -1))
+          if e % s == 0 and devices % s == 0]
+
+
 def candidates(config, num_devices: int):
   """Mesh factorizations and remat policies to try, cheapest first: least recompute, then least
-  tensor parallelism (it talks every layer), with fsdp taking the remaining devices."""
+  tensor parallelism (it talks every layer), then (MoE models) the most expert parallelism (each
+  expert's weights stay whole on its ranks instead of being gathered over fsdp every layer), with
+  fsdp taking the remaining devices."""
   heads = math.gcd(config.model.num_heads, config.model.num_kv_heads)
   tensors = [t for t in (1, 2, 4, 8) if heads % t == 0 and num_devices % t == 0]
   for remat in sorted(RECOMPUTE, key=RECOMPUTE.get):
     if remat == "dots_no_batch":
       continue  # same recompute estimate as dots; one of the two is enough for a sweep
     for t in tensors:
-      yield remat, dict(data=1, stage=1, fsdp=num_devices // t, sequence=1, tensor=t)
+      for ep in expert_sizes(config, num_devices // t):
+        yield remat, dict(data=1, stage=1, fsdp=num_devices // (t * ep), sequence=1, expert=ep,
+                          tensor=t)

@@ -108,19 +108,17 @@ def check_overrides(argv) -> None:
 
 
 # Mesh axes, outermost (slowest links) to innermost (fastest); see jaxlm/parallel/mesh.py.
-MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "stage", "fsdp", "sequence", "expert", "tensor")
 # The names model code gives array dimensions; see jaxlm/parallel/rules.py.
 # "stage" is the pipeline's stage dimension (jaxlm/parallel/pipeline.py).
 # "lora" is a LoRA adapter's rank dimension (replicated unless the rules name it).
 # "latent" is MLA's low-rank query and key/value width (q_lora_rank, kv_lora_rank [+ the RoPE
 # key]): replicated unless the rules name it, so the latent is whole on every tensor shard and
 # only its per-head expansion (heads) is split.
+# "experts" is a MoE layer's expert dimension (jaxlm/models/moe.py), split over the `expert` mesh
+# axis by the default rules (expert parallelism, jaxlm/parallel/experts.py).
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-                "stage", "lora", "latent")
-# "experts" is a MoE layer's expert dimension (jaxlm/models/moe.py): no mesh axis splits experts
-# yet, so the default rules leave it out (replicated).
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-                "stage", "lora", "experts")
+                "stage", "lora", "latent", "experts")
 
 
 # URL schemes a run directory (train.workdir, a run as checkpoint.init_from) may use: {scheme:
@@ -230,9 +228,11 @@ def _validate_moe(config: ConfigDict) -> None:
   if m.mlp_bias:
     raise ConfigError("model.mlp_bias with MoE layers (model.moe_num_experts > 0) is not implemented; "
                       "set model.mlp_bias=False")
-  if config.mesh.stage != 1 or config.mesh.dcn_stage != 1:
-    raise ConfigError("MoE models (model.moe_num_experts > 0) do not run pipeline stages yet (their "
-                      "layers are not one stack of alike blocks); set mesh.stage=1 and mesh.dcn_stage=1")
+  if (config.mesh.stage != 1 or config.mesh.dcn_stage != 1) and not all(moe_layers(m)):
+    raise ConfigError("pipeline stages (mesh.stage or mesh.dcn_stage > 1) split one stack of alike "
+                      "layers, but this model mixes dense and MoE layers (model.moe_first_dense_layers "
+                      f"{m.moe_first_dense_layers}, model.moe_every {m.moe_every}); make every layer MoE "
+                      "(moe_first_dense_layers=0, moe_every=1) or set mesh.stage=1 and mesh.dcn_stage=1")
   if config.lora.rank and set(lora_targets(config.lora, m)) & {"up", "gate", "down"}:
     raise ConfigError("lora.targets names MLP projections but the model has MoE layers, whose experts "
                       "take no adapters yet; target attention only (lora.targets='attn')")

@@ -371,6 +371,10 @@ def _mesh() -> ConfigDict:
   m.stage = 1  # pipeline stages: the layer stack split over devices (GPipe, see model.pipeline_microbatches)
   m.fsdp = 1  # fully sharded data parallel (ZeRO-3): batch rows AND parameters/optimizer state split
   m.sequence = 1  # sequence parallel: activations split along length; attention gathers keys/values
+  # expert parallel: a MoE layer's experts split over devices, tokens sent to their experts and back
+  # by all-to-all (jaxlm/parallel/experts.py); outside the MoE layers batch rows are split over it
+  # as over data. model.moe_num_experts must divide by it; a dense model is just data-parallel on it.
+  m.expert = 1
   m.tensor = 1  # Megatron tensor parallel: attention heads and the MLP hidden dim split
   # Cross-slice (DCN) size of each axis; the mesh axis is in-slice x cross-slice. One may be -1: it
   # takes the slices left (1 on a single slice). Without TPU slice ids, each process is a slice.
@@ -378,14 +382,15 @@ def _mesh() -> ConfigDict:
   m.dcn_stage = 1
   m.dcn_fsdp = 1
   m.dcn_sequence = 1
+  m.dcn_expert = 1
   m.dcn_tensor = 1
   # Logical axis name -> mesh axes ("+" joins several), comma-separated; unlisted names are
   # replicated. One table for parameters, optimizer state, the batch and activations: within one
   # array a mesh axis is used once, by the first dimension that names it, so "embed:fsdp" shards
   # parameters (ZeRO-3) while activations [batch, length, embed] already spend fsdp on batch.
   # A parameter dimension the mesh axes do not divide (a tiny vocab) is replicated instead.
-  m.rules = ("batch:data+fsdp, length:sequence, embed:fsdp, heads:tensor, kv_heads:tensor, "
-             "mlp:tensor, vocab:tensor, layers:stage, stage:stage")
+  m.rules = ("batch:data+fsdp+expert, length:sequence, embed:fsdp, heads:tensor, kv_heads:tensor, "
+             "mlp:tensor, vocab:tensor, layers:stage, stage:stage, experts:expert")
   return m
 
 

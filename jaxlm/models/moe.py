@@ -11,18 +11,22 @@ Three parts, each replaceable on its own:
       matmuls (jax.lax.ragged_dot), nothing dropped. `capacity`: each expert takes at most
       ceil(factor * T * k / E) assignments, first choices before second ones, the rest dropped
       (counted; a dropped assignment adds nothing, the others keep their weights). `reference`:
-      every expert on every token, combined with the routing weights (the tests' oracle). A
-      sharded dispatch (an `experts` mesh axis, all-to-all in shard_map) has this same signature.
+      every expert on every token, combined with the routing weights (the tests' oracle). The
+      expert-parallel dispatch (jaxlm/parallel/experts.py: experts split over the `expert` mesh
+      axis, all-to-all in shard_map) runs the same grouped matmul per device.
   MoE: the nnx module holding router and expert weights (logical axis `experts` on the expert
       dimension) that routes, dispatches and reports its router statistics.
 
 Statistics (per layer: load-balancing loss, router z-loss, tokens per expert, dropped assignments)
-leave the model through `collect_stats()` (below), so the model's outputs stay what they are.
+leave the model through `collect_stats()` (below), so the model's outputs stay what they are. A
+layer returns them as sums (router_sums), which add up over micro-batches; finish_stats makes the
+losses once a whole batch's sums are in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import NamedTuple
@@ -33,6 +37,7 @@ from flax import nnx
 
 from jaxlm.models.compute import Compute
 from jaxlm.models.layers import MLP, param
+from jaxlm.parallel import experts as expert_parallel
 
 
 class RouterBias(nnx.Param):
@@ -135,23 +140,23 @@ def block_rows(num_assignments: int, num_experts: int) -> int:
   return max(8, -(-num_assignments // (2 * num_experts) // 8) * 8)
 
 
-def dropless(x, ids, weights, experts: Experts, kind: str, compute: Compute = Compute()):
-  """x: [T, d], ids/weights: [T, k] -> (out [T, d], dropped 0). Exact: no assignment is dropped.
+def grouped_ffn(x, src, row_expert, experts: Experts, kind: str, compute: Compute = Compute()):
+  """Rows x[src] (src: [N] indices into x [T, d]), row i through expert row_expert[i] (int [N]) ->
+  [N, d] float32 in row order. row_expert == E (no expert) marks a padding row: it gives zeros and
+  costs no group (the expert-parallel receive buffers have such rows).
 
-  The T*k assignments are sorted by expert (stable: tokens keep their order inside a group) and run
-  as grouped matmuls, by compute.moe_grouped_matmul: "ragged" (jax.lax.ragged_dot over the sorted
-  rows; native on GPU/TPU, while XLA:CPU computes every group over all rows, E times the work) or
-  "blocks" (each group padded to whole blocks of block_rows() rows, at most T*k/B + E blocks,
-  run as one batched matmul with each block's expert weights gathered). Results are gathered back
-  to token order (no scatter-add) and summed over k with the weights."""
-  t, k = ids.shape
+  The rows are sorted by expert (stable: rows keep their order inside a group) and run as grouped
+  matmuls, by compute.moe_grouped_matmul: "ragged" (jax.lax.ragged_dot over the sorted rows; native
+  on GPU/TPU, while XLA:CPU computes every group over all rows, E times the work) or "blocks" (each
+  group padded to whole blocks of block_rows() rows, at most N/B + E blocks, run as one batched
+  matmul with each block's expert weights gathered). Results are gathered back to row order (no
+  scatter-add)."""
+  n = src.shape[0]
   e = experts.up.shape[0]
-  n = t * k
-  flat = ids.reshape(-1)  # [N], assignment a = token a // k, choice a % k
-  order = jnp.argsort(flat, stable=True)  # [N] assignments grouped by expert
-  sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
+  order = jnp.argsort(row_expert, stable=True)  # [N] rows grouped by expert, padding last
+  sizes = jnp.bincount(row_expert, length=e).astype(jnp.int32)  # [E]; padding rows not counted
   if compute.moe_grouped_matmul == "ragged":
-    y = _ragged_ffn(x[order // k], sizes, experts, kind, compute)  # [N, d]
+    y = _ragged_ffn(x[src[order]], sizes, experts, kind, compute)  # [N, d]
     row_of = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))  # [N]
   else:
     b = block_rows(n, e)
@@ -160,16 +165,28 @@ def dropless(x, ids, weights, experts: Experts, kind: str, compute: Compute = Co
     pad_start, start = jnp.cumsum(padded) - padded, jnp.cumsum(sizes) - sizes  # [E] each
     block_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(blocks) * b,
                                                 side="right"), e - 1)  # [blocks]
-    row_expert = jnp.repeat(block_expert, b)  # [blocks * B]
-    offset = jnp.arange(blocks * b) - pad_start[row_expert]
-    valid = offset < sizes[row_expert]  # padding rows and unused blocks: False
-    src = order[jnp.clip(start[row_expert] + offset, 0, n - 1)]  # the assignment each row holds
-    xs = jnp.where(valid[:, None], x[src // k], 0).reshape(blocks, b, -1)
+    row_expert_b = jnp.repeat(block_expert, b)  # [blocks * B]
+    offset = jnp.arange(blocks * b) - pad_start[row_expert_b]
+    valid = offset < sizes[row_expert_b]  # padding rows and unused blocks: False
+    held = order[jnp.clip(start[row_expert_b] + offset, 0, n - 1)]  # the row each block row holds
+    xs = jnp.where(valid[:, None], x[src[held]], 0).reshape(blocks, b, -1)
     y = _blocks_ffn(xs, block_expert, experts, kind, compute).reshape(blocks * b, -1)
-    sorted_expert = flat[order]
+    sorted_expert = jnp.minimum(row_expert[order], e - 1)
     rows = pad_start[sorted_expert] + jnp.arange(n) - start[sorted_expert]  # [N] by sorted position
-    row_of = jnp.zeros_like(order).at[order].set(rows)
-  y = y[row_of].reshape(t, k, -1)  # back in assignment order: a gather, no scatter-add
+    row_of = jnp.zeros_like(order).at[order].set(jnp.clip(rows, 0, blocks * b - 1))
+  y = y[row_of]  # back in row order: a gather, no scatter-add
+  return jnp.where((row_expert < e)[:, None], y, 0.0)
+
+
+def dropless(x, ids, weights, experts: Experts, kind: str, compute: Compute = Compute()):
+  """x: [T, d], ids/weights: [T, k] -> (out [T, d], dropped 0). Exact: no assignment is dropped.
+
+  The T*k assignments run through their experts by grouped_ffn (sorted by expert, grouped
+  matmuls) and are summed over k with the weights."""
+  t, k = ids.shape
+  n = t * k
+  src = jnp.arange(n, dtype=jnp.int32) // k  # assignment a = token a // k, choice a % k
+  y = grouped_ffn(x, src, ids.reshape(-1), experts, kind, compute).reshape(t, k, -1)
   out = jnp.einsum("tkd,tk->td", y, weights)
   return out.astype(x.dtype), jnp.zeros((), jnp.float32)
 
@@ -207,15 +224,32 @@ def capacity(x, ids, weights, experts: Experts, kind: str, compute: Compute = Co
 DISPATCHES = {"dropless": dropless, "capacity": capacity, "reference": reference}
 
 
-def router_stats(logits, routing: Routing, num_experts: int) -> dict:
-  """One layer's router terms over its T tokens: balance = E * sum_e f_e P_e (f_e: share of the
-  T*k assignments expert e got, P_e: its mean normalized score; 1 when perfectly balanced, E when
-  one expert takes all), z = mean logsumexp(logits)^2 (ST-MoE), load [E]: assignments per expert."""
+def router_sums(logits, routing: Routing, num_experts: int) -> dict:
+  """One layer's router statistics over its T tokens as sums, which add up exactly over token
+  shards and pipeline micro-batches: load [E] (assignments per expert), probs [E] (normalized scores
+  summed over tokens), z (logsumexp(logits)^2 summed), tokens (T). finish_stats turns them into the
+  losses."""
   load = jnp.bincount(routing.ids.reshape(-1), length=num_experts).astype(jnp.float32)
-  share = load / routing.ids.size
-  balance = num_experts * jnp.sum(share * routing.probs.mean(0))
-  z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, -1)))
-  return {"balance": balance, "z": z, "load": load}
+  return {"load": load, "probs": routing.probs.sum(0),
+          "z": jnp.sum(jnp.square(jax.nn.logsumexp(logits, -1))),
+          "tokens": jnp.asarray(logits.shape[0], jnp.float32)}
+
+
+def finish_stats(sums: dict) -> dict:
+  """router_sums (leaves [..., E] / [...], e.g. one row per layer) -> {"balance", "z", "load", and
+  whatever else they carry ("dropped")}: balance = E * sum_e f_e P_e (f_e: share of the T*k
+  assignments expert e got, P_e: its mean normalized score; 1 when perfectly balanced, E when one
+  expert takes all), z = mean logsumexp(logits)^2 (ST-MoE)."""
+  load, tokens = sums["load"], sums["tokens"]
+  share = load / load.sum(-1, keepdims=True)
+  balance = load.shape[-1] * jnp.sum(share * sums["probs"] / tokens[..., None], -1)
+  rest = {k: v for k, v in sums.items() if k not in ("probs", "z", "tokens")}
+  return {**rest, "balance": balance, "z": sums["z"] / tokens}
+
+
+def router_stats(logits, routing: Routing, num_experts: int) -> dict:
+  """One layer's router terms over its T tokens: {"balance", "z", "load" [E]} (see finish_stats)."""
+  return finish_stats(router_sums(logits, routing, num_experts))
 
 
 class MoE(nnx.Module):
@@ -224,7 +258,13 @@ class MoE(nnx.Module):
   Parameters: router [embed, experts] (float32 math), router_bias [experts] (sigmoid router),
   up/gate [experts, embed, mlp], down [experts, mlp, embed], and `shared`, a plain MLP of width
   moe_shared_experts * moe_mlp_dim that every token passes through (DeepSeek, Qwen2-MoE).
-  stats: {"balance", "z", "dropped": [], "load": [experts]} (see router_stats)."""
+  stats: router_sums plus "dropped" [] (finish_stats makes the losses of them, once every token
+  shard and micro-batch has added its sums).
+
+  With an expert mesh axis > 1 (the rules map `experts` to mesh axes of more than one device) the
+  dropless dispatch runs expert-parallel (jaxlm/parallel/experts.py); capacity dispatch stays in
+  the global view (XLA partitions it: the same numbers, without the all-to-all plan).
+  """
 
   def __init__(self, cfg, compute: Compute, rngs: nnx.Rngs, out_std: float):
     self.compute, self.kind = compute, cfg.mlp_kind
@@ -262,13 +302,18 @@ class MoE(nnx.Module):
     logits, r = self.routing(tokens)
     if dispatch is None:
       dispatch = "capacity" if self.capacity_factor else "dropless"
-    extra = {"factor": self.capacity_factor} if dispatch == "capacity" else {}
-    out, dropped = DISPATCHES[dispatch](tokens, r.ids, r.weights, self.experts(), self.kind,
-                                        self.compute, **extra)
-    out = out.reshape(b, t, d)
+    if dispatch == "dropless" and expert_parallel.expert_shards() > 1:
+      ffn = functools.partial(grouped_ffn, kind=self.kind, compute=self.compute)
+      out, dropped = expert_parallel.sharded_dispatch(
+          x, r.ids.reshape(b, t, -1), r.weights.reshape(b, t, -1), self.experts(), ffn)
+    else:
+      extra = {"factor": self.capacity_factor} if dispatch == "capacity" else {}
+      out, dropped = DISPATCHES[dispatch](tokens, r.ids, r.weights, self.experts(), self.kind,
+                                          self.compute, **extra)
+      out = out.reshape(b, t, d)
     if getattr(self, "shared", None) is not None:
       out = out + self.shared(x)
-    return out, {**router_stats(logits, r, self.num_experts), "dropped": dropped}
+    return out, {**router_sums(logits, r, self.num_experts), "dropped": dropped}
 
 
 # --- Statistics out of the model --------------------------------------------------------------

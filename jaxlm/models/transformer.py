@@ -21,8 +21,9 @@ MoE layers' router statistics go out through jaxlm.models.moe.collect_stats, not
 The model is a pure function of its parameters, in three parts that callers may compose
 differently (the pipeline schedule in jaxlm/parallel/pipeline.py runs the layer stack by stages):
   embed_tokens(tokens, positions) -> x [batch, t, embed]
-  layer_stack() -> (layers, run(layers, x, rows, kv) -> (x, new kv))   (scanned only; layers: the
-      stacked block parameters and each layer's kind, every leaf [layers, ...])
+  layer_stack() -> (layers, run(layers, x, rows, kv) -> (x, new kv, MoE router sums))   (scanned,
+      one kind of layer only; layers: the stacked block parameters and each layer's kind, every
+      leaf [layers, ...])
   head(x) -> logits [batch, t, padded vocab] (float32)
 and their composition:
   model(tokens [batch, t], positions=None, segment_ids=None) -> logits
@@ -215,19 +216,23 @@ class Transformer(nnx.Module):
     """(layers, run) of the scanned layers: layers = (block parameters, kinds), every leaf [layers, ...];
     kinds: bool, True for model.layer_pattern's local layers (None without a pattern), so any
     slice of the stack (a pipeline stage's) carries its own layers' kinds.
-    run(layers, x, rows, kv=None) -> (x, new cache entries) runs them in order (any leading slice of layers).
-    Dense models only (one stack of alike blocks; MoE models keep two, see `segments`)."""
+    run(layers, x, rows, kv=None) -> (x, new cache entries, stats) runs them in order (any leading
+    slice of layers); stats: the MoE layers' router sums (moe.router_sums plus "dropped", every
+    leaf [layers, ...]; finish with moe.finish_stats), None for dense layers.
+    Models whose layers are all of one kind only (all dense or all MoE: one stack of alike blocks;
+    mixed models keep two, see `segments`)."""
     if not self.compute.scan_layers:
       raise ValueError("layer_stack needs compute.scan_layers=True (layers stacked along one axis)")
-    if any(self.moe_layers):
-      raise ValueError("layer_stack runs one stack of alike dense blocks; this model has MoE layers")
-    params, run_stats = self._scanned(self.blocks, start)
+    if len(set(self.moe_layers)) > 1:
+      raise ValueError("layer_stack runs one stack of alike blocks; this model mixes dense and MoE "
+                       "layers")
+    params, run_stats = self._scanned(self._stack_of(self.moe_layers[0]), start)
     kinds = layer_kinds(self.cfg)
     kinds = None if kinds is None else jnp.asarray(kinds)
 
     def run(layers, x, rows, kv=None):
-      x, (new_kv, _) = run_stats(layers, x, rows, kv)
-      return x, new_kv
+      x, (new_kv, stats) = run_stats(layers, x, rows, kv)
+      return x, new_kv, stats
     return (params, kinds), run
 
   def run_layers(self, x, rows, kv=None, start=0):
@@ -256,7 +261,7 @@ class Transformer(nnx.Module):
         stats.append(None if layer_stats is None else jax.tree.map(lambda a: a[None], layer_stats))
     stats = [s for s in stats if s is not None]
     if stats:
-      moe_lib.report(jax.tree.map(lambda *a: jnp.concatenate(a), *stats))
+      moe_lib.report(moe_lib.finish_stats(jax.tree.map(lambda *a: jnp.concatenate(a), *stats)))
     return x, None if kv is None else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
   def head(self, x):

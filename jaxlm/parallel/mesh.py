@@ -2,7 +2,7 @@
 
 Mesh axes, outermost (slowest links) to innermost (fastest links):
 
-    data, stage, fsdp, sequence, tensor
+    data, stage, fsdp, sequence, expert, tensor
 
 Each axis has an in-slice size (`mesh.<axis>`, over ICI / NVLink / one host) and a cross-slice size
 (`mesh.dcn_<axis>`, over the data-center network); the mesh axis is their product. Tensor
@@ -10,8 +10,11 @@ parallelism talks every layer, so it is innermost and lands on neighbouring devi
 parallelism talks once per step, so it is outermost and is the natural axis to put across slices.
 One in-slice size (and one DCN size) may be -1: it absorbs whatever devices (slices) are left.
 
-`stage` splits the layer stack into pipeline stages (jaxlm/parallel/pipeline.py). `expert` will be
-added the same way.
+`stage` splits the layer stack into pipeline stages (jaxlm/parallel/pipeline.py). `expert` splits a
+MoE layer's experts (jaxlm/parallel/experts.py): its devices exchange tokens all-to-all in every MoE
+layer, so it sits inside, next to tensor. Outside the MoE layers it is one more data-like axis (batch
+rows split over data x fsdp x expert, as DeepSeek-V3 and MaxText do), so a dense model with
+mesh.expert > 1 simply runs data-parallel over it.
 
 `resolve_mesh(config, num_devices, num_slices)` does all the arithmetic and every check that needs
 the device count, raising ConfigError naming the field and the fix; `make_mesh` builds the mesh. Both
@@ -29,7 +32,7 @@ from jax.experimental import mesh_utils
 from jaxlm.config import MESH_AXES, ConfigError, rows_per_example
 from jaxlm.parallel.pipeline import pipeline_microbatches
 
-BATCH_AXES = ("data", "fsdp")  # the axes the batch rows are split over (the "data-like" axes)
+BATCH_AXES = ("data", "fsdp", "expert")  # the axes the batch rows are split over (the "data-like" axes)
 
 
 def _resolve(sizes: dict[str, int], total: int, what: str, prefix: str) -> dict[str, int]:
@@ -55,7 +58,7 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
 
   Raises ConfigError for sizes that do not multiply to the device count and for model or batch
   dimensions the mesh cannot split: heads or kv_heads not divisible by tensor, layers by stage,
-  the (micro)batch by data x fsdp, the sequence by sequence.
+  experts by expert, the (micro)batch by data x fsdp x expert, the sequence by sequence.
   """
   m = config.mesh
   if num_devices % num_slices:
@@ -76,14 +79,22 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
     raise ConfigError(
         f"model.num_layers ({model.num_layers}) is not divisible by the stage axis ({size['stage']}); "
         "each pipeline stage holds the same number of layers")
+  experts = size["expert"]
+  if model.moe_num_experts and model.moe_num_experts % experts:
+    raise ConfigError(
+        f"model.moe_num_experts ({model.moe_num_experts}) is not divisible by the expert axis "
+        f"({experts} = mesh.expert x mesh.dcn_expert): each expert-parallel rank holds the same "
+        f"number of whole experts; use an expert size that divides {model.moe_num_experts}, or move "
+        "those devices to mesh.data or mesh.fsdp")
   rows = math.prod(size[a] for a in BATCH_AXES)
   micro = t.batch_size * rows_per_example(config) // t.grad_accum_steps
   if micro % rows:
     raise ConfigError(
         f"train.batch_size ({t.batch_size}) x {rows_per_example(config)} rows an example / "
         f"train.grad_accum_steps ({t.grad_accum_steps}) = {micro} rows "
-        f"per micro-batch is not divisible by the data-like axes (data x fsdp = {rows}); make the "
-        f"batch a multiple of {rows * t.grad_accum_steps} or shrink mesh.data / mesh.fsdp")
+        f"per micro-batch is not divisible by the data-like axes (data x fsdp x expert = {rows}); make "
+        f"the batch a multiple of {rows * t.grad_accum_steps} or shrink mesh.data / mesh.fsdp / "
+        "mesh.expert")
   if size["stage"] > 1:
     if not compute.scan_layers:
       raise ConfigError(
@@ -93,7 +104,7 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
     if micro % (pipe * rows):
       raise ConfigError(
           f"{micro} rows per step do not split into compute.pipeline_microbatches ({pipe}) pipeline "
-          f"micro-batches of a multiple of data x fsdp = {rows} rows; make train.batch_size a "
+          f"micro-batches of a multiple of data x fsdp x expert = {rows} rows; make train.batch_size a "
           f"multiple of {pipe * rows * t.grad_accum_steps} or change compute.pipeline_microbatches")
   if config.data.seq_len % size["sequence"]:
     raise ConfigError(

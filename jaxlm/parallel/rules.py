@@ -1,8 +1,8 @@
 """Logical axis names and the rules table that maps them to mesh axes.
 
 Model code names every parameter and activation dimension with a logical name (`batch`, `length`,
-`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`). Which mesh axes (if any) a
-logical name is sharded over is decided in one place: the rules table (`config.mesh.rules`, parsed
+`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`, `experts`, ...). Which mesh axes
+(if any) a logical name is sharded over is decided in one place: the rules table (`config.mesh.rules`, parsed
 by `jaxlm.config.parse_rules`) active in `axis_rules(...)`. With no rules active (one device) every
 name maps to None, i.e. replicated, and `constrain` is a no-op, so the model runs unchanged on a
 laptop.
@@ -90,6 +90,11 @@ def shard_map(fn, in_logical, out_logical):
   in_specs = tuple(None if names is None else partition_spec(names, rules) for names in in_logical)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=partition_spec(out_logical, rules),
                        check_vma=False)
+
+
+def active() -> tuple[Rules, jax.sharding.Mesh] | None:
+  """(rules, mesh) of the innermost `axis_rules` block, or None outside any."""
+  return _ACTIVE.get()
 
 
 def mesh_axes(logical: str) -> tuple[str, ...]:
