@@ -76,11 +76,13 @@ def gpipe(stage_fn: Callable, stage_params, x, extras, microbatches: int):
   return outputs.swapaxes(0, 1).reshape(x.shape)  # back to row order
 
 
-def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int, microbatches: int):
+def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int, microbatches: int,
+                      head: bool = True):
   """The model's logits with its scanned layer stack run as `stages` pipeline stages.
 
   model: a jaxlm Transformer (compute.scan_layers); tokens, positions, segment_ids, slots:
   [rows, length] (slots None: 0..length-1). Embedding and head run outside the schedule.
+  head=False: the final hidden state [rows, length, embed] instead (a chunked loss's input).
   """
   if slots is None:
     slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -90,4 +92,4 @@ def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int,
   staged = jax.tree.map(lambda a: a.reshape(stages, -1, *a.shape[1:]), layers)
   x = gpipe(lambda p, x, rows: run(p, x, rows)[0], staged, x, (positions, slots, segment_ids),
             microbatches)
-  return model.head(x)
+  return model.head(x) if head else x
