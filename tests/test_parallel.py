@@ -283,8 +283,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(mesh, out, *mode):
-  """Runs tests/multiprocess_worker.py as 2 processes x 4 devices; returns process 0's JSON."""
+def _two_processes(mesh, out, *mode, cache=None):
+  """Runs tests/multiprocess_worker.py as 2 processes x 4 devices; returns process 0's JSON.
+  cache: a folder for JAX's persistent compilation cache, so a second pair of processes on the
+  same mesh loads the programs the first compiled."""
   import json
   import os
   import subprocess
@@ -292,6 +294,8 @@ def _two_processes(mesh, out, *mode):
   port = _free_port()
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), json.dumps(mesh), str(out), *mode],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -313,11 +317,12 @@ TWO_PROCESS_MESH = {"data": 1, "dcn_data": 2, "fsdp": 2, "tensor": 2}
 
 
 def _continue_in_one_process(c, state_template_run, ckpt_dir):
-  """Restores ckpt_dir into a 1-process run on c's mesh and trains AFTER steps: the losses."""
+  """Restores ckpt_dir into a 1-process run on c's mesh and trains AFTER steps (with the run's
+  compiled step: same mesh, same shardings): the losses."""
   from jaxlm.train.checkpoint import Checkpointer
   setup = state_template_run["setup"]
   state = Checkpointer(str(ckpt_dir), c.checkpoint).restore(init_sharded_state(setup))
-  step = jit_train_step(setup)
+  step = state_template_run["compiled"]
   batch = global_batch(packed_batch(c), setup.batch_sharding)
   losses = []
   for _ in range(AFTER):
@@ -326,11 +331,13 @@ def _continue_in_one_process(c, state_template_run, ckpt_dir):
   return np.array(losses)
 
 
+@pytest.mark.heavy
 def test_two_processes_match_one_and_checkpoints_cross_process_counts(reference, tmp_path):
   """2 processes x 4 devices give the single-device numbers (as 1 process x 8 devices does above);
   the checkpoint they write restores in 1 process on another mesh (fsdp8), and one written by 1
   process (dp8) restores in 2, each continuing with the same losses as the run that wrote it."""
-  got = _two_processes(TWO_PROCESS_MESH, tmp_path / "a.json", "save", str(tmp_path / "two"))
+  cache = tmp_path / "jax_cache"
+  got = _two_processes(TWO_PROCESS_MESH, tmp_path / "a.json", "save", str(tmp_path / "two"), cache=cache)
   assert got["mesh"]["data"] == 2 and got["data_of_process"] == [[0], [1]]  # data index i: process i
   assert got["rows"] == [0, 4]  # process 0 fed only its half of the batch
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
@@ -352,5 +359,6 @@ def test_two_processes_match_one_and_checkpoints_cross_process_counts(reference,
   saver.save(STEPS, dp8["state"])
   saver.wait()
   here = _continue_in_one_process(c, dp8, tmp_path / "one")
-  there = _two_processes(TWO_PROCESS_MESH, tmp_path / "b.json", "restore", str(tmp_path / "one"))
+  there = _two_processes(TWO_PROCESS_MESH, tmp_path / "b.json", "restore", str(tmp_path / "one"),
+                         cache=cache)
   np.testing.assert_allclose(there["after"], here, rtol=1e-5)

@@ -4,6 +4,9 @@ finishes the last K; losses and final parameters are those of an uninterrupted 3
 
 jaxlm/train/checkpoint.py saves the data iterator with jaxlm.data.stream's DataSave/DataRestore
 (grain's own handler only restores on the process count that wrote it).
+
+The legs share one JAX persistent compilation cache (this process's runs and the two workers), so
+each program is compiled once: the last leg loads the first run's train and eval steps.
 """
 
 import json
@@ -15,6 +18,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm import presets
 from jaxlm.train.loop import train
@@ -43,10 +47,29 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, stop_at):
+@pytest.fixture
+def compile_cache(tmp_path):
+  """JAX's persistent compilation cache in tmp_path/jax_cache for this test's runs (every program,
+  however fast it compiles); the process's own settings are put back afterwards."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {n: getattr(jax.config, n) for n in names}
+  path = str(tmp_path / "jax_cache")
+  jax.config.update(names[0], path)
+  jax.config.update(names[1], 0)
+  compilation_cache.reset_cache()  # read the settings again at the next compile
+  try:
+    yield path
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    compilation_cache.reset_cache()
+
+
+def _two_processes(workdir, stop_at, cache):
   port = _free_port()
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stream_resume_worker.py")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), str(workdir), str(stop_at)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -68,12 +91,13 @@ def _data_state(workdir, step):
     return files, json.load(f)
 
 
-def test_one_two_one_processes_continue_the_uninterrupted_run(tmp_path):
+@pytest.mark.heavy
+def test_one_two_one_processes_continue_the_uninterrupted_run(tmp_path, compile_cache):
   assert jax.device_count() == 8  # tests/conftest.py
   straight = train(resume_config(tmp_path / "straight"))
   moved = tmp_path / "moved"
   train(resume_config(moved), stop_at_step=K)
-  _two_processes(moved, 2 * K)
+  _two_processes(moved, 2 * K, compile_cache)
   resumed = train(resume_config(moved))
 
   # The data states really crossed process counts, as one global stream.

@@ -47,7 +47,7 @@ _NON_NEGATIVE = (
     "train.moe_balance_loss", "train.moe_z_loss", "train.moe_bias_rate",
     "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",
-    "train.z_loss", "train.eval_every", "train.eval_batches", "checkpoint.every",
+    "train.z_loss", "train.loss_chunk", "train.eval_every", "train.eval_batches", "checkpoint.every",
     "train.loss_spike_factor", "train.num_processes",
     "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.min_p",
     "posttrain.beta", "posttrain.rpo_alpha", "posttrain.kto_desirable_weight", "posttrain.kto_undesirable_weight",
@@ -437,6 +437,10 @@ def validate(config: ConfigDict) -> ConfigDict:
     raise ConfigError(
         f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum_steps "
         f"({t.grad_accum_steps})")
+  if t.loss_chunk and d.seq_len % t.loss_chunk:
+    raise ConfigError(
+        f"train.loss_chunk ({t.loss_chunk}) must divide data.seq_len ({d.seq_len}); pick a divisor "
+        "of the sequence length, or 0 for no chunking")
   if t.warmup_steps > t.steps:
     raise ConfigError(f"train.warmup_steps ({t.warmup_steps}) exceeds train.steps ({t.steps})")
   if t.loss_spike_factor and t.loss_spike_factor <= 1:

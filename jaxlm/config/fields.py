@@ -239,6 +239,13 @@ def _train() -> ConfigDict:
   # model.moe_router=sigmoid: after each step every MoE layer's router bias moves by this toward
   # balance, bias += rate * sign(mean load - load) (DeepSeek-V3: 0.001). Not a gradient step.
   t.moe_bias_rate = 0.001
+  # Tokens of the sequence per piece of the head and loss (jaxlm/train/chunked_loss.py): the float32
+  # logits [rows, seq, vocab] are computed, and in the backward recomputed, one piece at a time,
+  # never the whole batch's at once. Same loss and gradients (float32 summation order aside); costs
+  # one more forward of the head's matmul. 0: off. Must divide data.seq_len; under sequence
+  # parallelism also best divisible by mesh.sequence. The language-model objective (pretraining,
+  # SFT) and eval use it; dpo/ipo/kto/reward/grpo/ppo need whole logits and ignore it.
+  t.loss_chunk = 0
   t.eval_every = 0  # steps between evaluations; 0: only at the end
   t.eval_batches = 0  # batches per evaluation; 0: the whole held-out split
   t.log_every = 10  # steps between metric lines

@@ -27,6 +27,8 @@ differently (the pipeline schedule in jaxlm/parallel/pipeline.py runs the layer 
   head(x) -> logits [batch, t, padded vocab] (float32)
 and their composition:
   model(tokens [batch, t], positions=None, segment_ids=None) -> logits
+  model(tokens, positions, segment_ids, head=False) -> x [batch, t, embed] (the head's input; a
+      chunked loss runs the head piece by piece, jaxlm/train/chunked_loss.py)
   model(tokens, positions, cache=cache) -> (logits, cache)   # KV-cached decoding, see init_cache
   model.logits_and_scores(tokens, positions, segment_ids) -> (logits, scores [batch, t, n])
 """
@@ -293,9 +295,10 @@ class Transformer(nnx.Module):
     x, _ = self.run_layers(self.embed_tokens(tokens, positions), (positions, slots, segment_ids))
     return self.head(x), self.scores(x)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, slots=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, slots=None, head=True):
     """slots: [batch, t] each token's index in its row (default 0..t-1; a permuted order under
-    balanced sequence parallelism) or, with a cache, in the cache."""
+    balanced sequence parallelism) or, with a cache, in the cache. head=False (no cache): the final
+    hidden state [batch, t, embed] instead of the logits; self.head(x) gives them."""
     b, t = tokens.shape
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache["index"]  # [batch]
     if slots is None:
@@ -306,6 +309,8 @@ class Transformer(nnx.Module):
     kv = None if cache is None else {n: a for n, a in cache.items() if n != "index"}
     # with a cache: the layers only read it and return their new entries [layers, batch, t, ...]
     x, new = self.run_layers(x, (positions, slots, segment_ids), kv, start)
+    if cache is None and not head:
+      return x
     logits = self.head(x)
     if cache is None:
       return logits

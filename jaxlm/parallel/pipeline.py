@@ -89,7 +89,8 @@ def gpipe(stage_fn: Callable, stage_params, x, extras, microbatches: int, aux: b
   return outputs.swapaxes(0, 1).reshape(x.shape), sums  # back to row order
 
 
-def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int, microbatches: int):
+def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int, microbatches: int,
+                      head: bool = True):
   """The model's logits with its scanned layer stack run as `stages` pipeline stages.
 
   model: a jaxlm Transformer (compute.scan_layers; layers all dense or all MoE); tokens, positions,
@@ -97,6 +98,7 @@ def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int,
   schedule. MoE layers' router sums come out of the schedule added over the micro-batches, so the
   statistics reported to jaxlm.models.moe.collect_stats are those of the whole batch, as without
   stages.
+  head=False: the final hidden state [rows, length, embed] instead (a chunked loss's input).
   """
   from jaxlm.models import moe  # noqa: PLC0415  (the models import this package's rules)
   if slots is None:
@@ -113,4 +115,4 @@ def pipelined_forward(model, tokens, positions, segment_ids, slots, stages: int,
   x, stats = gpipe(stage_fn, staged, x, (positions, slots, segment_ids), microbatches, aux=True)
   if stats is not None:  # [stages, layers / stages, ...] -> [layers, ...], depth order
     moe.report(moe.finish_stats(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats)))
-  return model.head(x)
+  return model.head(x) if head else x

@@ -135,22 +135,23 @@ def init_sharded_state(setup: Setup) -> TrainState:
 
 
 def forward_fn(setup: Setup):
-  """forward(model, batch) -> (logits, batch as the model saw it) for this mesh: the pipeline
-  schedule when the stage axis is > 1, the balanced token order under sequence-sharded kernels."""
+  """forward(model, batch, head=True) -> (logits, batch as the model saw it) for this mesh: the
+  pipeline schedule when the stage axis is > 1, the balanced token order under sequence-sharded
+  kernels. head=False: the final hidden state instead of the logits (a chunked loss)."""
   stages = setup.mesh.shape["stage"]
   microbatches = pipeline.pipeline_microbatches(setup.config.compute, stages)
   shards = setup.compute.sequence_shards
   order = sequence.balanced_order(setup.config.data.seq_len, shards) if shards > 1 else None
 
-  def forward(model, batch):
+  def forward(model, batch, head=True):
     slots = None
     if order is not None:
       batch = sequence.permute_batch(batch, order)
       slots = jnp.broadcast_to(jnp.asarray(order), batch["inputs"].shape)
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     if stages > 1:
-      return pipeline.pipelined_forward(model, *args, slots, stages, microbatches), batch
-    return model(*args, slots=slots), batch
+      return pipeline.pipelined_forward(model, *args, slots, stages, microbatches, head), batch
+    return model(*args, slots=slots, head=head), batch
 
   return forward
 
@@ -178,7 +179,7 @@ def jit_train_step(setup: Setup, objective=None, frozen_shardings=None):
 
 def jit_eval_step(setup: Setup, token_bytes):
   """eval_step(params, batch[, frozen]) -> replicated sums; frozen when setup has frozen_shardings."""
-  step = make_eval_step(setup.graphdef, token_bytes, forward_fn(setup))
+  step = make_eval_step(setup.graphdef, token_bytes, forward_fn(setup), setup.config.train.loss_chunk)
   in_shardings = (setup.state_shardings.params, setup.batch_sharding)
   if setup.frozen_shardings is not None:
     in_shardings += (setup.frozen_shardings,)

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from jaxlm.models import moe
+from jaxlm.train.chunked_loss import chunked_cross_entropy
 from jaxlm.train.loss import MOE_COUNTS, cross_entropy, moe_terms
 from jaxlm.train.optimizer import schedule
 
@@ -37,17 +38,25 @@ def init_state(params, tx, seed: int) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
 
 
-def model_forward(model, batch):
-  """The plain forward pass: (logits [rows, length, vocab], the batch). See setup.forward_fn for
-  the mesh-aware ones (pipeline stages, balanced sequence order)."""
-  return model(batch["inputs"], batch["positions"], batch["segment_ids"]), batch
+def model_forward(model, batch, head=True):
+  """The plain forward pass: (logits [rows, length, vocab], the batch); head=False: the final
+  hidden state [rows, length, embed] instead of the logits. See setup.forward_fn for the mesh-aware
+  ones (pipeline stages, balanced sequence order)."""
+  return model(batch["inputs"], batch["positions"], batch["segment_ids"], head=head), batch
 
 
-def loss_sums(graphdef, params, batch, z_loss: float, forward=model_forward, frozen=None):
+def loss_sums(graphdef, params, batch, z_loss: float, forward=model_forward, frozen=None,
+              chunk: int = 0):
   """(nll sum, z-loss sum, token count) of one batch; see loss.cross_entropy. frozen: parameters
-  the graphdef also needs that are not trained (None: params are the whole model)."""
+  the graphdef also needs that are not trained (None: params are the whole model). chunk > 0
+  (train.loss_chunk): the head and the loss run over pieces of `chunk` tokens of the sequence
+  (jaxlm/train/chunked_loss.py), never holding the whole batch's logits; forward must take head=."""
   states = (params,) if frozen is None else (params, frozen)
-  logits, batch = forward(nnx.merge(graphdef, *states), batch)
+  model = nnx.merge(graphdef, *states)
+  if chunk:
+    x, batch = forward(model, batch, head=False)
+    return chunked_cross_entropy(model.head, x, batch["targets"], batch["weights"], z_loss, chunk)
+  logits, batch = forward(model, batch)
   return cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
 
 
@@ -62,13 +71,14 @@ class Objective(NamedTuple):
 
 
 def lm_objective(graphdef, z_loss: float, forward=model_forward, moe_balance: float = 0.0,
-                 moe_z: float = 0.0) -> Objective:
+                 moe_z: float = 0.0, chunk: int = 0) -> Objective:
   """Next-token cross-entropy over the batch's weighted targets (pretraining, and SFT whose weights
   mark the assistant's tokens), plus z_loss x log(Z)^2; a MoE model adds its router terms
-  (loss.moe_terms, weights moe_balance and moe_z) and reports its expert load."""
+  (loss.moe_terms, weights moe_balance and moe_z) and reports its expert load. chunk:
+  train.loss_chunk (see loss_sums)."""
   def fn(params, frozen, batch):
     with moe.collect_stats() as stats:
-      nll, z, count = loss_sums(graphdef, params, batch, z_loss, forward, frozen)
+      nll, z, count = loss_sums(graphdef, params, batch, z_loss, forward, frozen, chunk)
     if not stats:
       return nll + z, {"loss": nll}, count
     router_loss, sums = moe_terms(stats, count, moe_balance, moe_z)
@@ -92,7 +102,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
   guard = train_cfg.skip_nonfinite
   if objective is None:
     objective = lm_objective(graphdef, train_cfg.z_loss, forward, train_cfg.moe_balance_loss,
-                             train_cfg.moe_z_loss)
+                             train_cfg.moe_z_loss, train_cfg.loss_chunk)
 
   def total(params, frozen, batch):
     loss, sums, count = objective.fn(params, frozen, batch)
@@ -148,16 +158,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
   return train_step
 
 
-def make_eval_step(graphdef, token_bytes, forward=model_forward):
+def make_eval_step(graphdef, token_bytes, forward=model_forward, chunk: int = 0):
   """Returns eval_step(params, batch, frozen=None) -> sums of nll (nats), tokens and UTF-8 bytes of
-  the targets; frozen: parameters the graphdef also needs (LoRA's base weights), as in train_step.
+  the targets; frozen: parameters the graphdef also needs (LoRA's base weights), as in train_step;
+  chunk: train.loss_chunk (see loss_sums).
 
   Bits per byte = nll_sum / ln 2 / bytes is comparable across tokenizers, unlike perplexity.
   """
   token_bytes = jnp.asarray(token_bytes, jnp.float32)
 
   def eval_step(params, batch, frozen=None):
-    nll, _, count = loss_sums(graphdef, params, batch, 0.0, forward, frozen)
+    nll, _, count = loss_sums(graphdef, params, batch, 0.0, forward, frozen, chunk)
     nbytes = jnp.sum(token_bytes[batch["targets"]] * batch["weights"])
     return {"nll": nll, "tokens": count, "bytes": nbytes}
 

@@ -7,6 +7,11 @@ mesh, so runs on different process counts compute bit for bit the same numbers. 
 a Row: steps lost (checkpointed progress thrown away), seconds from the relaunch to its first new
 step, whether any step trained on another batch than the uninterrupted run's (data lost), and
 whether the final parameters equal the uninterrupted run's bitwise.
+
+Scenarios(..., compile_cache=True) (the tests) gives every subprocess one JAX persistent compilation
+cache in `base`: the trainer's programs are compiled by the first run and loaded by the later
+ones (an executable loaded from the cache is the one compiled, so the bitwise comparisons hold).
+The benchmark leaves it off, so its seconds to recover include the compile a real relaunch pays.
 """
 
 from __future__ import annotations
@@ -70,8 +75,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None):
-  """Starts the run's processes (not waiting); returns the Popen list."""
+def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None, cache=None):
+  """Starts the run's processes (not waiting); returns the Popen list. cache: a folder for JAX's
+  persistent compilation cache, shared by every run given it (None: none)."""
   flags = trainer_flags(workdir, tokenizers, *extra)
   if peer_timeout:
     flags.append(f"--config.train.peer_timeout_seconds={peer_timeout}")
@@ -81,6 +87,8 @@ def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=No
     if processes > 1:
       env.update(JAXLM_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                  JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index))
+    if cache:  # every program: the default threshold (1 s of compile) would leave small ones out
+      env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     argv = [sys.executable, RUNNER, f"--devices={2 // processes}", *faults, "--", *flags]
     # Output to a file, not a pipe: nobody reads a pipe while the test waits for a step, and a
     # full one would stall the trainer.
@@ -100,8 +108,8 @@ def finish(procs, timeout=600) -> list[Done]:
   return [Done(p.wait(timeout), output(p)) for p in procs]
 
 
-def run(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None) -> list[Done]:
-  return finish(start(workdir, tokenizers, faults, processes, extra, peer_timeout))
+def run(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None, cache=None) -> list[Done]:
+  return finish(start(workdir, tokenizers, faults, processes, extra, peer_timeout, cache))
 
 
 def logged_losses(workdir) -> dict[int, float]:
@@ -169,13 +177,21 @@ def tree_bytes(folder) -> dict[str, bytes]:
 class Scenarios:
   """Each method runs one fault in its own workdir under `base` and returns its Row."""
 
-  def __init__(self, base, tokenizers):
+  def __init__(self, base, tokenizers, compile_cache=False):
     self.base, self.tok = base, tokenizers
+    self.cache = os.path.join(base, "jax_cache") if compile_cache else None
     self.reference = os.path.join(base, "reference")
     if not os.path.exists(os.path.join(self.reference, "metrics.jsonl")):
-      (done,) = run(self.reference, self.tok)
+      (done,) = self.run(self.reference)
       assert done.code == 0, done.out
     self.want = final_params(self.reference)
+    self._stopped_at_8 = None  # damaged(): the run the damage is done to, trained once
+
+  def start(self, workdir, faults=(), processes=1, extra=(), peer_timeout=None):
+    return start(workdir, self.tok, faults, processes, extra, peer_timeout, self.cache)
+
+  def run(self, workdir, faults=(), processes=1, extra=(), peer_timeout=None) -> list[Done]:
+    return finish(self.start(workdir, faults, processes, extra, peer_timeout))
 
   def _dir(self, name):
     path = os.path.join(self.base, name)
@@ -188,7 +204,7 @@ class Scenarios:
     <step>.unreadable counts as kept)."""
     ckpts = os.path.join(workdir, "checkpoints")
     before = sorted(os.listdir(ckpts)) if os.path.isdir(ckpts) else []
-    dones = run(workdir, self.tok, processes=processes)
+    dones = self.run(workdir, processes=processes)
     assert all(d.code == 0 for d in dones), [d.out[-3000:] for d in dones]
     after = os.listdir(ckpts)
     row.kept = all(n in after or any(a.startswith(n.split(".")[0] + ".unreadable") for a in after)
@@ -203,7 +219,7 @@ class Scenarios:
     row = Row(f"SIGTERM mid-step, {processes} process(es)",
               f"kill -TERM to process {processes - 1} only, mid-step (steps slowed to 0.3 s)")
     workdir = self._dir(f"sigterm{processes}")
-    procs = start(workdir, self.tok, ["--slow=0.3"], processes)
+    procs = self.start(workdir, ["--slow=0.3"], processes)
     wait_for_step(workdir, 5, procs)
     procs[-1].send_signal(signal.SIGTERM)  # the last process: the notice reaches one host
     dones = finish(procs)
@@ -219,7 +235,7 @@ class Scenarios:
     row = Row("resume on another process count", "1 process to step 4, 2 processes to 8, 1 to 12")
     workdir = self._dir("reshard")
     for processes, at in ((1, 4), (2, 8)):
-      dones = run(workdir, self.tok, [f"--sigterm_at={at}"], processes)
+      dones = self.run(workdir, [f"--sigterm_at={at}"], processes)
       assert all(d.code == PREEMPTED for d in dones), [d.out[-3000:] for d in dones]
     self._resume(row, workdir, 1)
     return row
@@ -227,7 +243,7 @@ class Scenarios:
   def kill_in_save(self) -> Row:
     row = Row("SIGKILL mid-save", "kill -KILL right after the step-8 checkpoint starts writing")
     workdir = self._dir("kill_in_save")
-    (done,) = run(workdir, self.tok, ["--kill_in_save_at=8"])
+    (done,) = self.run(workdir, ["--kill_in_save_at=8"])
     assert done.code == -signal.SIGKILL, done.out[-3000:]
     steps = checkpoint_steps(workdir)
     trained = max(logged_losses(workdir))
@@ -235,12 +251,22 @@ class Scenarios:
     row.notes = f"readable checkpoints after the kill: {steps}"
     return row
 
+  def stopped_at_8(self) -> str:
+    """A run stopped (SIGTERM) at step 8 with checkpoints 4 and 8, trained once and kept pristine:
+    damaged() copies it, so each kind of damage gets the same run for one launch less."""
+    if self._stopped_at_8 is None:
+      workdir = self._dir("stopped_at_8")
+      (done,) = self.run(workdir, ["--sigterm_at=8"])
+      assert done.code == PREEMPTED, done.out[-3000:]
+      assert checkpoint_steps(workdir) == [4, 8], checkpoint_steps(workdir)
+      self._stopped_at_8 = workdir
+    return self._stopped_at_8
+
   def damaged(self, name, damage) -> Row:
-    """A run stopped (SIGTERM) at step 8 with checkpoints 4 and 8; `damage(ckpt_dir, 8)` breaks 8."""
+    """A copy of stopped_at_8() (checkpoints 4 and 8); `damage(ckpt_dir, 8)` breaks 8."""
     row = Row(name, damage.__doc__.strip().split(":")[0].split(".")[0])
     workdir = self._dir(name.replace(" ", "_"))
-    (done,) = run(workdir, self.tok, ["--sigterm_at=8"])
-    assert done.code == PREEMPTED, done.out[-3000:]
+    shutil.copytree(self.stopped_at_8(), workdir)
     ckpts = os.path.join(workdir, "checkpoints")
     damage(ckpts, 8)
     (folder,) = [n for n in os.listdir(ckpts) if n.split(".")[0] == "8"]
@@ -255,7 +281,7 @@ class Scenarios:
   def full_disk(self) -> Row:
     row = Row("disk full during save", "ENOSPC from every file write of the step-8 checkpoint")
     workdir = self._dir("full_disk")
-    (done,) = run(workdir, self.tok, ["--full_disk_at=8"])
+    (done,) = self.run(workdir, ["--full_disk_at=8"])
     assert done.code == 1 and "free" in done.out and "checkpoints/8" in done.out, done.out[-3000:]
     assert checkpoint_steps(workdir) == [4], checkpoint_steps(workdir)
     trained = max(logged_losses(workdir))
@@ -269,7 +295,7 @@ class Scenarios:
   def full_disk_warn(self) -> Row:
     row = Row("disk full during save, on_save_error=warn", "as above; the run trains on")
     workdir = self._dir("full_disk_warn")
-    (done,) = run(workdir, self.tok, ["--full_disk_at=8"], extra=["--config.checkpoint.on_save_error=warn"])
+    (done,) = self.run(workdir, ["--full_disk_at=8"], extra=["--config.checkpoint.on_save_error=warn"])
     assert done.code == 0, done.out[-3000:]
     row.steps_lost = 0
     row.data_lost = data_lost(workdir, self.reference)
@@ -280,7 +306,7 @@ class Scenarios:
   def nonfinite(self, name, option) -> Row:
     row = Row(name, f"{option}: patched into step 6")
     workdir = self._dir(name.replace(" ", "_"))
-    (done,) = run(workdir, self.tok, [option])
+    (done,) = self.run(workdir, [option])
     assert done.code == 0, done.out[-3000:]
     assert "step 6: not applied" in done.out, done.out[-3000:]
     params = final_params(workdir)
@@ -294,7 +320,7 @@ class Scenarios:
   def dead_peer(self, timeout=10) -> Row:
     row = Row("SIGKILLed peer, 2 processes", f"kill -KILL process 1 mid-run, peer timeout {timeout} s")
     workdir = self._dir("dead_peer")
-    procs = start(workdir, self.tok, ["--slow=0.3"], 2, peer_timeout=timeout)
+    procs = self.start(workdir, ["--slow=0.3"], 2, peer_timeout=timeout)
     wait_for_step(workdir, 5, procs)
     procs[1].kill()
     killed = time.time()
@@ -321,12 +347,12 @@ class Scenarios:
     with open(dirty, "w") as f:
       f.write("\n".join(lines[:2] + ['{"text": "no closing quote}'] + lines[2:]) + "\n")
     data = ["--config.data.source=jsonl", "--config.data.eval_paths="]
-    (refused,) = run(os.path.join(folder, "refused"), self.tok, extra=[*data, f"--config.data.train_paths={dirty}"])
+    (refused,) = self.run(os.path.join(folder, "refused"), extra=[*data, f"--config.data.train_paths={dirty}"])
     assert refused.code != 0 and f"{dirty}:3" in refused.out, refused.out[-3000:]
     assert not checkpoint_steps(os.path.join(folder, "refused"))
-    (skipped,) = run(os.path.join(folder, "skipped"), self.tok,
-                     extra=[*data, f"--config.data.train_paths={dirty}", "--config.data.on_bad_record=skip"])
-    (reference,) = run(os.path.join(folder, "clean"), self.tok, extra=[*data, f"--config.data.train_paths={clean}"])
+    (skipped,) = self.run(os.path.join(folder, "skipped"),
+                          extra=[*data, f"--config.data.train_paths={dirty}", "--config.data.on_bad_record=skip"])
+    (reference,) = self.run(os.path.join(folder, "clean"), extra=[*data, f"--config.data.train_paths={clean}"])
     assert skipped.code == 0 and reference.code == 0, (skipped.out[-3000:], reference.out[-3000:])
     row.steps_lost = 0
     row.data_lost = "the bad line only (counted: data/skipped_records " + str(

@@ -11,11 +11,13 @@ import pytest
 from faults import harness, inject
 from faults.harness import EVERY
 
+pytestmark = pytest.mark.heavy
+
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
   base = tmp_path_factory.mktemp("faults")
-  return harness.Scenarios(str(base), str(base / "tokenizers"))
+  return harness.Scenarios(str(base), str(base / "tokenizers"), compile_cache=True)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
