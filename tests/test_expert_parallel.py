@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_parallel import _expected_shard, rel_err, run, tiny_config
+from test_parallel import expected_shard, rel_err, run, tiny_config
 
 from jaxlm.config import ConfigError, parse_rules
 from jaxlm.models import moe
@@ -70,7 +70,7 @@ def test_expert_parallel_layout_matches_single_device(reference, name):
       var = tree["moe_blocks"]["mlp"][name_]
       x, logical = var.get_value(), var.get_metadata()["out_sharding"]
       assert logical[:2] == ("layers", "experts") and x.sharding.spec[1] == "expert"
-      want = _expected_shard(x.shape, logical, mesh, rules)
+      want = expected_shard(x.shape, logical, mesh, rules)
       assert want[1] == 8 // mesh["expert"]
       assert {s.data.shape for s in x.addressable_shards} == {want}, (name_, x.shape)
   # tokens travel by all-to-all (out and back, in the forward and the backward pass)

@@ -123,7 +123,7 @@ def _check_same_numbers(name, got, reference):
                             got["init"]["embed"].value)  # really trained
 
 
-def _expected_shard(shape, logical, mesh_shape, rules):
+def expected_shard(shape, logical, mesh_shape, rules):
   """The shard shape the rules promise (first use of a mesh axis wins; indivisible: whole)."""
   table, used, out = dict(rules), set(), []
   for size, name in zip(shape, logical):
@@ -145,7 +145,7 @@ def _check_sharded_as_the_rules_say(name, got):
   for tree in (params, mu):
     for var in tree:
       x, logical = var.get_value(), var.get_metadata()["out_sharding"]
-      want = _expected_shard(x.shape, logical, mesh_shape, rules)
+      want = expected_shard(x.shape, logical, mesh_shape, rules)
       assert {s.data.shape for s in x.addressable_shards} == {want}, (name, logical, x.shape)
   # The strategies themselves, spelled out on named parameters:
   p = state.params
