@@ -13,8 +13,8 @@ in a train step) and prints XLA's `memory_analysis()` temp bytes per device, for
 
 Nothing is allocated or run.
 
-  python benchmarks/ring_memory.py                      # seq 16384, flash blocks
-  python benchmarks/ring_memory.py --block xla --seq 8192
+  python benchmarks/ring_memory.py                          # seq 4096, flash blocks; ~2 min on 2 cores
+  python benchmarks/ring_memory.py --block xla --no_all_gather
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import sys
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--devices", default="1,2,4,8", help="sequence axis sizes (at most 8 simulated)")
-  p.add_argument("--seq", type=int, default=16384, help="total row length, fixed across sizes")
+  p.add_argument("--seq", type=int, default=4096, help="total row length, fixed across sizes")
   p.add_argument("--heads", type=int, default=8)
   p.add_argument("--kv_heads", type=int, default=8)
   p.add_argument("--head_dim", type=int, default=128)
   p.add_argument("--block", default="flash", choices=("flash", "xla"), help="ring block computation")
-  p.add_argument("--kernel_block", type=int, default=512, help="flash block_q = block_k")
+  p.add_argument("--kernel_block", type=int, default=256, help="flash block_q = block_k")
   p.add_argument("--no_all_gather", action="store_true", help="skip the all_gather column")
   return p.parse_args(argv)
 

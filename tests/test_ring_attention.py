@@ -17,6 +17,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.models import compute as compute_lib
+from jaxlm.models import ring_attention
 from jaxlm.models.attention import dot_product_attention
 from jaxlm.models.ring_attention import Ring, ring_local
 from jaxlm.parallel import sequence
@@ -158,3 +159,24 @@ def test_ring_config_is_checked_and_resolved():
   # all_gather keeps today's behaviour: xla attention is not sequence-sharded by the model
   c.compute.update(context_parallel="all_gather", attention="xla")
   assert compute_lib.resolve(c.compute, "cpu", 4).sequence_shards == 1
+
+
+def test_ring_with_the_mosaic_flash_kernel_compiles_for_a_tpu_slice(monkeypatch):
+  """The planner's compile (libtpu, abstract v5p chips): ring attention over sequence=4 with the
+  Mosaic flash kernel per block pair, inside shard_map, lowers and fits."""
+  pytest.importorskip("libtpu", reason="the planner needs libtpu (pip install -e '.[test]')")
+  from jaxlm import presets
+  from jaxlm.aot.plan import plan, tpu_devices
+
+  c = presets.load("tiny").get_config()
+  c.model.update(d_model=256, num_heads=2, num_kv_heads=2, mlp_dim=512, max_seq_len=1024)
+  c.data.seq_len = 1024  # chunks of 128 rows: one TPU block
+  c.mesh.update(data=1, fsdp=1, sequence=4)
+  c.compute.update(context_parallel="ring", attention="flash")
+  c.train.batch_size = 1
+  rings = []
+  real = ring_attention.ring_attention
+  monkeypatch.setattr(ring_attention, "ring_attention", lambda ring, *a: rings.append(ring) or real(ring, *a))
+  p = plan(validate(c), tpu_devices("v5p:2x2x1"))
+  assert p.mesh["sequence"] == 4 and p.fits and p.temporaries > 0
+  assert rings and all(r.block == "flash" and r.backend == "tpu" and r.shards == 4 for r in rings)
