@@ -78,7 +78,6 @@ def test_ring_with_xla_blocks_matches_attention_and_its_gradients(n):
   _compare(n, Ring(axes=("sequence",), shards=n, softcap=5.0), segments=True)
 
 
-@pytest.mark.fast
 def test_ring_without_segments_and_with_a_sliding_window():
   _compare(4, Ring(axes=("sequence",), shards=4, window=12), segments=False)
 
