@@ -18,6 +18,7 @@ _CHOICES = {
     "compute.matmul_dtype": ("", "float32", "bfloat16"),
     "compute.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "compute.attention": ("xla", "flash", "splash", "cudnn", "auto"),
+    "compute.context_parallel": ("all_gather", "ring"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("shakespeare", "text", "jsonl", "tfds", "chat"),
     "data.on_bad_record": ("error", "skip"),
@@ -425,6 +426,14 @@ def validate(config: ConfigDict) -> ConfigDict:
           f"config field 'compute.{name}' must be a multiple of 8 (TPU: of 128), got {config.compute[name]}")
   if config.compute.attention == "cudnn" and m.attn_logit_softcap:
     raise ConfigError("compute.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
+  if config.compute.context_parallel == "ring" and config.compute.attention in ("splash", "cudnn"):
+    raise ConfigError(
+        f"compute.context_parallel='ring' computes each key/value block with xla or jaxlm's flash "
+        f"kernels, and compute.attention is {config.compute.attention!r}; set compute.attention to "
+        "'flash', 'xla' or 'auto', or compute.context_parallel='all_gather'")
+  if config.compute.context_parallel == "ring" and m.attention_kind == "mla":
+    raise ConfigError("compute.context_parallel='ring' is not wired for model.attention_kind='mla'; "
+                      "use compute.context_parallel='all_gather'")
   _validate_layer_pattern(m)
   _validate_mla(config)
   _validate_lora(config)

@@ -153,6 +153,17 @@ def _compute() -> ConfigDict:
   # to the keys the causal mask lets it see (4 blocks: 10/16 of the score matrix). 1: one block.
   # (flash and splash skip hidden key blocks by themselves and ignore this.)
   c.attention_blocks = 1
+  # Context parallelism (mesh.sequence > 1: every row's tokens split over the sequence axis, in the
+  # balanced causal order of jaxlm/parallel/sequence.py), for compute.attention xla or flash:
+  #   all_gather: each device gathers the whole row's keys/values and attends its own queries to
+  #     them (flash) or XLA gathers them (xla): memory per device grows with the whole row |
+  #   ring: key/value blocks travel round the sequence axis (ppermute, overlapped with each
+  #     block's computation) and partial outputs merge by log-sum-exp; forward and backward
+  #     memory per device is linear in seq_len / mesh.sequence (jaxlm/models/ring_attention.py).
+  #     Each block pair is computed by xla or by jaxlm's flash kernels as compute.attention says
+  #     ("auto": flash on TPU, xla elsewhere); splash and cudnn have no ring.
+  # Ignored when mesh.sequence is 1.
+  c.context_parallel = "all_gather"
   # Pipeline parallelism (mesh.stage > 1, needs scan_layers): micro-batches each step's rows are
   # split into. The schedule idles (stages - 1) / (microbatches + stages - 1) of the time, so more
   # is faster but keeps more activations. 0: 2 x stages.
@@ -377,7 +388,7 @@ def _mesh() -> ConfigDict:
   m.data = -1  # data parallel: parameters replicated, batch rows split
   m.stage = 1  # pipeline stages: the layer stack split over devices (GPipe, see model.pipeline_microbatches)
   m.fsdp = 1  # fully sharded data parallel (ZeRO-3): batch rows AND parameters/optimizer state split
-  m.sequence = 1  # sequence parallel: activations split along length; attention gathers keys/values
+  m.sequence = 1  # sequence (context) parallel: activations split along length; see compute.context_parallel
   # expert parallel: a MoE layer's experts split over devices, tokens sent to their experts and back
   # by all-to-all (jaxlm/parallel/experts.py); outside the MoE layers batch rows are split over it
   # as over data. model.moe_num_experts must divide by it; a dense model is just data-parallel on it.

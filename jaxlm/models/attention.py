@@ -211,11 +211,13 @@ class Attention(nnx.Module):
     if cfg.position_kind == "rope":
       q, k = self._rope(q, positions, local), self._rope(k, positions, local)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    # Sequence parallelism: queries stay split along length, but every query shard needs every
-    # earlier key, so keys and values are whole along length here (XLA all-gathers them). Simple
-    # and exact; a ring kernel would overlap that gather with the score computation.
-    k = constrain(k, ("batch", None, "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
+    # Sequence parallelism: queries stay split along length. Every query shard needs every earlier
+    # key: with context_parallel="all_gather" keys and values are whole along length here (XLA
+    # all-gathers them); with "ring" they stay split and travel round the ring inside attention.
+    ring = cp.context_parallel == "ring" and cp.sequence_shards > 1
+    kv_length = "length" if ring else None
+    k = constrain(k, ("batch", kv_length, "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", kv_length, "kv_heads", "head_dim"))
 
     traced = isinstance(local, jax.Array) and bool(cfg.sliding_window)
     window = cfg.sliding_window if local is None or local is True or traced else 0
@@ -229,9 +231,9 @@ class Attention(nnx.Module):
           softcap=cfg.attn_logit_softcap, scale=self.score_scale, local=local if traced else None)
       return project(out.astype(c), self.o, self.o_lora, cp, contract=2, out_dtype=c), {"k": k, "v": v}
     q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
-    if cp.attention != "xla" or cp.attention_blocks > 1:
+    if cp.attention != "xla" or cp.attention_blocks > 1 or ring:
       def attend(window):  # self-attention over whole rows with a static window
-        if cp.attention != "xla":  # a kernel
+        if cp.attention != "xla" or ring:  # a kernel, or the ring
           return attention_kernels.self_attention(cfg, cp, q, k, v, segment_ids, window)
         # slots are 0..t-1: skip the hidden key blocks
         return causal_blocked_attention(q, k, v, segment_ids, cp.attention_blocks, window,

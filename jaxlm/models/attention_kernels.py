@@ -8,7 +8,9 @@ Everything here sees self-attention over whole rows (the KV-cache decode path al
 reference). Under active axis rules a Pallas kernel runs inside shard_map, one program per device:
 batch and heads are split as the rules say. With compute.sequence_shards > 1 (flash), each shard
 keeps its own queries, which arrive in the balanced order of jaxlm/parallel/sequence.py, and
-attends them to the whole row's keys: its share of the work, not the whole row's.
+attends them to the whole row's keys: its share of the work, not the whole row's. With
+compute.context_parallel="ring" (attention xla or flash) the keys are never gathered: ring
+attention (jaxlm/models/ring_attention.py) passes them round the sequence axis instead.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.kernels.flash_attention import flash_attention
+from jaxlm.models import ring_attention
 from jaxlm.models.compute import Compute
 from jaxlm.parallel import rules, sequence
 
@@ -61,6 +64,12 @@ def self_attention(cfg, compute: Compute, q, k, v, segments, window: int):
   if segments is not None:
     segments = segments.astype(jnp.int32)
   heads, kv_heads = _head_axes()
+  if compute.context_parallel == "ring" and compute.sequence_shards > 1:
+    ring = ring_attention.Ring(
+        axes=rules.mesh_axes("length"), shards=compute.sequence_shards, window=window,
+        softcap=cfg.attn_logit_softcap, block=compute.attention, backend=compute.kernel_backend,
+        block_q=compute.flash_block_q, block_k=compute.flash_block_k)
+    return ring_attention.ring_attention(ring, q, k, v, segments, heads, kv_heads)
   if compute.attention == "splash":
     from jaxlm.kernels.splash import splash_attention  # pylint: disable=g-import-not-at-top
 

@@ -42,9 +42,12 @@ class Compute:
   flash_block_q: int = 0
   flash_block_k: int = 0
   attention_blocks: int = 1
-  # > 1 (flash under sequence parallelism): each row's tokens arrive in the balanced order of
+  # > 1 (flash, or ring below, under sequence parallelism): each row's tokens arrive in the balanced order of
   # jaxlm.parallel.sequence, and each shard attends only its own queries.
   sequence_shards: int = 1
+  # With sequence_shards > 1: "all_gather" (each shard attends its queries to the gathered row) or
+  # "ring" (jaxlm/models/ring_attention.py; attention xla or flash computes each block pair).
+  context_parallel: str = "all_gather"
   # CPU: materialise the transposes that feed low-precision matmuls (see jaxlm/kernels/matmul.py).
   copy_transposes: bool = False
   # Dropless MoE's grouped matmul (jaxlm/models/moe.py, dropless): "ragged" (jax.lax.ragged_dot,
@@ -100,12 +103,18 @@ def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float
             attention_kind: str = "standard") -> Compute:
   """config.compute -> Compute for models that run on `platform` ("cpu", "gpu", "tpu").
 
-  Under sequence parallelism (sequence_shards > 1) only jaxlm's flash kernels attend a shard's
+  With compute.context_parallel="ring" and sequence_shards > 1, xla or flash computes each block
+  pair of the ring ("auto": flash on TPU, xla elsewhere).
+
+  Otherwise, under sequence parallelism (sequence_shards > 1) only jaxlm's flash kernels attend a shard's
   own queries (they take the shard's position offset); splash would make every shard compute the
   whole row, so "auto" takes flash there and an explicit "splash" is refused. (jaxlm's GPU kernel
   does not take the offset yet: flash on GPU with sequence shards is refused too.)
   """
+  ring = getattr(compute_cfg, "context_parallel", "all_gather") == "ring" and sequence_shards > 1
   attention, backend = resolve_attention(compute_cfg.attention, platform, softcap, attention_kind)
+  if ring:
+    return _resolve_ring(compute_cfg, platform, sequence_shards, attention, backend)
   if attention == "splash" and sequence_shards > 1:
     if compute_cfg.attention != "auto":
       raise ConfigError(
@@ -125,3 +134,26 @@ def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float
       attention_blocks=compute_cfg.attention_blocks,
       sequence_shards=sequence_shards if attention == "flash" else 1,
       copy_transposes=platform == "cpu", moe_grouped_matmul="blocks" if platform == "cpu" else "ragged")
+
+
+def _resolve_ring(compute_cfg, platform: str, shards: int, attention: str, backend: str) -> Compute:
+  """Compute for compute.context_parallel="ring" over `shards` sequence shards: every block pair is
+  computed by xla or by jaxlm's TPU flash kernels (on TPU, or interpreted on CPU)."""
+  if compute_cfg.attention == "auto":
+    attention, backend = ("flash", "tpu") if platform == "tpu" else ("xla", "")
+  if attention not in ("xla", "flash"):
+    raise ConfigError(f"compute.context_parallel='ring' computes key/value blocks with xla or flash "
+                      f"attention, not {attention!r}; set compute.attention to 'flash' or 'xla'")
+  if attention == "flash" and backend not in ("tpu", "interpret"):
+    raise ConfigError(
+        f"compute.context_parallel='ring' with compute.attention='flash' runs jaxlm's TPU kernels, "
+        f"which take each block's position offset; the {backend!r} kernels do not yet: use "
+        "compute.attention='xla' for the ring on this platform")
+  return Compute(
+      param_dtype=compute_cfg.param_dtype, compute_dtype=compute_cfg.compute_dtype,
+      matmul_dtype=compute_cfg.matmul_dtype, scan_layers=bool(compute_cfg.scan_layers),
+      remat_policy=compute_cfg.remat_policy, attention=attention, kernel_backend=backend,
+      flash_block_q=compute_cfg.flash_block_q, flash_block_k=compute_cfg.flash_block_k,
+      attention_blocks=compute_cfg.attention_blocks, sequence_shards=shards,
+      context_parallel="ring", copy_transposes=platform == "cpu",
+      moe_grouped_matmul="blocks" if platform == "cpu" else "ragged")
