@@ -96,6 +96,20 @@ def names() -> list[str]:
   return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
 
 
+def active_param_count(model_cfg) -> int:
+  """Parameters one token passes through: all of them but, in each MoE layer, the routed experts
+  the router does not pick (moe_num_experts - moe_experts_per_token of them). The input embedding
+  counts (a lookup, as model cards count it)."""
+  from jaxlm.config import moe_layers  # noqa: PLC0415
+
+  m = model_cfg
+  if not m.moe_num_experts:
+    return param_count(m)
+  expert = m.d_model * (m.moe_mlp_dim or m.mlp_dim) * (2 if m.mlp_kind == "gelu" else 3)
+  skipped = (m.moe_num_experts - m.moe_experts_per_token) * expert
+  return param_count(m) - sum(moe_layers(m)) * skipped
+
+
 def param_count(model_cfg) -> int:
   """Parameters of the model `model_cfg` describes, from the abstract model: no memory is allocated."""
   from flax import nnx  # imported here: configs import this module and should stay cheap to load

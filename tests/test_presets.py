@@ -14,10 +14,11 @@ from jaxlm.config import base_config, check_overrides, flat_fields, moe_layers, 
 pytestmark = pytest.mark.fast  # unit tests: the `-m fast` tier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOE_PRESETS = ["mixtral_8x7b", "qwen3_30b_a3b", "deepseek_v3"]
 SCALE_PRESETS = ["gpt2_small", "llama_350m", "llama_1b", "llama3_8b", "llama3_70b", "llama3_405b",
-                 "mistral_7b", "gemma2_2b", "qwen2_5_7b"]
+                 "mistral_7b", "gemma2_2b", "qwen2_5_7b", *MOE_PRESETS]
 TPU_SLICE = re.compile(r"^(v4|v5e|v5p|v6e)-\d+$")
-MESH_AXES = {"data", "fsdp", "tensor", "sequence", "stage"}
+MESH_AXES = {"data", "fsdp", "tensor", "sequence", "stage"}  # and "expert" for MoE presets
 OWN_SHAPES = {"gpt2_small", "llama_350m", "llama_1b"}  # no published model: PUBLISHED_PARAMS is ours
 
 
@@ -31,6 +32,11 @@ def closed_form_params(m) -> int:
   norm = d * (2 if m.norm_kind == "layernorm" else 1)  # scale (+ bias)
   gated = m.mlp_kind in ("swiglu", "geglu")
   attn = d * hd * m.num_heads * 2 + d * hd * m.num_kv_heads * 2  # q and o; k and v
+  if m.attention_kind == "mla":  # low-rank q (q_a, its norm, q_b) or a full q; kv_a, its norm, kv_b; o
+    qk, h, kvl = m.qk_nope_head_dim + m.qk_rope_head_dim, m.num_heads, m.kv_lora_rank
+    q = (d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * h * qk) if m.q_lora_rank else d * h * qk
+    attn = q + d * (kvl + m.qk_rope_head_dim) + kvl + kvl * h * (m.qk_nope_head_dim + m.v_head_dim)
+    attn += h * m.v_head_dim * d
   if m.attention_bias:
     attn += hd * (m.num_heads + 2 * m.num_kv_heads)  # on q, k, v
   if m.qk_norm:
@@ -88,6 +94,26 @@ def test_param_count_matches_the_stated_count(name):
   assert abs(count / module.PUBLISHED_PARAMS - 1) < tolerance, (name, count, module.PUBLISHED_PARAMS)
 
 
+def test_moe_presets_have_the_published_total_and_active_counts():
+  """Total: the exact counts of the published checkpoints (DeepSeek-V3 without its multi-token
+  prediction module, which the published 685B include). Active: the model cards' rounded figures
+  (12.9B, 3.3B, 37B), within 2%: ours include the input embedding (DeepSeek-V3: 0.93B of its 37.55B);
+  Mixtral's 12,879,925,248 is the exact figure its card derives from."""
+  exact = {"mixtral_8x7b": 46_702_792_704, "qwen3_30b_a3b": 30_532_122_624,
+           "deepseek_v3": 671_026_419_200}
+  active = {"mixtral_8x7b": 12_879_925_248, "qwen3_30b_a3b": 3_353_032_704,
+            "deepseek_v3": 37_552_297_472}
+  for name in MOE_PRESETS:
+    module = presets.load(name)
+    m = module.get_config().model
+    assert presets.param_count(m) == exact[name], name
+    count = presets.active_param_count(m)
+    assert count == active[name], (name, count)
+    assert abs(count / module.PUBLISHED_ACTIVE_PARAMS - 1) < 0.02, (name, count)
+  dense = presets.load("llama3_8b").get_config().model
+  assert presets.active_param_count(dense) == presets.param_count(dense)
+
+
 def test_gpt2_small_is_the_size_of_gpt2_small():
   # GPT-2 small (OpenAI's 124M): 124,439,808 parameters with its learned positions and biases.
   count = closed_form_params(presets.load("gpt2_small").get_config().model)
@@ -108,7 +134,8 @@ def test_preset_validates_and_documents_its_target(name):
   module = presets.load(name)
   c = validate(module.get_config())
   assert TPU_SLICE.match(module.TPU_SLICE), module.TPU_SLICE
-  assert set(module.MESH) == MESH_AXES and list(module.MESH.values()).count(-1) <= 1
+  axes = MESH_AXES | ({"expert"} if c.model.moe_num_experts else set())
+  assert set(module.MESH) == axes and list(module.MESH.values()).count(-1) <= 1
   assert module.GPU_NODES >= 1
   assert c.tokenizer.vocab_size == c.model.vocab_size
   doc = " ".join(module.__doc__.split())
