@@ -17,6 +17,7 @@ _CHOICES = {
     "compute.matmul_dtype": ("", "float32", "bfloat16"),
     "compute.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "compute.attention": ("xla", "flash", "splash", "cudnn", "auto"),
+    "compute.pipeline_schedule": ("gpipe", "circular"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("shakespeare", "text", "jsonl", "tfds", "chat"),
     "data.on_bad_record": ("error", "skip"),
@@ -30,7 +31,8 @@ _CHOICES = {
 
 _POSITIVE = (
     "model.vocab_multiple", "model.d_model", "model.num_layers", "model.num_heads",
-    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "compute.attention_blocks", "data.seq_len",
+    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "compute.attention_blocks",
+    "compute.pipeline_repeats", "data.seq_len",
     "train.steps",
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
     "train.max_bad_steps", "train.peer_timeout_seconds", "train.start_timeout_seconds",
