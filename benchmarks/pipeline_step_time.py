@@ -108,5 +108,6 @@ def main(argv=None):
     print(f"{k:36s} {med[k] * 1e3:8.1f} {med[k] / base:6.2f}x {bubble:>7s} {row.temp / 1e6:8.1f} "
           f"{vs[0]:>14s} {vs[1]:>14s}")
 
+
 if __name__ == "__main__":
   sys.exit(main())
