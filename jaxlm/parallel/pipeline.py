@@ -11,8 +11,8 @@ Two schedules (compute.pipeline_schedule):
 
   gpipe     all forwards then (by autodiff of the scan) all backwards. Bubble, the fraction of
             stage-iterations that do no useful work, is (p - 1) / (m + p - 1): 3/7 for p=4, m=4;
-            3/11 for m=8. Autodiff keeps every iteration's layer activations, padding included,
-            so activation memory is ~(m + p - 1) / m of the unpipelined step's.
+            3/11 for m=8. Autodiff keeps every iteration's layer activations, the bubble's
+            padding included.
   circular  the layers cut into p x v chunks (v = compute.pipeline_repeats); stage s holds chunks
             s, s + p, ..., and every micro-batch goes round the ring v times, each pass through a
             stage running 1/v of its layers. Bubble 1 - v m / ((v - 1) max(m, p) + m + p - 1),
@@ -102,9 +102,9 @@ def _chunk_of_repeat(stage_fn: Callable) -> Callable:
   the backward pass keeps only its inputs (the stage input x, r, the extras' rows) and recomputes
   the stage. Saving its insides instead (as GPipe does) would also save params[r] at every scan
   iteration: the layers' matmuls keep their weights for the backward pass, and unlike GPipe's fixed
-  stage weights these change with r, so autodiff cannot hoist them out of the loop (measured on a
-  toy stack: a copy of the chunk's weights per iteration, 9 MB of a 16 MB residual). Costs one
-  more forward pass of the layers; layer remat policies still apply inside."""
+  stage weights these change with r, so autodiff cannot hoist them out of the loop: a copy of the
+  chunk's weights per iteration (seen in jax.linearize's residuals). Costs one more forward pass
+  of the layers; layer remat policies still apply inside."""
   def run(params, r, x, extras):
     return stage_fn(jax.tree.map(lambda a: a[r], params), x, extras)
   return jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
