@@ -19,6 +19,7 @@ _CHOICES = {
     "compute.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "compute.attention": ("xla", "flash", "splash", "cudnn", "auto"),
     "compute.context_parallel": ("all_gather", "ring"),
+    "compute.pipeline_schedule": ("gpipe", "circular"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("shakespeare", "text", "jsonl", "tfds", "chat"),
     "data.on_bad_record": ("error", "skip"),
@@ -32,7 +33,8 @@ _CHOICES = {
 
 _POSITIVE = (
     "model.vocab_multiple", "model.d_model", "model.num_layers", "model.num_heads",
-    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "compute.attention_blocks", "data.seq_len",
+    "model.num_kv_heads", "model.mlp_dim", "model.max_seq_len", "compute.attention_blocks",
+    "compute.pipeline_repeats", "data.seq_len",
     "train.steps",
     "train.batch_size", "train.grad_accum_steps", "train.log_every", "checkpoint.keep",
     "train.max_bad_steps", "train.peer_timeout_seconds", "train.start_timeout_seconds",
@@ -234,6 +236,9 @@ def _validate_moe(config: ConfigDict) -> None:
                       "layers, but this model mixes dense and MoE layers (model.moe_first_dense_layers "
                       f"{m.moe_first_dense_layers}, model.moe_every {m.moe_every}); make every layer MoE "
                       "(moe_first_dense_layers=0, moe_every=1) or set mesh.stage=1 and mesh.dcn_stage=1")
+  if (config.mesh.stage != 1 or config.mesh.dcn_stage != 1) and config.compute.pipeline_schedule != "gpipe":
+    raise ConfigError("compute.pipeline_schedule='circular' does not carry MoE router statistics out "
+                      "of the schedule yet; set compute.pipeline_schedule='gpipe' for MoE models")
   if config.lora.rank and set(lora_targets(config.lora, m)) & {"up", "gate", "down"}:
     raise ConfigError("lora.targets names MLP projections but the model has MoE layers, whose experts "
                       "take no adapters yet; target attention only (lora.targets='attn')")

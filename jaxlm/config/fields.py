@@ -168,6 +168,16 @@ def _compute() -> ConfigDict:
   # split into. The schedule idles (stages - 1) / (microbatches + stages - 1) of the time, so more
   # is faster but keeps more activations. 0: 2 x stages.
   c.pipeline_microbatches = 0
+  # The pipeline's schedule (jaxlm/parallel/pipeline.py):
+  #   gpipe: each stage runs its layers once per micro-batch; bubble (p - 1) / (m + p - 1) |
+  #   circular: the layers cut into stages x pipeline_repeats chunks, stage s holding chunks s,
+  #   s + stages, ...; micro-batches go round the stages pipeline_repeats times. Bubble
+  #   (p - 1) / (v m + p - 1) for m >= p, and each stage-iteration keeps only its input for the
+  #   backward pass (recomputing the rest: one more forward), so far less activation memory.
+  c.pipeline_schedule = "gpipe"
+  # circular: chunks per stage, v (model.num_layers must divide by mesh stages x v). 1: GPipe's
+  # bubble with the circular schedule's memory.
+  c.pipeline_repeats = 2
   return c
 
 
@@ -386,7 +396,7 @@ def _mesh() -> ConfigDict:
   # In-slice size of each mesh axis (devices joined by the fast interconnect: ICI, NVLink, one host).
   # One of them may be -1: it takes every device the others leave. Product = devices per slice.
   m.data = -1  # data parallel: parameters replicated, batch rows split
-  m.stage = 1  # pipeline stages: the layer stack split over devices (GPipe, see model.pipeline_microbatches)
+  m.stage = 1  # pipeline stages: the layer stack split over devices (see compute.pipeline_schedule)
   m.fsdp = 1  # fully sharded data parallel (ZeRO-3): batch rows AND parameters/optimizer state split
   m.sequence = 1  # sequence (context) parallel: activations split along length; see compute.context_parallel
   # expert parallel: a MoE layer's experts split over devices, tokens sent to their experts and back

@@ -100,6 +100,13 @@ def resolve_mesh(config, num_devices: int, num_slices: int = 1) -> tuple[dict[st
       raise ConfigError(
           f"the stage axis is {size['stage']} but compute.scan_layers is False; pipeline stages split "
           "the stacked layers, so set compute.scan_layers=True (or mesh.stage=1)")
+    chunks = size["stage"] * compute.pipeline_repeats
+    if compute.pipeline_schedule == "circular" and model.num_layers % chunks:
+      raise ConfigError(
+          f"model.num_layers ({model.num_layers}) is not divisible by the stage axis "
+          f"({size['stage']}) x compute.pipeline_repeats ({compute.pipeline_repeats}) = {chunks}; "
+          "the circular schedule gives each stage pipeline_repeats equal chunks of layers: change "
+          "compute.pipeline_repeats, or use compute.pipeline_schedule='gpipe'")
     pipe = pipeline_microbatches(compute, size["stage"])
     if micro % (pipe * rows):
       raise ConfigError(

@@ -139,7 +139,8 @@ def forward_fn(setup: Setup):
   pipeline schedule when the stage axis is > 1, the balanced token order under sequence-sharded
   kernels. head=False: the final hidden state instead of the logits (a chunked loss)."""
   stages = setup.mesh.shape["stage"]
-  microbatches = pipeline.pipeline_microbatches(setup.config.compute, stages)
+  compute = setup.config.compute
+  microbatches = pipeline.pipeline_microbatches(compute, stages)
   shards = setup.compute.sequence_shards
   order = sequence.balanced_order(setup.config.data.seq_len, shards) if shards > 1 else None
 
@@ -150,7 +151,8 @@ def forward_fn(setup: Setup):
       slots = jnp.broadcast_to(jnp.asarray(order), batch["inputs"].shape)
     args = (batch["inputs"], batch["positions"], batch["segment_ids"])
     if stages > 1:
-      return pipeline.pipelined_forward(model, *args, slots, stages, microbatches, head), batch
+      return pipeline.pipelined_forward(model, *args, slots, stages, microbatches, head,
+                                        compute.pipeline_schedule, compute.pipeline_repeats), batch
     return model(*args, slots=slots, head=head), batch
 
   return forward
