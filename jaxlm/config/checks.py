@@ -374,6 +374,13 @@ def validate(config: ConfigDict) -> ConfigDict:
           f"config field 'compute.{name}' must be a multiple of 8 (TPU: of 128), got {config.compute[name]}")
   if config.compute.attention == "cudnn" and m.attn_logit_softcap:
     raise ConfigError("compute.attention='cudnn' does not support model.attn_logit_softcap; use 'flash' or 'xla'")
+  if not isinstance(config.compute.offload_optimizer, bool):
+    raise ConfigError(f"config field 'compute.offload_optimizer' must be True or False, got "
+                      f"{config.compute.offload_optimizer!r}")
+  if config.compute.offload_optimizer and (config.mesh.stage != 1 or config.mesh.dcn_stage != 1):
+    raise ConfigError("compute.offload_optimizer=True streams the layers' optimizer state one layer "
+                      "at a time, which is not implemented across pipeline stages; set mesh.stage=1 "
+                      "(and mesh.dcn_stage=1) or compute.offload_optimizer=False")
   _validate_layer_pattern(m)
   _validate_mla(config)
   _validate_lora(config)

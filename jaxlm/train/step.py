@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from jaxlm.train.loss import cross_entropy
+from jaxlm.train.offload import offloaded_update
 from jaxlm.train.optimizer import schedule
 
 
@@ -70,9 +71,11 @@ def lm_objective(graphdef, z_loss: float, forward=model_forward) -> Objective:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forward=model_forward,
-                    objective: Objective | None = None):
+                    objective: Objective | None = None, offload=None):
   """Returns train_step(state, batch, frozen=None) -> (state, metrics); pure, for jax.jit with
-  donated state. objective: default the language-model one (`lm_objective`).
+  donated state. objective: default the language-model one (`lm_objective`). offload: (the
+  optimizer's parts, params-shaped stacked-layer mask) when the optimizer state lives in host
+  memory (compute.offload_optimizer; jaxlm/train/offload.py), else None.
 
   With train.skip_nonfinite, a step whose loss (any metric), gradient norm or update is not finite
   leaves params and optimizer state as they were (step and RNG still advance: the batch is
@@ -106,11 +109,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
       (grads, sums, count), _ = jax.lax.scan(add, zeros, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = {name: value / denom for name, value in sums.items()}
     grad_norm = optax.global_norm(grads)
-    if guard:
+    if offload is not None:
+      # The moments go back to host memory layer by layer, so whether to keep them is decided
+      # before the update, from what makes an update non-finite: gradient, metrics, learning rate.
+      ok = None
+      if guard:
+        ok = jnp.isfinite(grad_norm) & jnp.isfinite(lr_at(state.step))
+        for value in metrics.values():
+          ok &= jnp.all(jnp.isfinite(value))
+      updates, opt_state = offloaded_update(offload[0], grads, state.opt_state, state.params,
+                                            offload[1], ok)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if guard and offload is not None:
+      finite = ok & jnp.isfinite(optax.global_norm(updates))
+      params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state.params)
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    elif guard:
       # Decided on device, so no step waits for the host. The update is checked too: a finite
       # gradient times a non-finite learning rate would poison the weights just the same.
       finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
