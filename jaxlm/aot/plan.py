@@ -92,6 +92,7 @@ class MemoryPlan:
   host_temporaries: int = 0
   label: str = ""  # the sweep's rung: remat, grad accumulation, offload
   times: dict = dataclasses.field(default_factory=dict)  # compute / hbm / comm / host seconds
+  traffic: hlo_cost.StepTraffic | None = None  # what the HLO walk read, for plans that fit
 
   @property
   def total(self) -> int:
@@ -162,7 +163,7 @@ def plan(config, devices, assumed_mfu: float = 1.0, host_gbps: float = HOST_LINK
   if p.fits:  # the HLO walk costs seconds on large programs: only for plans that can be ranked
     traffic = hlo_cost.step_traffic(compiled.as_text(), len(devices))
     p.times = predict(compute_s, traffic, chip, p.host_arguments, host_gbps)
-    p.times["unknown_trips"] = traffic.unknown_trips
+    p.traffic = traffic
     p.step_seconds = p.times["step"]
   return p
 
