@@ -218,14 +218,16 @@ def apply(config, overrides: dict):
 
 
 def activation_floor(config, mesh: dict) -> float:
-  """A lower bound on one chip's bytes for the state (parameters, Adam's two moments, gradients in
-  float32, sharded over every device; host-resident moments left out) and the residuals the remat
+  """A lower bound on one chip's bytes for the state (parameters, gradients and Adam's two moments,
+  sharded over every device; host-resident moments left out; with LoRA the base weights alone) and the residuals the remat
   policy keeps: every layer's input under "full"; its projections' outputs under "dots" and "none"
   (which keeps more). The sweep skips a rung whose floor exceeds HBM without compiling it."""
   m, c, t = config.model, config.compute, config.train
   devices = math.prod(mesh.values())
   params = flops.matmul_params(m) + m.d_model * m.vocab_size * (0 if m.tie_embeddings else 1)
-  state = params * 4 * (2 if c.offload_optimizer else 4) / devices
+  itemsize = 2 if c.param_dtype == "bfloat16" else 4  # optax keeps moments in the parameters' dtype
+  copies = 1 if config.lora.rank else (2 if c.offload_optimizer else 4)  # LoRA: frozen base only
+  state = params * itemsize * copies / devices
   rows = t.batch_size / (mesh["data"] * mesh["fsdp"] * t.grad_accum_steps)
   tokens = rows * config.data.seq_len / mesh["sequence"]
   act = 2 if c.compute_dtype == "bfloat16" else 4
