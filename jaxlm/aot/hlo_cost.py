@@ -7,8 +7,8 @@ condition computation (the integer constant the loop counter is compared against
 conditionals are entered with the same multiplier; fusions are counted whole at their call site.
 
 HBM bytes: for every top-level instruction that does work (not parameters, constants, tuples,
-bitcasts, control flow), its output bytes + its operands' bytes, arrays placed in host memory
-(layout S(5)) left out. Inside a loop of n trips an array whose leading dimension is n (a stacked
+bitcasts, control flow), its output bytes + its operands' bytes, arrays placed outside HBM
+(a layout's memory space S(k), k > 0: host memory, on-chip VMEM) left out. Inside a loop of n trips an array whose leading dimension is n (a stacked
 [layers, ...] or [microbatches, ...] buffer) counts 1/n of its bytes: the slice one iteration reads
 or writes. An estimate, not a trace: fusions that read a slice of an operand count all of it.
 
@@ -60,11 +60,14 @@ class _Instr:
 
 
 def _arrays(text: str):
-  """(bytes, leading dim or None, in host memory) of every array type in text."""
+  """(bytes, leading dim or None, outside HBM) of every array type in text. A layout's S(k), k > 0,
+  places the array in another memory space: on TPU S(5) is host memory, S(1) the core's VMEM
+  (filled by copies from HBM, which are counted as such)."""
   for dtype, dims, layout in _SHAPE.findall(text):
     shape = [int(d) for d in dims.split(",") if d]
     size = _ITEMSIZE.get(dtype, 1) * math.prod(shape)
-    yield size, (shape[0] if shape else None), "S(5)" in (layout or "")
+    space = re.search(r"S\((\d+)\)", layout or "")
+    yield size, (shape[0] if shape else None), bool(space and space.group(1) != "0")
 
 
 def parse(text: str):
@@ -136,8 +139,8 @@ def group_size(rest: str, devices: int) -> int:
 def _instr_bytes(ins: _Instr, types: dict, trips: int) -> float:
   total = 0.0
   for text in [ins.out] + [types.get(o, "") for o in _operands(ins.rest)]:
-    for size, lead, host in _arrays(text):
-      if host:
+    for size, lead, elsewhere in _arrays(text):
+      if elsewhere:
         continue
       total += size / trips if trips > 1 and lead == trips else size
   return total
