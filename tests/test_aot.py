@@ -98,7 +98,14 @@ _HLO = """HloModule m
   %ag = f32[64,128]{1,0} all-gather(%x), channel_id=1, replica_groups=[16,8]<=[128], dimensions={0}
   %ar = f32[64,128]{1,0} all-reduce(%ag), channel_id=2, replica_groups=mesh['a'=32,'b'=4] {'b'}, to_apply=%add
   %f = f32[64,128]{1,0} fusion(%ag, %w), kind=kLoop, calls=%fused
+  %g = f32[32,128]{1,0} fusion(%f), kind=kCustom, calls=%all-reduce-scatter.1
   ROOT %t = (s32[], f32[80,64,128]{2,1,0}) tuple(%i, %w)
+}
+
+%all-reduce-scatter.1 (y: f32[64,128]) -> f32[32,128] {
+  %y = f32[64,128]{1,0} parameter(0)
+  %sum = f32[64,128]{1,0} all-reduce(%y), channel_id=4, replica_groups={{0,1}}, to_apply=%add
+  ROOT %s = f32[32,128]{1,0} dynamic-slice(%sum, %i, %i), dynamic_slice_sizes={32,128}
 }
 
 ENTRY %main (a: f32[80,64,128]) -> f32[80,64,128] {
@@ -117,10 +124,12 @@ def test_hlo_walk_multiplies_loop_bodies_by_their_trip_count():
   assert t.unknown_trips == 0
   assert t.by_collective["all-gather"] == pytest.approx(80 * layer * 7 / 8)  # groups of 8
   assert t.by_collective["all-reduce"] == pytest.approx(80 * 2 * layer * 3 / 4)  # mesh axis b of 4
-  assert t.by_collective["reduce-scatter"] == pytest.approx(80 * layer / 2)  # {{0,1},..}: 2; once
+  # {{0,1},..}: 2; once at the entry, and the fused reduce-scatter (all-reduce + slice) each trip
+  assert t.by_collective["reduce-scatter"] == pytest.approx(80 * layer / 2 + 80 * layer / 2)
   # the fusion inside the loop reads its [80, 64, 128] stacked operand one [64, 128] slice a trip
   shard = 8 * 128 * 4
-  in_loop = 3 * layer + 2 * layer + (layer + shard)  # fusion, all-reduce, all-gather: out + operands
+  # fusions, all-reduce, all-gather: out + operands
+  in_loop = 3 * layer + layer // 2 + layer + 2 * layer + (layer + shard)
   at_entry = 80 * layer + shard  # the reduce-scatter reads the whole stack, once
   assert t.hbm_bytes == pytest.approx(80 * in_loop + at_entry)
 

@@ -4,7 +4,9 @@ Why not `compiled.cost_analysis()`: on TPU AOT it counts a while loop's body onc
 the grad-accumulation scan), and the optimized HLO carries no known_trip_count. So this walks the
 text itself: from ENTRY, each `while` multiplies what its body costs by a trip count read from its
 condition computation (the integer constant the loop counter is compared against); calls and
-conditionals are entered with the same multiplier; fusions are counted whole at their call site.
+conditionals are entered with the same multiplier; fusions are counted whole at their call site,
+and the collectives fused into them (TPU's reduce-scatter is an `all-reduce-scatter` fusion) are
+counted there too.
 
 HBM bytes: for every top-level instruction that does work (not parameters, constants, tuples,
 bitcasts, control flow), its output bytes + its operands' bytes, arrays placed outside HBM
@@ -180,18 +182,31 @@ def step_traffic(text: str, devices: int) -> StepTraffic:
         continue
       if ins.op in _COLLECTIVES:
         _collective(ins, mult)
+      if ins.op == "fusion":
+        fused(_attr(ins.rest, "calls"), mult, depth + 1)
       if ins.op not in _FREE:
         out.hbm_bytes += mult * _instr_bytes(ins, types, trips)
 
-  def _collective(ins: _Instr, mult: float):
-    side, factor = _COLLECTIVES[ins.op]
+  def fused(comp: str | None, mult: float, depth: int):
+    """Collectives the TPU compiler fused with other work (a kCustom fusion): a reduce-scatter is
+    an `all-reduce-scatter` computation, an all-reduce followed by each device's slice."""
+    if not comp or depth > 50:
+      return
+    for ins in comps.get(comp, []):
+      if ins.op in _COLLECTIVES:
+        _collective(ins, mult, "reduce-scatter" if comp.startswith("all-reduce-scatter") else None)
+      elif ins.op == "fusion":
+        fused(_attr(ins.rest, "calls"), mult, depth + 1)
+
+  def _collective(ins: _Instr, mult: float, as_op: str | None = None):
+    side, factor = _COLLECTIVES[as_op or ins.op]
     if side == "out":
       size = max((s for s, _, _ in _arrays(ins.out)), default=0)
     else:
       size = sum(s for o in _operands(ins.rest) for s, _, _ in _arrays(types.get(o, "")))
     moved = mult * size * factor(group_size(ins.rest, devices))
     out.collective_bytes += moved
-    kind = ins.op.removesuffix("-start")
+    kind = (as_op or ins.op).removesuffix("-start")
     out.by_collective[kind] = out.by_collective.get(kind, 0.0) + moved
 
   if entry:
