@@ -85,3 +85,17 @@ def test_offload_config_is_checked():
   c.mesh.update(stage=2, data=1)
   with pytest.raises(ConfigError, match="compute.offload_optimizer=True .* mesh.stage=1"):
     validate(c)
+
+
+def test_a_nonfinite_step_leaves_the_host_state_as_it_was():
+  c = tiny(True)
+  setup = make_setup(c)
+  state, step = init_sharded_state(setup), jit_train_step(setup)
+  before = [np.asarray(x) for x in jax.tree.leaves(state)]
+  b = next(batches(c, 1))
+  b["weights"] = np.full_like(b["weights"], np.nan)  # a non-finite loss
+  state, metrics = step(state, b)
+  assert float(metrics["skipped"]) == 1.0 and int(state.step) == 1
+  for a, x in zip(jax.tree.leaves((state.params, state.opt_state)),
+                  before[1:1 + len(jax.tree.leaves((state.params, state.opt_state)))]):
+    np.testing.assert_array_equal(np.asarray(a), x)
