@@ -106,8 +106,13 @@ def _attr(rest: str, name: str) -> str | None:
 
 
 def trip_count(comps, cond: str) -> int | None:
-  """The bound a while's condition compares its counter with: `counter < constant`."""
-  instrs = comps.get(cond, [])
+  """The bound a while's condition compares its counter with: `counter < constant`, in the
+  condition computation or in a fusion it calls."""
+  instrs, todo = [], [cond]
+  while todo:  # the condition and the computations it calls (a fused compare)
+    comp = comps.get(todo.pop(), [])
+    instrs += comp
+    todo += [c for i in comp if (c := _attr(i.rest, "calls"))]
   consts = {}
   for i in instrs:
     if i.op == "constant" and re.match(r"[su]\d+\[\]", i.out):

@@ -21,7 +21,8 @@ Predicted step time (`predict`), per chip, every term a time:
 Collectives run asynchronously beside the layers' compute, but only independent work can hide them:
 OVERLAP (0.8) is the share of the compute time assumed available to hide communication. The host
 transfers happen in the optimizer update, after the last gradient, with nothing to hide behind.
-A model for ranking plans against each other, not a measurement.
+A model for ranking plans against each other, not a measurement. With JAXLM_AOT_HLO_DIR set, each
+fitting plan's compiled HLO text is written there, to check what the walk read.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import pathlib
 import re
 
 import jax
@@ -161,7 +164,11 @@ def plan(config, devices, assumed_mfu: float = 1.0, host_gbps: float = HOST_LINK
                               - getattr(mem, "host_alias_size_in_bytes", 0), 0),
              host_temporaries=getattr(mem, "host_temp_size_in_bytes", 0))
   if p.fits:  # the HLO walk costs seconds on large programs: only for plans that can be ranked
-    traffic = hlo_cost.step_traffic(compiled.as_text(), len(devices))
+    text = compiled.as_text()
+    if os.environ.get("JAXLM_AOT_HLO_DIR"):  # to read what the walk read
+      name = "_".join(f"{k}{v}" for k, v in p.mesh.items() if v > 1) + "_" + p.label.replace(" ", "_")
+      pathlib.Path(os.environ["JAXLM_AOT_HLO_DIR"], name + ".hlo").write_text(text)
+    traffic = hlo_cost.step_traffic(text, len(devices))
     p.times = predict(compute_s, traffic, chip, p.host_arguments, host_gbps)
     p.traffic = traffic
     p.step_seconds = p.times["step"]

@@ -25,7 +25,9 @@ def row(name: str, p) -> str:
   return (f"{name:8s} {mesh:20s} {p.label:20s} {p.arguments / _GB:7.2f} {p.temporaries / _GB:8.2f} "
           f"{p.total / _GB:8.2f} {p.hbm / _GB:4.0f} {p.host_total / _GB:7.2f} {'yes' if p.fits else 'NO':>4s} "
           f"{p.flops_per_step / 1e15:9.1f} {times}"
-          + (f"\n{'':8s} compiler: {p.note}" if p.note else ""))
+          + (f"\n{'':8s} compiler: {p.note}" if p.note else "")
+          + (f"\n{'':8s} {p.traffic.unknown_trips} loop(s) with no readable trip count, counted once"
+             if p.traffic and p.traffic.unknown_trips else ""))
 
 
 HEADER = (f"{'':8s} {'mesh':20s} {'plan':20s} {'args GB':>7s} {'temp GB':>8s} {'total GB':>8s} {'HBM':>4s} "
