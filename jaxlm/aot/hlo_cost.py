@@ -84,7 +84,7 @@ def parse(text: str):
         if line.startswith("ENTRY"):
           entry = current
       continue
-    if line.startswith("}"):
+    if line.rstrip() == "}":  # not "}}, metadata=...": a custom call's attributes span lines
       current = None
       continue
     m = _INSTR.match(line)
