@@ -95,6 +95,8 @@ _HLO = """HloModule m
   %p = (s32[], f32[80,64,128]{2,1,0}) parameter(0)
   %w = f32[80,64,128]{2,1,0} get-tuple-element(%p), index=1
   %x = f32[8,128]{1,0} parameter(1)
+  %cc = f32[8,128]{1,0} custom-call(%x), custom_call_target="k", frontend_attributes={a="{
+}}", metadata={op_name="a kernel whose attributes span lines"}
   %ag = f32[64,128]{1,0} all-gather(%x), channel_id=1, replica_groups=[16,8]<=[128], dimensions={0}
   %ar = f32[64,128]{1,0} all-reduce(%ag), channel_id=2, replica_groups=mesh['a'=32,'b'=4] {'b'}, to_apply=%add
   %f = f32[64,128]{1,0} fusion(%ag, %w), kind=kLoop, calls=%fused
@@ -129,7 +131,7 @@ def test_hlo_walk_multiplies_loop_bodies_by_their_trip_count():
   # the fusion inside the loop reads its [80, 64, 128] stacked operand one [64, 128] slice a trip
   shard = 8 * 128 * 4
   # fusions, all-reduce, all-gather: out + operands
-  in_loop = 3 * layer + layer // 2 + layer + 2 * layer + (layer + shard)
+  in_loop = 3 * layer + layer // 2 + layer + 2 * layer + (layer + shard) + 2 * shard  # + custom call
   at_entry = 80 * layer + shard  # the reduce-scatter reads the whole stack, once
   assert t.hbm_bytes == pytest.approx(80 * in_loop + at_entry)
 
