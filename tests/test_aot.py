@@ -11,7 +11,7 @@ pytest.importorskip("libtpu", reason="the planner needs libtpu (pip install -e '
 from jaxlm import presets
 from jaxlm import chips
 from jaxlm.aot import hlo_cost
-from jaxlm.aot.plan import (LADDER, activation_floor, apply, meshes, plan, predict, topology_name,  # noqa: E402
+from jaxlm.aot.plan import (LADDER, activation_floor, apply, ladder, meshes, plan, predict, topology_name,  # noqa: E402
                             tpu_devices)
 from jaxlm.config import ConfigError, validate  # noqa: E402
 
@@ -80,6 +80,13 @@ def test_sweep_meshes_and_ladder():
   c, mesh = tiny(), dict(data=1, stage=1, fsdp=8, sequence=1, tensor=1)
   floors = [activation_floor(apply(c, fields), mesh) for _, fields in LADDER]
   assert floors[1:] <= floors[:-1] and floors[0] > 0
+  # a config with the chunked loss gets its rung after full remat, before grad accumulation
+  assert ladder(c) == LADDER  # tiny has no train.loss_chunk here
+  chunky = c.copy_and_resolve_references()
+  chunky.unlock()
+  chunky.train.loss_chunk = 0
+  chunky.data.seq_len = 4096
+  assert [label for label, _ in ladder(chunky)][2:5] == ["full", "full chunked-loss", "full accum2"]
 
 
 _HLO = """HloModule m

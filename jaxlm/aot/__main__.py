@@ -7,7 +7,7 @@ compute from analytic FLOPs, HBM traffic and collectives from the compiled HLO).
 not fit.
 
 --sweep: for every fsdp x tensor mesh (and pipeline schedule, plan.SCHEDULES), walks the
-memory-saving ladder (plan.LADDER: remat none -> dots -> full -> grad accumulation 2 -> 4 -> optimizer
+memory-saving ladder (plan.ladder: remat none -> dots -> full [-> chunked loss] -> grad accumulation 2 -> 4 -> optimizer
 offload) and stops at the first rung that fits (later rungs only add time); a rung whose lower
 bound on memory (plan.activation_floor) exceeds HBM is skipped without compiling. The plans that
 fit are ranked by predicted step time, and the fastest is picked. --jobs N compiles N meshes at once,

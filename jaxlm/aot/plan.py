@@ -197,8 +197,8 @@ def meshes(config, num_devices: int):
 
 # The memory-saving ladder, least added time first: each rung saves memory and costs time over the
 # one before (recompute, a serial micro-batch loop, host transfers), so for a mesh the sweep stops
-# at the first rung that fits. (label, {config field: value}). A chunked-loss field in
-# config.train would go before the grad-accumulation rungs; the config has none yet.
+# at the first rung that fits. (label, {config field: value}); `ladder` adds the chunked loss
+# where the config has it.
 LADDER = (
     ("none", {"compute.remat_policy": "none"}),
     ("dots", {"compute.remat_policy": "dots"}),
@@ -209,9 +209,21 @@ LADDER = (
                              "compute.offload_optimizer": True}),
 )
 
-# Pipeline schedules to try, each a ({config field: value}) applied with a mesh. Only "no pipeline"
-# for now: a schedule option (mesh.stage > 1 with its config fields) is added here as one entry per
-# schedule, and the sweep tries every mesh x schedule with the same ladder.
+def ladder(config) -> tuple:
+  """LADDER for this config: with a train.loss_chunk field (the chunked head and loss), a rung that
+  computes the logits 1024 tokens at a time goes between full remat and grad accumulation (it
+  costs one more forward of the head, less than a serial micro-batch loop)."""
+  if "loss_chunk" not in config.train or config.data.seq_len % 1024 or config.data.seq_len == 1024:
+    return LADDER
+  chunked = ("full chunked-loss", {"compute.remat_policy": "full", "train.loss_chunk": 1024})
+  return LADDER[:3] + (chunked,) + LADDER[3:]
+
+
+# Pipeline schedules to try, each (label, {config field: value}) applied with a mesh. Only "no
+# pipeline" for now: a schedule (mesh.stage > 1 with compute.pipeline_schedule "gpipe" or
+# "circular" and its repeats, once those fields are on this branch) is added here as one entry per
+# schedule, with `meshes` giving stage > 1 factorizations, and the sweep tries every mesh x
+# schedule with the same ladder.
 SCHEDULES = (("", {}),)
 
 

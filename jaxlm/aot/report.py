@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 
-from jaxlm.aot.plan import (LADDER, SCHEDULES, activation_floor, apply, chip_info, meshes, plan,
+from jaxlm.aot.plan import (SCHEDULES, activation_floor, apply, chip_info, ladder, meshes, plan,
                             tpu_devices)
 from jaxlm.config import ConfigError
 
@@ -49,7 +49,7 @@ def walk_ladder(config, topology: str, mesh: dict, schedule, mfu: float, host_gb
   hbm = chip_info(devices).hbm_bytes
   schedule_name, schedule_fields = schedule
   lines = []
-  for label, fields in LADDER:
+  for label, fields in ladder(config):
     c = apply(config, {**schedule_fields, **fields, **{f"mesh.{k}": v for k, v in mesh.items()},
                        "mesh.dcn_data": 1})
     name = " ".join(x for x in (schedule_name, label) if x)
