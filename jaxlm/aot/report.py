@@ -90,7 +90,8 @@ def sweep(config, topology: str, mfu: float, host_gbps: float, jobs: int = 1) ->
   if not fitting:
     print("\nnothing fits: add chips, lower train.batch_size or data.seq_len")
     return 1
-  fitting.sort(key=lambda p: p.step_seconds)
+  # Ties (compute-bound plans whose traffic is hidden) go to the plan with more HBM to spare.
+  fitting.sort(key=lambda p: (round(p.step_seconds, 3), p.total))
   print("\nranked by predicted step time (s): compute = analytic FLOPs / peak; hbm and comm from the "
         "compiled HLO's bytes with loop trip counts; host = offloaded state over the host link")
   print(HEADER)
