@@ -20,23 +20,32 @@ class HardwareError(ValueError):
 class Chip:
   peak_tflops: float  # dense bf16 matmul TFLOP/s (no sparsity), from the vendor's spec sheet
   hbm_bytes: float  # the vendor's HBM capacity per chip, decimal GB
+  # HBM bandwidth per chip, GB/s (gigaBYTES per second), from the vendor's spec sheet.
+  hbm_gbps: float | None = None
+  # Inter-chip interconnect bandwidth per chip, GB/s (gigaBYTES per second): TPU ICI (Google
+  # quotes gigabits: 4800 Gbps on v5p is 600 GB/s) or NVLink; None where no sourced figure is known.
+  ici_gbps: float | None = None
 
 
 # Keyed by the start of jax's `device_kind`: TPU v5e reports "TPU v5 lite", v6e "TPU v6 lite", v5p
 # "TPU v5p" or "TPU v5"; GPUs report their marketing name ("NVIDIA H100 80GB HBM3"). The longest
 # matching key wins, so "NVIDIA H100 PCIe" is not read as an SXM H100 nor "TPU v5 lite" as a v5p.
+# Bandwidths (Cloud TPU system-architecture pages; NVIDIA data sheets): v4 HBM 1200 GB/s (its ICI
+# figure is left unknown); v5e 819 GB/s, ICI 1600 Gbps; v5p 2765 GB/s, ICI 4800 Gbps; v6e 1640 GB/s,
+# ICI 3584 Gbps; H100 SXM 3350 GB/s, NVLink 900 GB/s; H200 4800 GB/s, NVLink 900 GB/s; A100 80GB
+# 2039 GB/s, A100 40GB 1555 GB/s, NVLink 600 GB/s. Variants without a sourced figure keep None.
 CHIPS = {
-    "TPU v4": Chip(275.0, 32e9),
-    "TPU v5 lite": Chip(197.0, 16e9), "TPU v5e": Chip(197.0, 16e9),
-    "TPU v5": Chip(459.0, 95e9), "TPU v5p": Chip(459.0, 95e9),
-    "TPU v6 lite": Chip(918.0, 32e9), "TPU v6e": Chip(918.0, 32e9),
-    "NVIDIA H100": Chip(989.0, 80e9),  # SXM, "NVIDIA H100 80GB HBM3"
+    "TPU v4": Chip(275.0, 32e9, 1200.0),
+    "TPU v5 lite": Chip(197.0, 16e9, 819.0, 200.0), "TPU v5e": Chip(197.0, 16e9, 819.0, 200.0),
+    "TPU v5": Chip(459.0, 95e9, 2765.0, 600.0), "TPU v5p": Chip(459.0, 95e9, 2765.0, 600.0),
+    "TPU v6 lite": Chip(918.0, 32e9, 1640.0, 448.0), "TPU v6e": Chip(918.0, 32e9, 1640.0, 448.0),
+    "NVIDIA H100": Chip(989.0, 80e9, 3350.0, 900.0),  # SXM, "NVIDIA H100 80GB HBM3"
     "NVIDIA H100 PCIe": Chip(756.0, 80e9),
     "NVIDIA H100 NVL": Chip(835.0, 94e9),
-    "NVIDIA H200": Chip(989.0, 141e9),
-    "NVIDIA A100": Chip(312.0, 80e9),  # "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"
-    "NVIDIA A100-SXM4-40GB": Chip(312.0, 40e9),
-    "NVIDIA A100-PCIE-40GB": Chip(312.0, 40e9),
+    "NVIDIA H200": Chip(989.0, 141e9, 4800.0, 900.0),
+    "NVIDIA A100": Chip(312.0, 80e9, 2039.0, 600.0),  # "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"
+    "NVIDIA A100-SXM4-40GB": Chip(312.0, 40e9, 1555.0, 600.0),
+    "NVIDIA A100-PCIE-40GB": Chip(312.0, 40e9, 1555.0),
 }
 
 

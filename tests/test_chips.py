@@ -18,18 +18,19 @@ def test_every_chip_has_both_figures_in_plausible_units():
 
 
 # What jax reports as device_kind on each chip, and the spec-sheet figures it must resolve to.
-@pytest.mark.parametrize("kind, tflops, hbm", [
-    ("TPU v4", 275, 32e9),
-    ("TPU v5 lite", 197, 16e9), ("TPU v5e", 197, 16e9),  # v5e; not the v5p "TPU v5" prefix
-    ("TPU v5p", 459, 95e9), ("TPU v5", 459, 95e9),
-    ("TPU v6 lite", 918, 32e9), ("TPU v6e", 918, 32e9),
-    ("NVIDIA H100 80GB HBM3", 989, 80e9),  # SXM
-    ("NVIDIA H100 PCIe", 756, 80e9),  # not the SXM "NVIDIA H100" prefix
-    ("NVIDIA H200", 989, 141e9),
-    ("NVIDIA A100-SXM4-80GB", 312, 80e9), ("NVIDIA A100-SXM4-40GB", 312, 40e9),
+# HBM and interconnect bandwidths in GB/s (bytes); ICI Gbps / 8 (v5p 4800 Gbps = 600 GB/s).
+@pytest.mark.parametrize("kind, tflops, hbm, hbm_gbps, ici_gbps", [
+    ("TPU v4", 275, 32e9, 1200, None),
+    ("TPU v5 lite", 197, 16e9, 819, 200), ("TPU v5e", 197, 16e9, 819, 200),  # not the v5p "TPU v5"
+    ("TPU v5p", 459, 95e9, 2765, 600), ("TPU v5", 459, 95e9, 2765, 600),
+    ("TPU v6 lite", 918, 32e9, 1640, 448), ("TPU v6e", 918, 32e9, 1640, 448),
+    ("NVIDIA H100 80GB HBM3", 989, 80e9, 3350, 900),  # SXM
+    ("NVIDIA H100 PCIe", 756, 80e9, None, None),  # not the SXM "NVIDIA H100" prefix
+    ("NVIDIA H200", 989, 141e9, 4800, 900),
+    ("NVIDIA A100-SXM4-80GB", 312, 80e9, 2039, 600), ("NVIDIA A100-SXM4-40GB", 312, 40e9, 1555, 600),
 ])
-def test_device_kinds_resolve_to_their_chip(kind, tflops, hbm):
-  assert chips.chip(kind) == chips.Chip(tflops, hbm)
+def test_device_kinds_resolve_to_their_chip(kind, tflops, hbm, hbm_gbps, ici_gbps):
+  assert chips.chip(kind) == chips.Chip(tflops, hbm, hbm_gbps, ici_gbps)
 
 
 @pytest.mark.parametrize("kind", ["cpu", "TPU v3", "NVIDIA GeForce RTX 4090", ""])

@@ -100,12 +100,12 @@ def _worst_element(a, b) -> float:
 def test_layout_matches_single_device_and_is_sharded(reference, name):
   """One test per layout, so each layout compiles once even when xdist splits the module."""
   got = run(tiny_config(**LAYOUTS[name]))
-  _check_same_numbers(name, got, reference)
+  check_same_numbers(name, got, reference)
   _check_sharded_as_the_rules_say(name, got)
   _check_state_memory(name, got)
 
 
-def _check_same_numbers(name, got, reference):
+def check_same_numbers(name, got, reference):
   assert jax.device_count() == 8 and got["setup"].mesh.size == 8
   np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-5)
   errors, elements = {}, []

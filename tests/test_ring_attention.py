@@ -21,7 +21,7 @@ from jaxlm.models import ring_attention
 from jaxlm.models.attention import dot_product_attention
 from jaxlm.models.ring_attention import Ring, ring_local
 from jaxlm.parallel import sequence
-from test_parallel import _check_same_numbers, run, tiny_config
+from test_parallel import check_same_numbers, run, tiny_config
 
 B, T, H, KVH, D = 2, 64, 4, 2, 16
 
@@ -124,7 +124,7 @@ def test_ring_trains_like_one_device_at_seq_2048(one_device, mesh):
   rel = np.abs(got["losses"] / one_device["losses"] - 1).max()
   print(f"\nring {mesh}: losses {got['losses']}, one device {one_device['losses']}, max rel {rel:.1e}")
   assert rel <= 1e-5
-  _check_same_numbers("ring", got, one_device)
+  check_same_numbers("ring", got, one_device)
   assert "collective-permute" in got["compiled"].as_text()
 
 

@@ -1,15 +1,20 @@
 """`python -m jaxlm.aot --config=configs/<preset>.py --topology=v5p:8x8x8 [--sweep]`.
 
 Compiles the config's real train step for the TPU slice on this machine (libtpu, no TPU needed)
-and prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity, FLOPs
-per step and the predicted step time at --mfu. Exits 1 if it does not fit. --sweep tries remat
-policies and mesh factorizations (fsdp x tensor, x expert for MoE models) in order, least
-recompute first, then least tensor parallelism, then most expert parallelism, and stops at the
-first that fits; it compares no step times. Any mesh field can be given as for training
-(--config.mesh.expert=8 --config.mesh.fsdp=-1 ...).
+and prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity, host
+memory (offloaded optimizer state), FLOPs per step and the predicted step time (jaxlm/aot/plan.py:
+compute from analytic FLOPs, HBM traffic and collectives from the compiled HLO). Exits 1 if it does
+not fit.
+
+--sweep: for every fsdp x tensor (x expert, MoE models) mesh (and pipeline schedule, plan.SCHEDULES), walks the
+memory-saving ladder (plan.ladder: remat none -> dots -> full [-> chunked loss] -> grad accumulation 2 -> 4 -> optimizer
+offload) and stops at the first rung that fits (later rungs only add time); a rung whose lower
+bound on memory (plan.activation_floor) exceeds HBM is skipped without compiling. The plans that
+fit are ranked by predicted step time, and the fastest is picked. --jobs N compiles N meshes at once,
+each in its own process.
+Any mesh field can be given as for training (--config.mesh.expert=8 --config.mesh.fsdp=-1 ...).
 """
 
-import copy
 import os
 import sys
 
@@ -23,30 +28,18 @@ from jaxlm.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a jaxlm config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: 'v5p:8x8x8' (chips) or 'v5p-1024'.")
-_SWEEP = flags.DEFINE_bool("sweep", False, "Try remat policies and fsdp x tensor (x expert for MoE) meshes, "
-                           "least recompute first; stop at the first that fits.")
-_MFU = flags.DEFINE_float("mfu", 0.5, "Assumed model FLOPs utilisation for the predicted step time.")
-
-_GB = 1e9
-
-
-def _row(name: str, p) -> str:
-  mesh = " ".join(f"{k}{v}" for k, v in p.mesh.items() if v > 1) or "1 device"
-  return (f"{name:10s} {mesh:28s} {p.remat:6s} {p.arguments / _GB:8.2f} {p.outputs / _GB:8.2f} "
-          f"{p.temporaries / _GB:8.2f} {p.total / _GB:8.2f} {p.hbm / _GB:6.0f} "
-          f"{'yes' if p.fits else 'NO':>4s} {p.flops_per_step / 1e15:9.2f} {p.step_seconds:8.2f}"
-          + (f"\n{'':10s} compiler: {p.note}" if p.note else ""))
-
-
-HEADER = (f"{'':10s} {'mesh':28s} {'remat':6s} {'args GB':>8s} {'out GB':>8s} {'temp GB':>8s} "
-          f"{'total GB':>8s} {'HBM':>6s} {'fits':>4s} {'PFLOP/step':>9s} {'step s':>8s}")
-
+_SWEEP = flags.DEFINE_bool("sweep", False, "For each fsdp x tensor mesh walk the memory-saving ladder to the "
+                           "first rung that fits; rank the fitting plans by predicted step time.")
+_MFU = flags.DEFINE_float("mfu", 1.0, "Share of peak matmul throughput the compute term assumes (1: the peak).")
+_JOBS = flags.DEFINE_integer("jobs", 1, "--sweep: meshes compiled at once, each in its own process.")
+_HOST_GBPS = flags.DEFINE_float("host_gbps", 32.0, "Host<->device GB/s per chip for offloaded state.")
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from jaxlm.aot.plan import candidates, plan, topology_name, tpu_devices
+  from jaxlm.aot.plan import plan, topology_name, tpu_devices
+  from jaxlm.aot.report import HEADER, row, sweep
 
   config = _CONFIG.value
   if config is None or not _TOPOLOGY.value:
@@ -54,33 +47,19 @@ def main(argv):
   try:
     devices = tpu_devices(_TOPOLOGY.value)
     print(f"{topology_name(_TOPOLOGY.value)}: {len(devices)} x {devices[0].device_kind}; "
-          f"{config.train.batch_size} x {config.data.seq_len} tokens per step; MFU assumed {_MFU.value:.0%}")
+          f"{config.train.batch_size} x {config.data.seq_len} tokens per step; compute at "
+          f"{_MFU.value:.0%} of peak; host link {_HOST_GBPS.value:g} GB/s")
     print(HEADER)
-    if not _SWEEP.value:
-      p = plan(config, devices, _MFU.value)
-      print(_row("plan", p))
-      if not p.fits:
-        print(f"\ndoes not fit: {p.total / _GB:.1f} GB per chip of {p.hbm / _GB:.0f}. Try --sweep (remat "
-              "and fsdp x tensor), --config.train.grad_accum_steps=2 (halves activations), a larger slice, "
-              "or a smaller train.batch_size / data.seq_len")
-      return 0 if p.fits else 1
-    for remat, mesh in candidates(config, len(devices)):
-      c = copy.deepcopy(config)
-      c.compute.remat_policy = remat
-      c.mesh.update(**mesh, dcn_data=1, dcn_expert=1)
-      try:
-        p = plan(c, devices, _MFU.value)
-      except ConfigError as e:
-        print(f"{'skipped':10s} {mesh}: {e}")
-        continue
-      print(_row("tried", p))
-      if p.fits:
-        print(f"\nfirst that fits (least recompute, then least tensor parallelism): mesh {p.mesh}, "
-              f"remat {remat}: {p.total / _GB:.1f} of {p.hbm / _GB:.0f} GB per chip, predicted "
-              f"{p.step_seconds:.2f} s/step")
-        return 0
-    print("\nnothing fits: add chips, lower train.batch_size or data.seq_len, or use grad accumulation")
-    return 1
+    if _SWEEP.value:
+      return sweep(config, _TOPOLOGY.value, _MFU.value, _HOST_GBPS.value, _JOBS.value)
+    p = plan(config, devices, _MFU.value, _HOST_GBPS.value)
+    print(row("plan", p))
+    if not p.fits:
+      print(f"\ndoes not fit: {p.total / 1e9:.1f} GB per chip of {p.hbm / 1e9:.0f}. Try --sweep (remat, "
+            "grad accumulation, optimizer offload and fsdp x tensor), --config.train.grad_accum_steps=2 "
+            "(halves activations), --config.compute.offload_optimizer=True (Adam's moments in host "
+            "memory), a larger slice, or a smaller train.batch_size / data.seq_len")
+    return 0 if p.fits else 1
   except ConfigError as e:
     sys.exit(f"jaxlm.aot: {e}")
 

@@ -439,6 +439,13 @@ def validate(config: ConfigDict) -> ConfigDict:
   if config.compute.context_parallel == "ring" and m.attention_kind == "mla":
     raise ConfigError("compute.context_parallel='ring' is not wired for model.attention_kind='mla'; "
                       "use compute.context_parallel='all_gather'")
+  if not isinstance(config.compute.offload_optimizer, bool):
+    raise ConfigError(f"config field 'compute.offload_optimizer' must be True or False, got "
+                      f"{config.compute.offload_optimizer!r}")
+  if config.compute.offload_optimizer and (config.mesh.stage != 1 or config.mesh.dcn_stage != 1):
+    raise ConfigError("compute.offload_optimizer=True streams the layers' optimizer state one layer "
+                      "at a time, which is not implemented across pipeline stages; set mesh.stage=1 "
+                      "(and mesh.dcn_stage=1) or compute.offload_optimizer=False")
   _validate_layer_pattern(m)
   _validate_mla(config)
   _validate_lora(config)

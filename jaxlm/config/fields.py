@@ -178,6 +178,13 @@ def _compute() -> ConfigDict:
   # circular: chunks per stage, v (model.num_layers must divide by mesh stages x v). 1: GPipe's
   # bubble with the circular schedule's memory.
   c.pipeline_repeats = 2
+  # Keep the optimizer state (Adam's two moments: twice the float32 parameters) in host memory
+  # (JAX memory kind "pinned_host") instead of HBM. Each step streams it through the device: the
+  # non-layer parameters' moments at once, the stacked layers' (compute.scan_layers) one layer at a
+  # time in a lax.scan, so HBM holds one layer's moments, not all of them (jaxlm/train/offload.py).
+  # The update is the same arithmetic; it costs host<->device traffic of 2 x the moments a step.
+  # Needs mesh.stage 1.
+  c.offload_optimizer = False
   return c
 
 

@@ -44,7 +44,7 @@ DEFAULT_BLOCKS = {"tpu": (512, 512), "interpret": (128, 128)}
 _ALIGN = {"tpu": 128, "interpret": 8}  # Mosaic TPU: whole (8, 128) tiles
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
@@ -72,10 +72,10 @@ def _block(requested: int | None, default: int, length: int, align: int) -> int:
   size = requested or default
   if size % align:
     raise ValueError(f"block size {size} must be a multiple of {align} on this backend")
-  return min(size, _round_up(length, align))
+  return min(size, round_up(length, align))
 
 
-def _tpu_blocks(backend: str, t: int, s: int, block_q: int | None, block_k: int | None):
+def tpu_blocks(backend: str, t: int, s: int, block_q: int | None, block_k: int | None):
   """(block_q, block_k) of the TPU kernels (tpu or interpret backend) for lengths t and s."""
   default_q, default_k = DEFAULT_BLOCKS[backend]
   align = _ALIGN[backend]
@@ -93,7 +93,7 @@ def attention_work(q_len: int, kv_len: int, *, causal: bool = True, window: int 
   backend = resolve_backend(backend)
   if backend not in DEFAULT_BLOCKS:
     raise ValueError(f"attention_work counts the TPU kernels' blocks; backend {backend!r} has none")
-  bq, bk = _tpu_blocks(backend, q_len, kv_len, block_q, block_k)
+  bq, bk = tpu_blocks(backend, q_len, kv_len, block_q, block_k)
   spec = Spec(causal=bool(causal), window=int(window), softcap=0.0, scale=1.0, q_len=q_len,
               kv_len=kv_len, block_q=bq, block_k=bk, groups=1, segments=False,
               interpret=backend == "interpret")
@@ -137,7 +137,7 @@ def _gpu_call(q, k, v, q_segments, k_segments, spec_args, block_k, interpret):
   bq, bk = flash_gpu.CTA_ROWS, block_k or flash_gpu.default_block_k(d)
   if bk % 64 or bk > 256:
     raise ValueError(f"GPU flash block_k must be 64, 128, 192 or 256, not {bk}")
-  tq, tk = _round_up(t, bq), _round_up(s, math.lcm(bk, bq))
+  tq, tk = round_up(t, bq), round_up(s, math.lcm(bk, bq))
   dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16  # wgmma operands
   spec = Spec(**spec_args, block_q=bq, block_k=bk, interpret=interpret, gpu=True)
 
@@ -198,8 +198,8 @@ def flash_attention(q, k, v, q_segments=None, k_segments=None, *, causal: bool =
       raise ValueError(f"GPU flash block_q is fixed at {flash_gpu.CTA_ROWS} (2 warp groups x 64 rows); "
                        f"got {block_q}: leave model.flash_block_q at 0")
     return _gpu_call(q, k, v, q_segments, k_segments, spec_args, block_k, backend == "gpu_interpret")
-  bq, bk = _tpu_blocks(backend, t, s, block_q, block_k)
-  tq, tk = _round_up(t, bq), _round_up(s, bk)
+  bq, bk = tpu_blocks(backend, t, s, block_q, block_k)
+  tq, tk = round_up(t, bq), round_up(s, bk)
   spec = Spec(**spec_args, block_q=bq, block_k=bk, interpret=backend == "interpret")
 
   def head_major(x, length):  # [b, n, heads, d] -> [b, heads, padded n, d]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxlm.kernels import flash_tpu
-from jaxlm.kernels.flash_attention import _round_up, _tpu_blocks, resolve_backend
+from jaxlm.kernels.flash_attention import round_up, tpu_blocks, resolve_backend
 from jaxlm.kernels.flash_spec import Spec
 from jaxlm.kernels.masking import EMPTY_LSE
 
@@ -32,7 +32,7 @@ def _spec(q, k, segments: bool, window: int, softcap: float, block_q, block_k, b
   if backend not in ("tpu", "interpret"):
     raise ValueError(f"ring attention runs jaxlm's TPU flash kernels (tpu or interpret), not {backend!r}")
   t, s, h, kvh, d = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
-  bq, bk = _tpu_blocks(backend, t, s, block_q, block_k)
+  bq, bk = tpu_blocks(backend, t, s, block_q, block_k)
   return Spec(causal=True, window=int(window), softcap=float(softcap), scale=float(d) ** -0.5,
               q_len=t, kv_len=s, block_q=bq, block_k=bk, groups=h // kvh, segments=segments,
               interpret=backend == "interpret")
@@ -44,7 +44,7 @@ def _head_major(x, length):  # [b, n, heads, d] -> [b, heads, padded n, d]
 
 
 def _padded(spec: Spec, q_seg, k_seg, offset):
-  tq, tk = _round_up(spec.q_len, spec.block_q), _round_up(spec.kv_len, spec.block_k)
+  tq, tk = round_up(spec.q_len, spec.block_q), round_up(spec.kv_len, spec.block_k)
   segs = []
   if spec.segments:
     segs = [jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, tq - spec.q_len)))[:, :, None],

@@ -39,10 +39,16 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(t) -> optax.GradientTransformation:
-  """t = config.train."""
+def optimizer_parts(t) -> tuple:
+  """(clip_by_global_norm, adamw) or (adamw,) without clipping; t = config.train. The chain of them
+  is the optimizer; jaxlm/train/offload.py applies them one at a time."""
   parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm else []
   parts.append(optax.adamw(
       schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
       mask=lambda p: decay_mask(p, t.decay_embeddings)))
-  return optax.chain(*parts)
+  return tuple(parts)
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  """t = config.train."""
+  return optax.chain(*optimizer_parts(t))

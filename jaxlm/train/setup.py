@@ -33,7 +33,8 @@ from jaxlm.parallel import mesh as mesh_lib
 from jaxlm.parallel import pipeline, sequence
 from jaxlm.parallel.rules import axis_rules
 from jaxlm.parallel.sharding import batch_sharding, tree_shardings
-from jaxlm.train.optimizer import make_optimizer
+from jaxlm.train import offload
+from jaxlm.train.optimizer import make_optimizer, optimizer_parts
 from jaxlm.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 
@@ -121,7 +122,10 @@ def make_setup(config, devices=None) -> Setup:
   frozen = None
   if config.lora.rank:
     frozen = tree_shardings(nnx.state(abstract_model(config, compute), BASE), mesh, rules)
-  return Setup(config, mesh, rules, compute, tx, tree_shardings(shapes, mesh, rules),
+  shardings = tree_shardings(shapes, mesh, rules)
+  if config.compute.offload_optimizer:  # the moments live in host memory between steps
+    shardings = shardings._replace(opt_state=offload.host_shardings(shapes.opt_state, shardings.opt_state))
+  return Setup(config, mesh, rules, compute, tx, shardings,
                batch_sharding(mesh, rules), NamedSharding(mesh, PartitionSpec()), frozen)
 
 
@@ -171,7 +175,12 @@ def jit_train_step(setup: Setup, objective=None, frozen_shardings=None):
 
   objective: a jaxlm.train.step.Objective (default: the language-model one); frozen_shardings: the
   shardings of the frozen parameters it takes as a third argument (None: it takes none)."""
-  step = make_train_step(setup.graphdef, setup.tx, setup.config.train, forward_fn(setup), objective)
+  config = setup.config
+  offloaded = None
+  if config.compute.offload_optimizer:
+    params = nnx.state(abstract_model(config, setup.compute), setup.trainable)
+    offloaded = (optimizer_parts(config.train), offload.stacked_mask(params, config.compute.scan_layers))
+  step = make_train_step(setup.graphdef, setup.tx, config.train, forward_fn(setup), objective, offloaded)
   in_shardings = (setup.state_shardings, setup.batch_sharding)
   if frozen_shardings is not None:
     in_shardings += (frozen_shardings,)

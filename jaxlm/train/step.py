@@ -21,6 +21,7 @@ from flax import nnx
 from jaxlm.models import moe
 from jaxlm.train.chunked_loss import chunked_cross_entropy
 from jaxlm.train.loss import MOE_COUNTS, cross_entropy, moe_terms
+from jaxlm.train.offload import offloaded_update
 from jaxlm.train.optimizer import schedule
 
 
@@ -87,9 +88,11 @@ def lm_objective(graphdef, z_loss: float, forward=model_forward, moe_balance: fl
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forward=model_forward,
-                    objective: Objective | None = None):
+                    objective: Objective | None = None, offload=None):
   """Returns train_step(state, batch, frozen=None) -> (state, metrics); pure, for jax.jit with
-  donated state. objective: default the language-model one (`lm_objective`).
+  donated state. objective: default the language-model one (`lm_objective`). offload: (the
+  optimizer's parts, params-shaped stacked-layer mask) when the optimizer state lives in host
+  memory (compute.offload_optimizer; jaxlm/train/offload.py), else None.
 
   With train.skip_nonfinite, a step whose loss (any metric), gradient norm or update is not finite
   leaves params and optimizer state as they were (step and RNG still advance: the batch is
@@ -128,16 +131,31 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
       (grads, sums, count), _ = jax.lax.scan(add, zeros, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    counts = {name: sums[name] for name in MOE_COUNTS if name in sums}
+    counts = {name: sums[name] for name in MOE_COUNTS if name in sums}  # a MoE model's expert load
     metrics = {name: value / denom for name, value in sums.items() if name not in counts}
-    if counts:  # a MoE model: load metrics; a sigmoid router's bias (its only leaves) moves
+    grad_norm = optax.global_norm(grads)
+    if offload is not None:
+      # The moments go back to host memory layer by layer, so whether to keep them is decided
+      # before the update, from what makes an update non-finite: gradient, metrics, learning rate.
+      ok = None
+      if guard:
+        ok = jnp.isfinite(grad_norm) & jnp.isfinite(lr_at(state.step))
+        for value in metrics.values():
+          ok &= jnp.all(jnp.isfinite(value))
+      updates, opt_state = offloaded_update(offload[0], grads, state.opt_state, state.params,
+                                            offload[1], ok)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if counts:  # a MoE model: load metrics; a sigmoid router's bias (its only leaves) moves, under the guard
       metrics.update(moe.load_metrics(counts["moe_load"], counts["moe_dropped"]))
       if train_cfg.moe_bias_rate:
         params = moe.update_router_bias(params, counts["moe_load"], train_cfg.moe_bias_rate)
-    grad_norm = optax.global_norm(grads)
-    if guard:
+    if guard and offload is not None:
+      finite = ok & jnp.isfinite(optax.global_norm(updates))
+      params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state.params)
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    elif guard:
       # Decided on device, so no step waits for the host. The update is checked too: a finite
       # gradient times a non-finite learning rate would poison the weights just the same.
       finite = jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
