@@ -126,14 +126,19 @@ def resolve(compute_cfg, platform: str, sequence_shards: int = 1, softcap: float
     raise ConfigError(
         f"compute.attention='flash' with a sequence axis of {sequence_shards}: jaxlm's GPU kernel "
         "cannot yet attend one shard's queries on their own; use 'cudnn' or 'xla', or mesh.sequence=1")
+  return _compute(compute_cfg, platform, attention, backend,
+                  sequence_shards=sequence_shards if attention == "flash" else 1)
+
+
+def _compute(compute_cfg, platform: str, attention: str, backend: str, **rest) -> Compute:
+  """The Compute of config.compute on `platform` with the resolved attention kernel."""
   return Compute(
       param_dtype=compute_cfg.param_dtype, compute_dtype=compute_cfg.compute_dtype,
       matmul_dtype=compute_cfg.matmul_dtype, scan_layers=bool(compute_cfg.scan_layers),
       remat_policy=compute_cfg.remat_policy, attention=attention, kernel_backend=backend,
       flash_block_q=compute_cfg.flash_block_q, flash_block_k=compute_cfg.flash_block_k,
-      attention_blocks=compute_cfg.attention_blocks,
-      sequence_shards=sequence_shards if attention == "flash" else 1,
-      copy_transposes=platform == "cpu", moe_grouped_matmul="blocks" if platform == "cpu" else "ragged")
+      attention_blocks=compute_cfg.attention_blocks, copy_transposes=platform == "cpu",
+      moe_grouped_matmul="blocks" if platform == "cpu" else "ragged", **rest)
 
 
 def _resolve_ring(compute_cfg, platform: str, shards: int, attention: str, backend: str) -> Compute:
@@ -149,11 +154,5 @@ def _resolve_ring(compute_cfg, platform: str, shards: int, attention: str, backe
         f"compute.context_parallel='ring' with compute.attention='flash' runs jaxlm's TPU kernels, "
         f"which take each block's position offset; the {backend!r} kernels do not yet: use "
         "compute.attention='xla' for the ring on this platform")
-  return Compute(
-      param_dtype=compute_cfg.param_dtype, compute_dtype=compute_cfg.compute_dtype,
-      matmul_dtype=compute_cfg.matmul_dtype, scan_layers=bool(compute_cfg.scan_layers),
-      remat_policy=compute_cfg.remat_policy, attention=attention, kernel_backend=backend,
-      flash_block_q=compute_cfg.flash_block_q, flash_block_k=compute_cfg.flash_block_k,
-      attention_blocks=compute_cfg.attention_blocks, sequence_shards=shards,
-      context_parallel="ring", copy_transposes=platform == "cpu",
-      moe_grouped_matmul="blocks" if platform == "cpu" else "ragged")
+  return _compute(compute_cfg, platform, attention, backend, sequence_shards=shards,
+                  context_parallel="ring")
