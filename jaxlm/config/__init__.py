@@ -4,14 +4,16 @@ Presets in `configs/` start from `base_config()` and override fields; the CLI ov
 with `--config.<section>.<field>=value`. `validate(config)` runs once at start-up and raises
 `ConfigError` naming the field and the fix. A field that is not defined here is an error, so a
 typo never silently falls back to a default. The fields and their meaning live in
-jaxlm/config/fields.py, the checks in jaxlm/config/checks.py; import both from here.
+jaxlm/config/fields.py, the checks in jaxlm/config/checks.py (MoE and MLA fields in
+jaxlm/config/sparse_checks.py); import them from here.
 """
 
 from jaxlm.config.checks import (LOGICAL_AXES, LORA_TARGETS, MESH_AXES, RUN_DIR_SCHEMES,
                                  check_location, check_overrides, flat_fields, is_url, layer_kinds,
-                                 lora_targets, moe_layers, parse_rules, rows_per_example, unknown_field_error,
+                                 lora_targets, parse_rules, rows_per_example, unknown_field_error,
                                  validate, with_vocab_size)
 from jaxlm.config.fields import ConfigDict, ConfigError, base_config
+from jaxlm.config.sparse_checks import moe_layers
 
 __all__ = ["ConfigDict", "ConfigError", "LOGICAL_AXES", "LORA_TARGETS", "MESH_AXES",
            "RUN_DIR_SCHEMES", "base_config", "check_location", "check_overrides", "flat_fields",
