@@ -114,6 +114,58 @@ def test_sharded_dispatch_equals_dropless_when_one_rank_gets_every_token(grouped
       assert rel_err(g, want) <= 1e-5
 
 
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_exchange_factor_drops_past_each_ranks_room(factor):
+  """model.moe_exchange_factor f: each device sends at most S = ceil(f * T*k / ranks) assignments to
+  each expert rank, first choices first (then token order), and drops the rest. Against moe.dropless
+  with the dropped assignments' weights zeroed by a plain-Python rule, value and gradients, and the
+  dropped count; one token row a device (batch 8 over fsdp 2 x expert 4)."""
+  mesh = jax.make_mesh((2, 4), ("fsdp", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = parse_rules("batch:fsdp+expert, embed:fsdp, experts:expert")
+  b, t, d, f, e, k, ranks = 8, 4, 16, 8, 8, 2, 4
+  keys = jax.random.split(jax.random.key(1), 6)
+  x = jax.random.normal(keys[0], (b, t, d))
+  w = moe.Experts(*(jax.random.normal(kk, s) * 0.3
+                    for kk, s in zip(keys[1:4], [(e, d, f), (e, d, f), (e, f, d)])))
+  weights = jax.nn.softmax(jax.random.normal(keys[4], (b, t, k)), -1)
+  ffn = lambda *a: moe.grouped_ffn(*a, kind="swiglu", compute=Compute())  # noqa: E731
+  slots = -(-int(factor * t * k) // ranks)
+
+  def kept_mask(ids):  # per device (one batch row): per destination rank, the first `slots`
+    kept = np.zeros((b, t, k), bool)
+    for row in range(b):
+      sent = [0] * ranks
+      for choice in range(k):
+        for token in range(t):
+          rank = int(ids[row, token, choice]) // (e // ranks)
+          kept[row, token, choice] = sent[rank] < slots
+          sent[rank] += 1
+    return kept
+
+  def sharded(x, weights, w, ids):
+    with axis_rules(rules, mesh):
+      return expert_parallel.sharded_dispatch(x, ids, weights, w, ffn, factor)
+
+  def single(x, weights, w, ids, kept):
+    flat = lambda a: a.reshape(b * t, -1)  # noqa: E731
+    return moe.dropless(flat(x), flat(ids), flat(weights * kept), w, "swiglu")[0].reshape(b, t, d)
+
+  probe = jax.random.normal(jax.random.key(9), (b, t, d))
+  skewed = jnp.broadcast_to(jnp.array([1, 0], jnp.int32), (b, t, k))  # all to rank 0
+  spread = jax.random.randint(keys[5], (b, t, k), 0, e)
+  for ids in (skewed, spread):
+    kept = kept_mask(np.asarray(ids))
+    got, dropped = jax.jit(sharded)(x, weights, w, ids)
+    assert int(dropped) == int((~kept).sum())
+    np.testing.assert_allclose(got, single(x, weights, w, ids, kept), rtol=1e-5, atol=1e-6)
+    loss = lambda fn, *extra: lambda *a: jnp.sum(fn(*a, ids, *extra) * probe)  # noqa: E731
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(sharded(*a, ids)[0] * probe), (0, 1, 2)))(x, weights, w)
+    want = jax.grad(loss(single, kept), (0, 1, 2))(x, weights, w)
+    for g, wg in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+      assert rel_err(g, wg) <= 1e-5
+  assert int((~kept_mask(np.asarray(skewed))).sum()) == b * (t * k - slots)  # the rule really drops
+
+
 @pytest.mark.fast
 def test_expert_mesh_errors_and_dense_models():
   c = moe_tiny_config(data=2, expert=4)

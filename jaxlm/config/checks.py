@@ -48,6 +48,7 @@ _NON_NEGATIVE = (
     "model.yarn_mscale", "model.yarn_mscale_all_dim",
     "model.moe_num_experts", "model.moe_mlp_dim", "model.moe_shared_experts", "model.moe_groups",
     "model.moe_topk_groups", "model.moe_first_dense_layers", "model.moe_capacity_factor",
+    "model.moe_exchange_factor",
     "train.moe_balance_loss", "train.moe_z_loss", "train.moe_bias_rate",
     "compute.pipeline_microbatches",
     "train.warmup_steps", "train.weight_decay", "train.clip_norm",

@@ -117,6 +117,11 @@ def _model() -> ConfigDict:
   # expert takes at most ceil(c * tokens * k / E) assignments of a layer's batch (first choices
   # first); the rest are dropped (they add nothing; metric moe/dropped counts them).
   m.moe_capacity_factor = 0.0
+  # Expert parallelism (mesh.expert > 1), dropless dispatch: the all-to-all buffers. 0: room for all
+  # of a device's T*k assignments for every expert rank (never drops; memory and traffic ep x T*k
+  # rows). f > 0: room for ceil(f * T*k / ep) per rank (f * T*k rows); assignments past it are
+  # dropped, first choices kept first, and counted in moe/dropped. Balanced routing fills T*k / ep.
+  m.moe_exchange_factor = 0.0
   return m
 
 

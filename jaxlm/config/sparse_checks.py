@@ -39,6 +39,10 @@ def validate_moe(config: ConfigDict) -> None:
                         f"must hold at least moe_experts_per_token ({k}) experts")
   if not m.moe_routed_scale > 0:
     raise ConfigError(f"model.moe_routed_scale must be > 0, got {m.moe_routed_scale}")
+  if m.moe_exchange_factor and m.moe_capacity_factor:
+    raise ConfigError(f"model.moe_exchange_factor ({m.moe_exchange_factor}) sizes the expert-parallel "
+                      f"dropless dispatch, but model.moe_capacity_factor ({m.moe_capacity_factor}) "
+                      "chooses capacity dispatch; set one of them to 0")
   if m.mlp_bias:
     raise ConfigError("model.mlp_bias with MoE layers (model.moe_num_experts > 0) is not implemented; "
                       "set model.mlp_bias=False")

@@ -272,6 +272,7 @@ class MoE(nnx.Module):
     self.groups, self.topk_groups = cfg.moe_groups, cfg.moe_topk_groups
     self.norm_topk, self.scale = cfg.moe_norm_topk, cfg.moe_routed_scale
     self.capacity_factor = cfg.moe_capacity_factor
+    self.exchange_factor = cfg.moe_exchange_factor
     e, d, p = cfg.moe_num_experts, cfg.d_model, compute.params
     f = cfg.moe_mlp_dim or cfg.mlp_dim
     self.num_experts = e
@@ -305,7 +306,8 @@ class MoE(nnx.Module):
     if dispatch == "dropless" and expert_parallel.expert_shards() > 1:
       ffn = functools.partial(grouped_ffn, kind=self.kind, compute=self.compute)
       out, dropped = expert_parallel.sharded_dispatch(
-          x, r.ids.reshape(b, t, -1), r.weights.reshape(b, t, -1), self.experts(), ffn)
+          x, r.ids.reshape(b, t, -1), r.weights.reshape(b, t, -1), self.experts(), ffn,
+          self.exchange_factor)
     else:
       extra = {"factor": self.capacity_factor} if dispatch == "capacity" else {}
       out, dropped = DISPATCHES[dispatch](tokens, r.ids, r.weights, self.experts(), self.kind,

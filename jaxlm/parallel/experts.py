@@ -19,11 +19,15 @@ experts each and T local tokens of k assignments (N = T * k):
   4. all_to_all back, and each assignment's result is read from the slot it was sent to and summed
      over the token's k choices with its routing weight.
 
-Dropless needs a static bound: a rank may receive every assignment of every rank, so each slice
-has room for all N of its sender's assignments, and the buffers hold ep x N rows (memory and
-traffic ep times the filled rows). jax.lax.ragged_all_to_all would send only the filled rows, but
-XLA:CPU does not implement it (jax 0.10.2: "UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not
-supported by XLA:CPU"). all_to_all is linear, so the gradients travel back the same way; the
+Dropless needs a static bound: a rank may receive every assignment of every rank, so by default
+each slice has room for all N of its sender's assignments, and the buffers hold ep x N rows (memory
+and traffic ep times the filled rows). model.moe_exchange_factor f > 0 gives each slice room for
+S = ceil(f * N / ep) rows instead (f * N in all, the filled share when routing is balanced): an
+assignment past its destination's S is dropped (it adds nothing; first choices are sent before
+second ones, in token order) and counted in moe/dropped, as in capacity mode but per device pair.
+jax.lax.ragged_all_to_all would send only the filled rows without dropping, but XLA:CPU does not
+implement it (jax 0.10.2: "UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by
+XLA:CPU"), so it could not be tested here. all_to_all is linear, so the gradients travel back the same way; the
 experts' fsdp shards (embed:fsdp) are all-gathered inside (their gradients reduce-scattered).
 """
 
@@ -64,38 +68,47 @@ def _keep(spec: PartitionSpec, manual: set) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
-def exchange(x, ids, weights, experts, ffn: Callable, axes: tuple[str, ...], ranks: int):
+def exchange(x, ids, weights, experts, ffn: Callable, axes: tuple[str, ...], ranks: int,
+             slots: int | None = None):
   """One device's part of the dispatch (inside shard_map): x [T, d], ids / weights [T, k] (global
-  expert ids), experts: this rank's E / ranks experts (moe.Experts) -> out [T, d].
-  ffn(rows [M, d], src [M], row_expert [M], experts) -> [M, d] float32: moe.grouped_ffn."""
+  expert ids), experts: this rank's E / ranks experts (moe.Experts) -> (out [T, d], dropped []).
+  ffn(rows [M, d], src [M], row_expert [M], experts) -> [M, d] float32: moe.grouped_ffn.
+  slots: rows sent to each rank (S); None: N = T * k, room for every assignment (nothing dropped)."""
   t, k = ids.shape
   n, d = t * k, x.shape[-1]
+  s = n if slots is None else min(slots, n)
   local = experts.up.shape[0]  # experts per rank
-  flat = ids.reshape(-1)  # [N], assignment a = token a // k
+  flat = ids.reshape(-1)  # [N], assignment a = token a // k, choice a % k
   dest = flat // local  # [N] the rank holding each assignment's expert
-  order = jnp.argsort(flat, stable=True)  # [N] assignments by expert, so by rank
+  priority = (jnp.arange(n) % k) * t + jnp.arange(n) // k  # choice-major: first choices first
+  order = jnp.argsort(dest * n + priority)  # [N] assignments by rank, by priority within one
   count = jnp.bincount(dest, length=ranks).astype(jnp.int32)  # [ranks]
   start = jnp.cumsum(count) - count
-  slot = jnp.arange(n, dtype=jnp.int32)
-  filled = slot[None, :] < count[:, None]  # [ranks, N]
-  sent = order[jnp.clip(start[:, None] + slot[None, :], 0, n - 1)]  # [ranks, N] assignment per slot
-  send_x = jnp.where(filled[..., None], x[sent // k], 0).astype(x.dtype)  # [ranks, N, d]
+  slot = jnp.arange(s, dtype=jnp.int32)
+  filled = slot[None, :] < count[:, None]  # [ranks, S]
+  sent = order[jnp.clip(start[:, None] + slot[None, :], 0, n - 1)]  # [ranks, S] assignment per slot
+  send_x = jnp.where(filled[..., None], x[sent // k], 0).astype(x.dtype)  # [ranks, S, d]
   rank_first = (jnp.arange(ranks, dtype=flat.dtype) * local)[:, None]
-  send_e = jnp.where(filled, flat[sent] - rank_first, local)  # [ranks, N]; `local`: padding
-  recv_x = jax.lax.all_to_all(send_x, axes, 0, 0)  # [ranks, N, d]: slice s from rank s
+  send_e = jnp.where(filled, flat[sent] - rank_first, local)  # [ranks, S]; `local`: padding
+  recv_x = jax.lax.all_to_all(send_x, axes, 0, 0)  # [ranks, S, d]: slice r from rank r
   recv_e = jax.lax.all_to_all(send_e, axes, 0, 0)
-  rows = ranks * n
+  rows = ranks * s
   y = ffn(recv_x.reshape(rows, d), jnp.arange(rows, dtype=jnp.int32), recv_e.reshape(rows), experts)
-  back = jax.lax.all_to_all(y.reshape(ranks, n, d).astype(x.dtype), axes, 0, 0)  # [ranks, N, d]
+  back = jax.lax.all_to_all(y.reshape(ranks, s, d).astype(x.dtype), axes, 0, 0)  # [ranks, S, d]
   position = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))  # sorted index
-  mine = back[dest, position - start[dest]].reshape(t, k, d)  # each assignment's result
-  return jnp.einsum("tkd,tk->td", mine.astype(jnp.float32), weights).astype(x.dtype)
+  within = position - start[dest]  # [N] each assignment's slot at its destination
+  kept = within < s
+  mine = back[dest, jnp.minimum(within, s - 1)]  # [N, d] each assignment's result
+  w = (weights.reshape(-1) * kept).reshape(t, k)
+  out = jnp.einsum("tkd,tk->td", mine.reshape(t, k, d).astype(jnp.float32), w).astype(x.dtype)
+  return out, jnp.sum(~kept).astype(jnp.float32)
 
 
-def sharded_dispatch(x, ids, weights, experts, ffn: Callable):
-  """The expert-parallel dropless dispatch under the active rules: x [batch, length, embed],
+def sharded_dispatch(x, ids, weights, experts, ffn: Callable, factor: float = 0.0):
+  """The expert-parallel dispatch under the active rules: x [batch, length, embed],
   ids / weights [batch, length, k], experts: moe.Experts (whole arrays, split by the rules) ->
-  (out [batch, length, embed], dropped 0). ffn: moe.grouped_ffn with the layer's kind and compute."""
+  (out [batch, length, embed], dropped assignments []). ffn: moe.grouped_ffn with the layer's kind
+  and compute. factor: model.moe_exchange_factor (0: dropless; else S = ceil(factor * N / ranks))."""
   rules, mesh = active()
   ep_axes = mesh_axes("experts")
   ranks = math.prod(mesh.shape[a] for a in ep_axes)
@@ -123,11 +136,14 @@ def sharded_dispatch(x, ids, weights, experts, ffn: Callable):
     local = dict(zip(names, whole))
     local = type(experts)(local["up"], local.get("gate"), local["down"])
     b, t, d = x.shape
-    out = exchange(x.reshape(b * t, d), ids.reshape(b * t, -1), weights.reshape(b * t, -1), local,
-                   ffn, tuple(ep_axes), ranks)
-    return out.reshape(b, t, d)
+    n = b * t * ids.shape[-1]
+    slots = math.ceil(factor * n / ranks) if factor else None
+    out, dropped = exchange(x.reshape(b * t, d), ids.reshape(b * t, -1), weights.reshape(b * t, -1),
+                            local, ffn, tuple(ep_axes), ranks, slots)
+    token_axes = tuple(a for entry in x_spec[:2] for a in _axes(entry))  # the axes splitting tokens
+    return out.reshape(b, t, d), jax.lax.psum(dropped, token_axes) if token_axes else dropped
 
   run = jax.shard_map(per_device, mesh=mesh, in_specs=(x_spec, row_spec, row_spec, *w_specs),
-                      out_specs=x_spec, axis_names=frozenset(manual), check_vma=False)
-  out = run(x, ids, weights, *(getattr(experts, name) for name in names))
-  return out, jnp.zeros((), jnp.float32)
+                      out_specs=(x_spec, PartitionSpec()), axis_names=frozenset(manual),
+                      check_vma=False)
+  return run(x, ids, weights, *(getattr(experts, name) for name in names))
