@@ -14,8 +14,11 @@ routed experts, the shared one, attention, dense layers and embeddings).
 
 Where it runs: a TPU v5p-1024 slice (512 chips), experts over a 64-way `expert` axis and FSDP
 over the rest (DeepSeek trained on 2048 H800 with 64-way expert parallelism); global batch
-1024 rows x 4096 tokens = 4M tokens a step. Planned with
-`python -m jaxlm.aot --config=configs/deepseek_v3.py --topology=v5p-1024`, not yet measured.
+1024 rows x 4096 tokens = 4M tokens a step. The expert-parallel all-to-all buffers hold 1.25x a
+device's balanced share (model.moe_exchange_factor; the worst-case dropless buffers are 64x it,
+~30 GB each at this size, and do not fit): with the bias-balanced router little overflows, and
+moe/dropped counts what does. Planned with
+`python -m jaxlm.aot --config=configs/deepseek_v3.py --topology=v5p-1024` (figure: README planner).
 """
 
 from jaxlm.presets import pretrain_config
@@ -38,5 +41,5 @@ def get_config():
       qk_rope_head_dim=64, v_head_dim=128,
       moe_num_experts=256, moe_experts_per_token=8, moe_mlp_dim=2048, moe_shared_experts=1,
       moe_router="sigmoid", moe_norm_topk=True, moe_routed_scale=2.5, moe_groups=8,
-      moe_topk_groups=4, moe_first_dense_layers=3,
+      moe_topk_groups=4, moe_first_dense_layers=3, moe_exchange_factor=1.25,
       seq_len=4096, batch_size=1024, steps=100_000, learning_rate=2.2e-4, warmup_steps=2000)

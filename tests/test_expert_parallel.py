@@ -18,7 +18,7 @@ from jaxlm.models import moe
 from jaxlm.models.compute import Compute
 from jaxlm.parallel import experts as expert_parallel
 from jaxlm.parallel.mesh import resolve_mesh
-from jaxlm.parallel.rules import axis_rules
+from jaxlm.parallel.rules import axis_rules, partition_spec
 from jaxlm.train.setup import make_setup
 
 LAYOUTS = {  # name: mesh sizes (the rest 1)
@@ -183,8 +183,10 @@ def test_expert_mesh_errors_and_dense_models():
   with pytest.raises(ConfigError, match=r"model.moe_num_experts \(4\) is not divisible by the expert "
                                         r"axis \(8 = "):
     resolve_mesh(c, 8, num_slices=2)
-  # A dense model with an expert axis runs data-parallel over it: rows split over expert too.
+  # A dense model with an expert axis runs fully sharded data parallel over it: rows split over
+  # expert too, and the parameters' embed dimension (the rules give embed:fsdp+expert).
   c = tiny_config(data=2, expert=4)
   setup = make_setup(c)
   assert setup.batch_sharding.spec[0] == ("data", "fsdp", "expert")
   assert setup.batch_sharding.shard_shape((8, 16)) == (1, 16)
+  assert partition_spec(("vocab", "embed"), setup.rules, (128, 32), setup.mesh)[1] == ("fsdp", "expert")

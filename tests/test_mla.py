@@ -240,8 +240,9 @@ def test_tp2_fsdp2_training_matches_one_device():
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert rel_errors(got.params, ref.params).max() <= 1e-4
   attn = got.params["blocks"]["attn"]
-  kv_b = attn["kv_b"].value  # [layers, kv_lora_rank, heads, nope + v]: heads over tensor
-  assert kv_b.addressable_shards[0].data.shape == (2, 12, 2, 14)
+  # [layers, kv_lora_rank, heads, nope + v]: the latent over fsdp (latent:fsdp+expert), heads over tensor
+  kv_b = attn["kv_b"].value
+  assert kv_b.addressable_shards[0].data.shape == (2, 6, 2, 14)
   kv_a = attn["kv_a"].value  # [layers, embed, kv_lora_rank + rope]: embed over fsdp, latent whole
   assert kv_a.addressable_shards[0].data.shape == (2, 16, 16)
   o = attn["o"].value  # [layers, heads, v, embed]: row parallel

@@ -30,31 +30,44 @@ def batches(c, n):
                weights=np.ones(shape, np.float32))
 
 
-def train(c, steps=3):
-  setup = make_setup(c)
-  state, step = init_sharded_state(setup), jit_train_step(setup)
+def train(c, steps=3, setup=None, step=None):
+  """steps of training from a fresh state -> (setup, state, losses, step); pass setup and step of
+  an earlier run of the same config to reuse its compiled step."""
+  setup = setup or make_setup(c)
+  state, step = init_sharded_state(setup), step or jit_train_step(setup)
   losses = []
   for b in batches(c, steps):
     state, metrics = step(state, b)
     losses.append(float(metrics["loss"]))
-  return setup, state, losses
+  return setup, state, losses, step
 
 
-def test_offloaded_optimizer_trains_to_the_same_losses():
-  _, plain, plain_losses = train(tiny(False))
-  setup, offloaded, losses = train(tiny(True))
+@pytest.fixture(scope="module")
+def plain():
+  return train(tiny(False))
+
+
+@pytest.fixture(scope="module")
+def offloaded():
+  return train(tiny(True))  # compiled once for every test of tiny(True)
+
+
+def test_offloaded_optimizer_trains_to_the_same_losses(plain, offloaded):
+  _, plain_state, plain_losses, _ = plain
+  setup, state, losses, _ = offloaded
   # The moments live in host memory between steps; the scalar step counts stay on the device.
-  kinds = {x.ndim > 0: x.sharding.memory_kind for x in jax.tree.leaves(offloaded.opt_state)}
+  kinds = {x.ndim > 0: x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
   assert kinds == {True: "pinned_host", False: "device"}
-  assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(offloaded.params))
+  assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(state.params))
   # The same arithmetic, leaf for leaf; only XLA's fusion order may differ in the last bits.
   np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(offloaded), jax.tree.leaves(plain)):
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(plain_state)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_offload_with_accumulation_and_unscanned_layers_matches():
-  # grad accumulation feeds the same update; without scan_layers every leaf is outside the stack.
+  # grad accumulation feeds the same update; without scan_layers every leaf is outside the stack
+  # (unscanned layers draw their initial weights differently, so each pair starts alike).
   for fields in ({"grad_accum_steps": 2}, {}):
     c0, c1 = tiny(False, **fields), tiny(True, **fields)
     if not fields:
@@ -62,12 +75,12 @@ def test_offload_with_accumulation_and_unscanned_layers_matches():
     np.testing.assert_allclose(train(c1, 2)[2], train(c0, 2)[2], rtol=1e-5)
 
 
-def test_host_resident_state_saves_and_restores(tmp_path):
+def test_host_resident_state_saves_and_restores(tmp_path, offloaded):
   c = tiny(True)
   c.checkpoint.async_save = False
-  setup, state, _ = train(c, 1)
+  setup, state, _, step = offloaded
   ckpt = Checkpointer(str(tmp_path), c.checkpoint)
-  ckpt.save(1, state)
+  ckpt.save(3, state)
   ckpt.wait()
   restored = ckpt.restore(init_sharded_state(setup))
   ckpt.close()
@@ -75,8 +88,8 @@ def test_host_resident_state_saves_and_restores(tmp_path):
     assert a.sharding.memory_kind == b.sharding.memory_kind
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # and training continues from the restored host-resident state
-  _, _, more = train(c, 1)
-  assert np.isfinite(more[0])
+  restored, metrics = step(restored, next(batches(c, 1)))
+  assert int(restored.step) == 4 and np.isfinite(float(metrics["loss"]))
 
 
 @pytest.mark.fast
@@ -87,10 +100,10 @@ def test_offload_config_is_checked():
     validate(c)
 
 
-def test_a_nonfinite_step_leaves_the_host_state_as_it_was():
+def test_a_nonfinite_step_leaves_the_host_state_as_it_was(offloaded):
   c = tiny(True)
-  setup = make_setup(c)
-  state, step = init_sharded_state(setup), jit_train_step(setup)
+  setup, _, _, step = offloaded
+  state = init_sharded_state(setup)
   before = [np.asarray(x) for x in jax.tree.leaves(state)]
   b = next(batches(c, 1))
   b["weights"] = np.full_like(b["weights"], np.nan)  # a non-finite loss

@@ -412,8 +412,9 @@ def _mesh() -> ConfigDict:
   m.fsdp = 1  # fully sharded data parallel (ZeRO-3): batch rows AND parameters/optimizer state split
   m.sequence = 1  # sequence (context) parallel: activations split along length; see compute.context_parallel
   # expert parallel: a MoE layer's experts split over devices, tokens sent to their experts and back
-  # by all-to-all (jaxlm/parallel/experts.py); outside the MoE layers batch rows are split over it
-  # as over data. model.moe_num_experts must divide by it; a dense model is just data-parallel on it.
+  # by all-to-all (jaxlm/parallel/experts.py); everything else treats it as fsdp: batch rows and the
+  # other parameters (embed and latent dimensions) are split over it. model.moe_num_experts must
+  # divide by it; a dense model is just fully sharded data parallel on it.
   m.expert = 1
   m.tensor = 1  # Megatron tensor parallel: attention heads and the MLP hidden dim split
   # Cross-slice (DCN) size of each axis; the mesh axis is in-slice x cross-slice. One may be -1: it
@@ -429,8 +430,12 @@ def _mesh() -> ConfigDict:
   # array a mesh axis is used once, by the first dimension that names it, so "embed:fsdp" shards
   # parameters (ZeRO-3) while activations [batch, length, embed] already spend fsdp on batch.
   # A parameter dimension the mesh axes do not divide (a tiny vocab) is replicated instead.
-  m.rules = ("batch:data+fsdp+expert, length:sequence, embed:fsdp, heads:tensor, kv_heads:tensor, "
-             "mlp:tensor, vocab:tensor, layers:stage, stage:stage, experts:expert")
+  # The expert axis shards the non-expert parameters like fsdp (a MoE's attention and embeddings
+  # would otherwise be replicated on every expert rank: 40 GB a chip for DeepSeek-V3); the experts'
+  # own [experts, embed, mlp] spend it on experts first. latent: MLA's low-rank dimensions.
+  m.rules = ("batch:data+fsdp+expert, length:sequence, embed:fsdp+expert, latent:fsdp+expert, "
+             "heads:tensor, kv_heads:tensor, mlp:tensor, vocab:tensor, layers:stage, stage:stage, "
+             "experts:expert")
   return m
 
 

@@ -12,9 +12,10 @@ One in-slice size (and one DCN size) may be -1: it absorbs whatever devices (sli
 
 `stage` splits the layer stack into pipeline stages (jaxlm/parallel/pipeline.py). `expert` splits a
 MoE layer's experts (jaxlm/parallel/experts.py): its devices exchange tokens all-to-all in every MoE
-layer, so it sits inside, next to tensor. Outside the MoE layers it is one more data-like axis (batch
-rows split over data x fsdp x expert, as DeepSeek-V3 and MaxText do), so a dense model with
-mesh.expert > 1 simply runs data-parallel over it.
+layer, so it sits inside, next to tensor. Outside the MoE layers it is one more fsdp-like axis (batch
+rows split over data x fsdp x expert, as DeepSeek-V3 and MaxText do, and the default rules shard the
+non-expert parameters over fsdp x expert), so a dense model with mesh.expert > 1 simply runs fully
+sharded data parallel over it.
 
 `resolve_mesh(config, num_devices, num_slices)` does all the arithmetic and every check that needs
 the device count, raising ConfigError naming the field and the fix; `make_mesh` builds the mesh. Both
