@@ -120,9 +120,9 @@ GEMMA3 = dict(GEMMA, post_norms=True, qk_norm=True, num_layers=7, layer_pattern=
 MIXTRAL = dict(moe_num_experts=4, moe_experts_per_token=2, sliding_window=64)
 QWEN3_MOE = dict(qk_norm=True, num_layers=3, moe_num_experts=8, moe_experts_per_token=2,
                  moe_mlp_dim=32, moe_norm_topk=False, moe_first_dense_layers=1)
-DEEPSEEK_V3 = dict(attention_kind="mla", num_layers=3, num_kv_heads=4, q_lora_rank=32, kv_lora_rank=16,
-                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_scaling="yarn",
-                   rope_scaling_factor=8.0, rope_original_max_len=64, yarn_mscale=0.8,
+DEEPSEEK_V3 = dict(attention_kind="mla", num_layers=3, num_kv_heads=4, q_lora_rank=32,
+                   kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                   rope_scaling="yarn", rope_scaling_factor=8.0, rope_original_max_len=64, yarn_mscale=0.8,
                    yarn_mscale_all_dim=1.0, moe_num_experts=8, moe_experts_per_token=2,
                    moe_mlp_dim=32, moe_shared_experts=1, moe_router="sigmoid", moe_groups=4,
                    moe_topk_groups=2, moe_routed_scale=2.5, moe_first_dense_layers=1)
@@ -307,7 +307,8 @@ def test_moe_layer_patterns_read_as_transformers_builds_them():
   assert layers("qwen3_moe", decoder_sparse_step=2) == (0, 2)
   assert layers("qwen3_moe", mlp_only_layers=[1, 0]) == (2, 1)
   assert layers("deepseek_v3", first_k_dense_replace=2) == (2, 1)
-  assert hf.config_from_hf(_fixture_config("deepseek_v3", first_k_dense_replace=3)).model.moe_num_experts == 0
+  all_dense = hf.config_from_hf(_fixture_config("deepseek_v3", first_k_dense_replace=3)).model
+  assert all_dense.moe_num_experts == 0
   ungrouped = hf.config_from_hf(_fixture_config("deepseek_v3", n_group=1, topk_group=1)).model
   assert (ungrouped.moe_groups, ungrouped.moe_topk_groups) == (0, 0)
 

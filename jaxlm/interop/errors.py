@@ -6,7 +6,8 @@ class InteropError(ValueError):
 
 
 def refuse(what: str, fields: dict) -> None:
-  """InteropError naming the model fields (name -> True where the config sets it so) `what` lacks."""
+  """InteropError naming the model fields (name -> True where the config sets it so) that `what`
+  lacks."""
   bad = sorted(k for k, v in fields.items() if v)
   if bad:
     raise InteropError(f"{what} has no model fields {bad} as this config sets them")

@@ -6,7 +6,8 @@
 Supported so far: Llama 2/3/3.1/3.2 (RoPE scalings llama3, linear, yarn), Mistral (sliding window),
 Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm), Gemma 1, Gemma 2 and Gemma 3 text-only (Gemma3ForCausalLM,
 model_type gemma3_text), and the mixture-of-experts families Mixtral, Qwen3-MoE and DeepSeek-V3 (MLA
-attention; their expert and MLA tables and config fields are in hf_moe.py). An architecture or a config value jaxlm cannot reproduce exactly is refused
+attention; their expert and MLA tables and config fields are in hf_moe.py). An architecture or a
+config value jaxlm cannot reproduce exactly is refused
 with a message naming it; nothing is approximated silently. The config.json side of each family
 lives in hf_config.py; this module maps tensors.
 

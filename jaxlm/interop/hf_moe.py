@@ -1,6 +1,7 @@
-"""Hugging Face's mixture-of-experts families: Mixtral, Qwen3-MoE and DeepSeek-V3 (with its multi-head
-latent attention). Their config.json fields <-> model.moe_* (and the MLA fields), and the tensor
-tables of their MoE layers and of MLA, which hf.py adds to the Llama tables they otherwise share.
+"""Hugging Face's mixture-of-experts families: Mixtral, Qwen3-MoE and DeepSeek-V3 (with its
+multi-head latent attention). Their config.json fields <-> model.moe_* (and the MLA fields), and
+the tensor tables of their MoE layers and of MLA, which hf.py adds to the Llama tables they
+otherwise share.
 
 HF keeps one tensor per expert (model.layers.<i>.mlp.experts.<e>.gate_proj.weight; Mixtral's
 block_sparse_moe.experts.<e>.w1/w2/w3 are gate/down/up); jaxlm stacks them: up/gate [experts,
@@ -27,7 +28,8 @@ import numpy as np
 from jaxlm.interop.errors import InteropError, refuse
 from jaxlm.interop.sharded_load import UNNAMED
 
-MIXTRAL, QWEN3_MOE, DEEPSEEK_V3 = "MixtralForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"
+MIXTRAL, QWEN3_MOE = "MixtralForCausalLM", "Qwen3MoeForCausalLM"
+DEEPSEEK_V3 = "DeepseekV3ForCausalLM"
 FAMILIES = (MIXTRAL, QWEN3_MOE, DEEPSEEK_V3)
 MODEL_TYPES = {MIXTRAL: "mixtral", QWEN3_MOE: "qwen3_moe", DEEPSEEK_V3: "deepseek_v3"}
 # transformers' defaults (its config classes) for the fields read here that a config.json may omit
@@ -60,8 +62,8 @@ def split_yarn_mscale(arch: str, hf: dict) -> tuple[dict, dict]:
   mscale, all_dim = rope.pop("mscale", None), rope.pop("mscale_all_dim", None)
   if all_dim and not mscale:
     raise InteropError(f"{key} mscale_all_dim {all_dim} without mscale: transformers then scales "
-                       "RoPE by mscale(1) but the softmax by mscale(mscale_all_dim)**2, which jaxlm's "
-                       "model.yarn_mscale fields do not express; give both")
+                       "RoPE by mscale(1) but the softmax by mscale(mscale_all_dim)**2, which "
+                       "jaxlm's model.yarn_mscale fields do not express; give both")
   fields = {"yarn_mscale": float(mscale), "yarn_mscale_all_dim": float(all_dim)} if all_dim else {}
   return {**hf, key: rope}, fields
 
@@ -70,39 +72,41 @@ def config_fields(arch: str, hf: dict) -> dict:
   """The model fields of a MoE family's config.json beyond the Llama layout's (set after them)."""
   get = _getter(arch, hf)
   layers = hf["num_hidden_layers"]
+  k = get("num_experts_per_tok")
   if arch == MIXTRAL:
     if get("router_jitter_noise"):
-      raise InteropError(f"MixtralForCausalLM with router_jitter_noise {get('router_jitter_noise')}: "
-                         "transformers then multiplies the router's input by random noise in training, "
-                         "which jaxlm's router has no field for; set it to 0")
-    return dict(moe_num_experts=get("num_local_experts"), moe_experts_per_token=get("num_experts_per_tok"),
-                moe_norm_topk=True)
+      raise InteropError(f"MixtralForCausalLM with router_jitter_noise {get('router_jitter_noise')}:"
+                         " transformers then multiplies the router's input by random noise in "
+                         "training, which jaxlm's router has no field for; set it to 0")
+    return dict(moe_num_experts=get("num_local_experts"), moe_experts_per_token=k, moe_norm_topk=True)
   mlp_dim, f = hf["intermediate_size"], get("moe_intermediate_size")
   if arch == QWEN3_MOE:
     experts = hf.get("num_experts", hf.get("num_local_experts", get("num_experts")))
     first, every = _qwen3_sparse_layers(get("decoder_sparse_step"), get("mlp_only_layers"))
-    return dict(qk_norm=True, moe_num_experts=experts, moe_experts_per_token=get("num_experts_per_tok"),
+    return dict(qk_norm=True, moe_num_experts=experts, moe_experts_per_token=k,
                 moe_mlp_dim=0 if f == mlp_dim else f, moe_norm_topk=bool(get("norm_topk_prob")),
                 moe_first_dense_layers=first, moe_every=every)
   for name, value in _DEEPSEEK_FIXED.items():
     if name in hf and hf[name] != value:
-      raise InteropError(f"DeepseekV3ForCausalLM with {name} {hf[name]!r}: jaxlm loads DeepSeek-V3's "
-                         f"routing ({name} {value!r}) only")
+      raise InteropError(f"DeepseekV3ForCausalLM with {name} {hf[name]!r}: jaxlm loads "
+                         f"DeepSeek-V3's routing ({name} {value!r}) only")
   if hf.get("attention_bias"):
-    raise InteropError("DeepseekV3ForCausalLM with attention_bias: jaxlm's MLA projections have no biases")
+    raise InteropError("DeepseekV3ForCausalLM with attention_bias: jaxlm's MLA projections have "
+                       "no biases")
   groups = get("n_group") or 0
+  # one group holds every expert: the same as no group limit
+  groups, topk_groups = (groups, get("topk_group")) if groups > 1 else (0, 0)
   first, experts = get("first_k_dense_replace"), get("n_routed_experts") or 0
   return dict(
       attention_kind="mla", num_kv_heads=hf["num_attention_heads"], head_dim=0,
       q_lora_rank=get("q_lora_rank") or 0, kv_lora_rank=get("kv_lora_rank"),
       qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
       v_head_dim=get("v_head_dim"),
-      moe_num_experts=experts if first < layers else 0, moe_experts_per_token=get("num_experts_per_tok"),
+      moe_num_experts=experts if first < layers else 0, moe_experts_per_token=k,
       moe_mlp_dim=0 if f == mlp_dim else f, moe_shared_experts=get("n_shared_experts") or 0,
       moe_router="sigmoid", moe_norm_topk=bool(get("norm_topk_prob")),
       moe_routed_scale=float(get("routed_scaling_factor")),
-      # one group holds every expert: the same as no group limit
-      moe_groups=groups if groups > 1 else 0, moe_topk_groups=get("topk_group") if groups > 1 else 0,
+      moe_groups=groups, moe_topk_groups=topk_groups,
       moe_first_dense_layers=first)
 
 
@@ -115,8 +119,8 @@ def _qwen3_sparse_layers(step: int, mlp_only: list) -> tuple[int, int]:
   if step == 1 and mlp_only == list(range(len(mlp_only))):
     return len(mlp_only), 1
   raise InteropError(f"Qwen3MoeForCausalLM with mlp_only_layers {mlp_only} and decoder_sparse_step "
-                     f"{step}: jaxlm's dense layers are the first moe_first_dense_layers, then every "
-                     "moe_every-th layer is MoE; only dense leading layers (with step 1) or no "
+                     f"{step}: jaxlm's dense layers are the first moe_first_dense_layers, then "
+                     "every moe_every-th layer is MoE; only dense leading layers (with step 1) or no "
                      "mlp_only_layers load")
 
 
@@ -152,7 +156,8 @@ def family(m) -> str:
                   "moe_first_dense_layers": bool(m.moe_first_dense_layers and m.moe_every != 1)})
     return arch
   refuse(arch, {"moe_norm_topk": not m.moe_norm_topk, "attention_bias": m.attention_bias,
-                "moe_first_dense_layers": bool(m.moe_first_dense_layers), "moe_every": m.moe_every != 1,
+                "moe_first_dense_layers": bool(m.moe_first_dense_layers),
+                "moe_every": m.moe_every != 1,
                 "moe_mlp_dim": m.moe_mlp_dim not in (0, m.mlp_dim)})
   return arch
 
@@ -178,7 +183,8 @@ def config_to_hf(arch: str, m, hf: dict) -> None:
   if rope and m.yarn_mscale_all_dim:
     rope.update(mscale=m.yarn_mscale, mscale_all_dim=m.yarn_mscale_all_dim)
   hf.update(
-      num_key_value_heads=m.num_heads, head_dim=m.qk_rope_head_dim, q_lora_rank=m.q_lora_rank or None,
+      num_key_value_heads=m.num_heads, head_dim=m.qk_rope_head_dim,
+      q_lora_rank=m.q_lora_rank or None,
       kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
       qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, rope_interleave=True,
       n_routed_experts=m.moe_num_experts, n_shared_experts=m.moe_shared_experts,
@@ -196,13 +202,15 @@ def rope_interleaved(hf: dict) -> bool:
 def _rope_rows(width: int, rope: int) -> tuple:
   """(from_hf, to_hf) moving the last `rope` of `width` entries of a block's last axis between
   transformers' interleaved order and jaxlm's halves."""
-  order = np.concatenate([np.arange(width - rope), width - rope + np.arange(rope).reshape(-1, 2).T.ravel()])
+  halves = np.arange(rope).reshape(-1, 2).T.ravel()  # 0, 2, 4, ..., 1, 3, 5, ...
+  order = np.concatenate([np.arange(width - rope), width - rope + halves])
   inverse = np.argsort(order)
 
   def from_hf(x):
     if x.shape[-1] != width:
-      raise InteropError(f"a RoPE-interleaved DeepSeek projection is read {x.shape[-1]} of {width} "
-                         "rows at a time: keep its last axis (head_dim, latent) unsharded to load it")
+      raise InteropError(f"a RoPE-interleaved DeepSeek projection is read {x.shape[-1]} of "
+                         f"{width} rows at a time: keep its last axis (head_dim, latent) unsharded "
+                         "to load it")
     return x[..., order]
   return from_hf, lambda x: x[..., inverse]
 

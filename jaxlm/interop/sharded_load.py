@@ -9,7 +9,8 @@ into the HF tensor: that is what lets a device's shard be read as a slice of the
 
 `read_param` builds one parameter as a jax.Array with the given sharding: for every addressable
 device it reads the device's slice (of every tensor, for parameters that stack several HF tensors
-along leading axes: layers, and experts, which HF keeps one tensor each), casts it to the parameter's dtype and places it on the device before reading the
+along leading axes: layers, and experts, which HF keeps one tensor each), casts it to the
+parameter's dtype and places it on the device before reading the
 next, so host memory holds one shard beyond what is already placed, and a process of a
 multi-process run reads only the slices of its own devices.
 """
