@@ -117,9 +117,19 @@ GEMMA2 = dict(GEMMA, post_norms=True, num_layers=4, layer_pattern="LG", sliding_
 GEMMA3 = dict(GEMMA, post_norms=True, qk_norm=True, num_layers=7, layer_pattern="LLLLLG",
               sliding_window=64, rope_theta=1e6, rope_scaling="linear", rope_scaling_factor=8.0,
               rope_local_theta=1e4)
+MIXTRAL = dict(moe_num_experts=4, moe_experts_per_token=2, sliding_window=64)
+QWEN3_MOE = dict(qk_norm=True, num_layers=3, moe_num_experts=8, moe_experts_per_token=2,
+                 moe_mlp_dim=32, moe_norm_topk=False, moe_first_dense_layers=1)
+DEEPSEEK_V3 = dict(attention_kind="mla", num_layers=3, num_kv_heads=4, q_lora_rank=32,
+                   kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                   rope_scaling="yarn", rope_scaling_factor=8.0, rope_original_max_len=64, yarn_mscale=0.8,
+                   yarn_mscale_all_dim=1.0, moe_num_experts=8, moe_experts_per_token=2,
+                   moe_mlp_dim=32, moe_shared_experts=1, moe_router="sigmoid", moe_groups=4,
+                   moe_topk_groups=2, moe_routed_scale=2.5, moe_first_dense_layers=1)
 EXPORTED = {"llama": {}, "qwen2": dict(attention_bias=True, tie_embeddings=False),
             "qwen3": dict(qk_norm=True, sliding_window=0), "gemma": dict(GEMMA, head_dim=32),
-            "gemma2": GEMMA2, "gemma3": GEMMA3}
+            "gemma2": GEMMA2, "gemma3": GEMMA3, "mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE,
+            "deepseek_v3": DEEPSEEK_V3}
 
 
 @pytest.mark.parametrize("fields", list(EXPORTED.values()), ids=list(EXPORTED))
@@ -241,3 +251,106 @@ def test_the_gemma2_2b_preset_is_the_published_gemma2_2b_architecture():
   theirs = flat_fields(hf.config_from_hf(published).model)
   ours = flat_fields(presets.load("gemma2_2b").get_config().model)
   assert {k for k in ours if ours[k] != theirs[k]} == {"vocab_multiple"}  # 256000 = 2000 x 128
+
+
+# The published config.json files (DeepSeek-V3's as its bf16 conversions carry it: no
+# quantization_config), fields transformers does not read left out.
+PUBLISHED_MOE = {
+    "mixtral_8x7b": {
+        "architectures": ["MixtralForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
+        "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
+        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "num_local_experts": 8, "rms_norm_eps": 1e-05, "rope_theta": 1e6, "sliding_window": None,
+        "tie_word_embeddings": False, "vocab_size": 32000},
+    "qwen3_30b_a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "decoder_sparse_step": 1,
+        "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "mlp_only_layers": [], "moe_intermediate_size": 768,
+        "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 151936},
+    "deepseek_v3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False,
+        "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
+        "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+        "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc",
+        "v_head_dim": 128, "vocab_size": 129280},
+}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("preset", list(PUBLISHED_MOE))
+def test_the_moe_presets_are_the_published_moe_architectures(preset):
+  from jaxlm import presets
+  from jaxlm.config import flat_fields
+  theirs = flat_fields(hf.config_from_hf(PUBLISHED_MOE[preset]).model)
+  ours = flat_fields(presets.load(preset).get_config().model)
+  assert {k for k in ours if ours[k] != theirs[k]} == {"vocab_multiple"}
+
+
+@pytest.mark.fast
+def test_moe_layer_patterns_read_as_transformers_builds_them():
+  """Qwen3-MoE: layer i is MoE unless in mlp_only_layers, and when (i + 1) % decoder_sparse_step
+  == 0; DeepSeek-V3: from first_k_dense_replace on; one expert group is no group limit."""
+  def layers(family, **changes):
+    m = hf.config_from_hf(_fixture_config(family, num_hidden_layers=4, **changes)).model
+    return m.moe_first_dense_layers, m.moe_every
+  assert layers("qwen3_moe", decoder_sparse_step=2) == (0, 2)
+  assert layers("qwen3_moe", mlp_only_layers=[1, 0]) == (2, 1)
+  assert layers("deepseek_v3", first_k_dense_replace=2) == (2, 1)
+  all_dense = hf.config_from_hf(_fixture_config("deepseek_v3", first_k_dense_replace=3)).model
+  assert all_dense.moe_num_experts == 0
+  ungrouped = hf.config_from_hf(_fixture_config("deepseek_v3", n_group=1, topk_group=1)).model
+  assert (ungrouped.moe_groups, ungrouped.moe_topk_groups) == (0, 0)
+
+
+@pytest.mark.fast
+def test_what_the_moe_families_cannot_load_exactly_is_refused_by_name():
+  yarn = _fixture_config("deepseek_v3")["rope_parameters"]
+  refused = [
+      (_fixture_config("mixtral", router_jitter_noise=0.1), r"router_jitter_noise 0.1"),
+      (_fixture_config("qwen3_moe", mlp_only_layers=[1]), r"mlp_only_layers \[1\]"),
+      (_fixture_config("qwen3_moe", mlp_only_layers=[0], decoder_sparse_step=2),
+       r"mlp_only_layers \[0\] and decoder_sparse_step 2"),
+      (_fixture_config("qwen3_moe", use_sliding_window=True), r"use_sliding_window"),
+      (_fixture_config("deepseek_v3", topk_method="greedy"), r"topk_method 'greedy'.*'noaux_tc'"),
+      (_fixture_config("deepseek_v3", scoring_func="softmax"), r"scoring_func 'softmax'"),
+      (_fixture_config("deepseek_v3", moe_layer_freq=2), r"moe_layer_freq 2"),
+      (_fixture_config("deepseek_v3", attention_bias=True), r"attention_bias"),
+      (_fixture_config("deepseek_v3", hidden_act="gelu"), r"hidden_act 'gelu'"),
+      (_fixture_config("deepseek_v3", rope_parameters={**yarn, "mscale": 0}),
+       r"mscale_all_dim 1.0 without mscale"),
+  ]
+  for config, message in refused:
+    with pytest.raises(hf.InteropError, match=message):
+      hf.config_from_hf(config)
+
+
+@pytest.mark.fast
+def test_what_no_moe_architecture_expresses_is_refused_on_export():
+  from jaxlm.config import base_config
+  m = base_config().model
+  m.update(vocab_size=256, **MIXTRAL)
+  assert hf.config_to_hf(m)["architectures"] == ["MixtralForCausalLM"]
+  for changes, message in [
+      (dict(MIXTRAL, moe_shared_experts=1), r"MixtralForCausalLM.*\['moe_shared_experts'\]"),
+      (dict(MIXTRAL, moe_norm_topk=False), r"MixtralForCausalLM.*\['moe_norm_topk'\]"),
+      (dict(MIXTRAL, moe_every=2), r"MixtralForCausalLM.*\['moe_every'\]"),
+      (dict(MIXTRAL, moe_router="sigmoid"), r"MixtralForCausalLM.*\['moe_router'\]"),
+      (dict(QWEN3_MOE, moe_every=2), r"Qwen3MoeForCausalLM.*\['moe_first_dense_layers'\]"),
+      (dict(DEEPSEEK_V3, moe_every=2), r"DeepseekV3ForCausalLM.*\['moe_every'\]"),
+      (dict(DEEPSEEK_V3, yarn_mscale_all_dim=0.0), r"DeepseekV3ForCausalLM.*\['yarn_mscale'\]"),
+  ]:
+    c = base_config().model
+    c.update(vocab_size=256, **changes)
+    with pytest.raises(hf.InteropError, match=message):
+      hf.config_to_hf(c)

@@ -5,7 +5,9 @@
 
 Supported so far: Llama 2/3/3.1/3.2 (RoPE scalings llama3, linear, yarn), Mistral (sliding window),
 Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm), Gemma 1, Gemma 2 and Gemma 3 text-only (Gemma3ForCausalLM,
-model_type gemma3_text). An architecture or a config value jaxlm cannot reproduce exactly is refused
+model_type gemma3_text), and the mixture-of-experts families Mixtral, Qwen3-MoE and DeepSeek-V3 (MLA
+attention; their expert and MLA tables and config fields are in hf_moe.py). An architecture or a
+config value jaxlm cannot reproduce exactly is refused
 with a message naming it; nothing is approximated silently. The config.json side of each family
 lives in hf_config.py; this module maps tensors.
 
@@ -38,11 +40,12 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from jaxlm.config import ConfigDict, parse_rules
+from jaxlm.config import ConfigDict, moe_layers, parse_rules
+from jaxlm.interop import hf_moe
 from jaxlm.interop.hf_config import FAMILIES, GEMMA, SUPPORTED, config_from_hf, config_to_hf  # noqa: F401
 from jaxlm.interop.errors import InteropError
 from jaxlm.interop.safetensors_reader import Checkpoint, Recorder
-from jaxlm.interop.sharded_load import Layout, read_param
+from jaxlm.interop.sharded_load import UNNAMED, Layout, read_param
 from jaxlm.models import build_model
 from jaxlm.parallel.mesh import platform
 from jaxlm.parallel.sharding import tree_shardings
@@ -95,35 +98,68 @@ def _layer_weights(post_norms: bool = False) -> dict:
 
 
 class Source(NamedTuple):
-  """Where one jaxlm parameter comes from: HF tensor(s) (one per layer when layers are stacked)."""
+  """Where one jaxlm parameter comes from: HF tensor(s) (one per layer when layers are stacked,
+  one per expert for experts HF keeps apart)."""
   path: tuple  # the parameter's path in the model's nnx state
-  names: Sequence[str]
-  layout: Layout  # one tensor's (one layer's) layout
-  shape: tuple[int, ...]  # the whole parameter's shape ([layers, ...] when stacked)
+  names: list  # nested: [layers][experts] as the parameter stacks them, or [name]
+  layout: Layout  # one tensor's layout
+  shape: tuple[int, ...]  # the whole parameter's shape ([layers, experts, ...] when stacked)
   dtype: np.dtype
   elementwise: tuple | None  # (from_hf, to_hf) of the table entry, or None
 
+  def grid(self) -> np.ndarray:
+    """The names as an array over the parameter's leading axes that index HF tensors."""
+    lead = len(self.shape) - len(self.layout.shape)
+    return np.array(self.names if lead else self.names[0], object)
 
-def tensor_sources(state: nnx.State, scan_layers: bool, post_norms: bool = False) -> list[Source]:
-  """Every parameter of `state` (nnx Params, arrays or abstract) with the HF tensors that hold it;
-  post_norms: the model's model.post_norms (it renames one norm, see _layer_weights)."""
-  top, layer = _top_weights(), _layer_weights(post_norms)
+  def all_names(self) -> list[str]:
+    return [str(n) for n in self.grid().ravel()]
+
+
+def _stack_tables(m, interleaved_rope: bool) -> dict:
+  """Per stack of blocks: (its table, the HF layer index of each of its blocks)."""
+  kinds = moe_layers(m) if m is not None else ()
+  dense = _layer_weights(m is not None and m.post_norms)
+  if m is not None and m.attention_kind == "mla":
+    dense |= hf_moe.mla_weights(m, interleaved_rope)
+  tables = {"blocks": (dense, [i for i, moe in enumerate(kinds) if not moe] if kinds else None)}
+  if any(kinds):
+    tables["moe_blocks"] = (dense | hf_moe.moe_weights(hf_moe.arch_of(m)),
+                            [i for i, moe in enumerate(kinds) if moe])
+  return tables
+
+
+def tensor_sources(state: nnx.State, scan_layers: bool, m=None, interleaved_rope: bool = True
+                   ) -> list[Source]:
+  """Every parameter of `state` (nnx Params, arrays or abstract) with the HF tensors that hold it.
+  m: the model's config.model (its norms, attention and MoE layers choose the tables; None: a
+  dense Llama-layout model); interleaved_rope: config.json's rope_interleave (DeepSeek, hf_moe)."""
+  top, tables = _top_weights(), _stack_tables(m, interleaved_rope)
   out = []
   for path, var in nnx.to_flat_state(state):
     value = var.get_value()
-    axes, shape = tuple(var.get_metadata().get("out_sharding") or ()), tuple(value.shape)
-    stacked = scan_layers and path[0] == "blocks"  # [layers, ...]: one HF tensor per layer
-    if path[0] == "blocks":
-      entry = layer.get(path[1:] if scan_layers else path[2:])
+    axes = tuple(UNNAMED if a is None else a for a in var.get_metadata().get("out_sharding") or ())
+    shape = tuple(value.shape)
+    stack = tables.get(path[0])
+    if stack:
+      table, hf_layers = stack
+      entry = table.get(path[1:] if scan_layers else path[2:])
       layers = range(shape[0]) if scan_layers else [path[1]]
-      names = [f"model.layers.{i}.{entry[0]}" for i in layers] if entry else []
+      prefixes = [f"model.layers.{hf_layers[i] if hf_layers else i}." for i in layers]
     else:
-      entry = top.get(path)
-      names = [entry[0]] if entry else []
+      entry, prefixes = top.get(path), [""]
     if entry is None:
       raise InteropError(f"parameter {'.'.join(map(str, path))} has no Hugging Face tensor: this "
                          "model's architecture has no HF equivalent")
-    layout = Layout.of(entry[1], axes[1:] if stacked else axes, shape[1:] if stacked else shape)
+    lead = int(bool(stack) and scan_layers)  # [layers, ...]: one HF tensor per layer
+    if "{e}" in entry[0]:  # [..., experts, ...]: one HF tensor per expert
+      names = [[p + entry[0].format(e=e) for e in range(shape[lead])] for p in prefixes]
+      lead += 1
+    else:
+      names = [p + entry[0] for p in prefixes]
+    if not scan_layers or not stack:
+      names = names[0] if lead else names  # one layer: its experts' names, or [name]
+    layout = Layout.of(entry[1], axes[lead:], shape[lead:])
     out.append(Source(path, names, layout, shape, np.dtype(value.dtype),
                       entry[2] if len(entry) > 2 else None))
   return out
@@ -137,6 +173,10 @@ def _put(tree: dict, keys: tuple, value) -> None:
 
 def read_config(path: str) -> ConfigDict:
   """The jaxlm config of a Hugging Face model directory's config.json."""
+  return config_from_hf(_config_json(path))
+
+
+def _config_json(path: str) -> dict:
   if not os.path.isdir(path):
     raise InteropError(f"{path} is not a directory: point at a Hugging Face model directory "
                        "(config.json and *.safetensors, e.g. a huggingface_hub snapshot)")
@@ -145,7 +185,7 @@ def read_config(path: str) -> ConfigDict:
     raise InteropError(f"{config_path} not found: point at a Hugging Face model directory "
                        "(config.json beside the *.safetensors)")
   with open(config_path) as f:
-    return config_from_hf(json.load(f))
+    return json.load(f)
 
 
 def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
@@ -158,7 +198,8 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
   dtype: master-weight dtype (default compute.param_dtype, float32).
   recorder: called as recorder(tensor name, ((start, stop) per dim)) for every slice read.
   """
-  config = read_config(path)
+  hf_config = _config_json(path)
+  config = config_from_hf(hf_config)
   if dtype is not None:
     config.compute.param_dtype = np.dtype(dtype).name
   target_platform = platform(mesh) if mesh is not None else jax.default_backend()
@@ -171,15 +212,16 @@ def load_model(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
     shardings = tree_shardings(state, mesh, parse_rules(config.mesh.rules))
   shardings = {path: var.get_value() for path, var in nnx.to_flat_state(shardings)}
   checkpoint = Checkpoint(path, recorder)
-  sources = tensor_sources(state, config.compute.scan_layers, config.model.post_norms)
-  missing = checkpoint.missing([n for s in sources for n in s.names])
+  sources = tensor_sources(state, config.compute.scan_layers, config.model,
+                           hf_moe.rope_interleaved(hf_config))
+  missing = checkpoint.missing([n for s in sources for n in s.all_names()])
   if missing:
     raise InteropError(f"{len(missing)} tensors the architecture in config.json needs are missing "
                        f"from the checkpoint in {path}: {', '.join(map(repr, missing[:6]))}"
                        f"{' ...' if len(missing) > 6 else ''}; the checkpoint is incomplete or "
                        "config.json describes another model")
   for s in sources:  # every shape and dtype checked before anything is read
-    for name in s.names:
+    for name in s.all_names():
       checkpoint.expect(name, s.layout.hf_shape)
   values = {}
   for s in sources:
@@ -212,13 +254,13 @@ def save_model(model, path: str, max_shard_bytes: int = 5 * 2**30, tokenizer=Non
   state = nnx.state(model, nnx.Param)
   params = dict(nnx.to_flat_state(state))
   tensors = {}
-  for s in tensor_sources(state, model.compute.scan_layers, m.post_norms):
+  for s in tensor_sources(state, model.compute.scan_layers, m):
     value = np.asarray(jax.device_get(params[s.path].get_value()))
     if s.elementwise:
       value = s.elementwise[1](value)
-    for i, name in enumerate(s.names):
-      stacked = value.ndim > len(s.layout.shape)  # [layers, ...]
-      hf_value = s.layout.to_hf(value[i] if stacked else value)
+    names = s.grid()
+    for i in np.ndindex(names.shape):
+      name, hf_value = names[i], s.layout.to_hf(value[i])
       # Padded vocabulary rows (model.vocab_multiple) are not part of the HF model.
       tensors[name] = hf_value[tuple(slice(0, m.vocab_size) if g == ("vocab",) else slice(None)
                                      for g in s.layout.groups)]

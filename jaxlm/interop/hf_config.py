@@ -3,12 +3,14 @@
 `config_from_hf` reads a config.json (transformers 4 and 5 spellings, each class's defaults for
 fields left out) into a full jaxlm config; `config_to_hf` writes the config.json of the family that
 expresses a jaxlm model exactly. What jaxlm cannot reproduce exactly is an InteropError naming it.
+The mixture-of-experts families' own fields are read and written in hf_moe.py.
 """
 
 from __future__ import annotations
 
 from jaxlm.config import ConfigDict, base_config, layer_kinds
-from jaxlm.interop.errors import InteropError
+from jaxlm.interop import hf_moe
+from jaxlm.interop.errors import InteropError, refuse
 
 FAMILIES = {
     "LlamaForCausalLM": {},
@@ -20,6 +22,10 @@ FAMILIES = {
                           "post_norms": True},
     "Gemma3ForCausalLM": {"mlp_kind": "geglu", "norm_plus_one": True, "scale_embeddings": True,
                           "post_norms": True, "qk_norm": True},
+    # the Llama layout's attention and dense MLPs; their MoE (and DeepSeek's MLA) fields: hf_moe.py
+    "MixtralForCausalLM": {},
+    "Qwen3MoeForCausalLM": {},
+    "DeepseekV3ForCausalLM": {},
 }
 GEMMA = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # transformers' defaults for the Gemma fields a config.json may leave out (their config classes)
@@ -84,6 +90,7 @@ def config_from_hf(hf: dict) -> ConfigDict:
   if hf.get("pretraining_tp", 1) != 1:
     raise InteropError("pretraining_tp > 1 splits the projections differently; save with 1")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  hf, mscale = hf_moe.split_yarn_mscale(arch, hf)
   fields = _gemma_fields(arch, hf) if arch in GEMMA else _llama_fields(arch, hf)
   head_dim = fields.pop("head_dim")
   c = base_config()
@@ -92,22 +99,26 @@ def config_from_hf(hf: dict) -> ConfigDict:
       num_kv_heads=hf.get("num_key_value_heads") or heads,
       head_dim=0 if head_dim == d // heads else head_dim, mlp_dim=hf["intermediate_size"],
       norm_kind="rmsnorm", position_kind="rope", **fields)
-  c.model.update(**FAMILIES[arch])
+  c.model.update(**FAMILIES[arch], **mscale)
+  if arch in hf_moe.FAMILIES:
+    c.model.update(**hf_moe.config_fields(arch, hf))
   c.tokenizer.vocab_size = hf["vocab_size"]
   return c
 
 
 def _llama_fields(arch: str, hf: dict) -> dict:
-  """Model fields of the Llama-layout families (Llama, Mistral, Qwen2, Qwen3)."""
+  """Model fields of the Llama-layout families (Llama, Mistral, Qwen2, Qwen3; the MoE families'
+  attention and dense MLPs)."""
   if hf.get("hidden_act", "silu") != "silu":
     raise InteropError(f"hidden_act {hf['hidden_act']!r}: Llama's MLP in jaxlm is SwiGLU (silu)")
   window = 0
-  if arch == "MistralForCausalLM":
+  if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
     window = hf.get("sliding_window") or 0  # every layer
   elif hf.get("use_sliding_window"):
     raise InteropError(f"{arch} with use_sliding_window: a per-layer window pattern is not "
                        "supported yet; load a checkpoint saved with use_sliding_window=false")
-  if set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"} and arch != "MistralForCausalLM":
+  if set(hf.get("layer_types") or ["full_attention"]) != {"full_attention"} and arch not in (
+      "MistralForCausalLM", "MixtralForCausalLM"):
     raise InteropError(f"layer_types {sorted(set(hf['layer_types']))}: per-layer attention "
                        f"patterns of {arch} are not supported yet")
   d, heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -221,21 +232,16 @@ _GEMMA_FEATURES = ("norm_plus_one", "scale_embeddings", "post_norms", "layer_pat
                    "rope_local_theta", "query_pre_attn_scalar")
 
 
-def _refuse(what: str, fields: dict) -> None:
-  """InteropError naming the model fields (name -> True where the config sets it so) `what` lacks."""
-  bad = sorted(k for k, v in fields.items() if v)
-  if bad:
-    raise InteropError(f"{what} has no model fields {bad} as this config sets them")
-
-
 def _family(m) -> str:
   """The HF architecture that expresses jaxlm model config `m` exactly; InteropError if none does."""
+  if m.moe_num_experts:
+    return hf_moe.family(m)
   common = {"norm_kind": m.norm_kind != "rmsnorm", "position_kind": m.position_kind != "rope",
             # MLA (DeepSeek) and its YaRN factors: no export wired yet
             "attention_kind": m.attention_kind != "standard", "yarn_mscale": m.yarn_mscale != 1,
             "yarn_mscale_all_dim": bool(m.yarn_mscale_all_dim)}
   if not any(m[name] for name in _GEMMA_FEATURES):
-    _refuse("no supported Hugging Face architecture", {
+    refuse("no supported Hugging Face architecture", {
         **common, "mlp_kind": m.mlp_kind != "swiglu", "attn_logit_softcap": bool(m.attn_logit_softcap),
         "final_logit_softcap": bool(m.final_logit_softcap)})
     if m.qk_norm:
@@ -244,13 +250,13 @@ def _family(m) -> str:
       return "Qwen2ForCausalLM"
     return "MistralForCausalLM" if m.sliding_window else "LlamaForCausalLM"
   # Gemma: GeGLU, (1 + w) RMSNorms and scaled embeddings always come together
-  _refuse("Gemma (the architectures with model fields "
+  refuse("Gemma (the architectures with model fields "
           f"{[k for k in _GEMMA_FEATURES if m[k]]} set)", {
               **common, "mlp_kind": m.mlp_kind != "geglu", "norm_plus_one": not m.norm_plus_one,
               "scale_embeddings": not m.scale_embeddings, "attention_bias": m.attention_bias,
               "mlp_bias": m.mlp_bias})
   if m.qk_norm:
-    _refuse("Gemma3ForCausalLM", {"post_norms": not m.post_norms,
+    refuse("Gemma3ForCausalLM", {"post_norms": not m.post_norms,
                                   "attn_logit_softcap": bool(m.attn_logit_softcap)})
     kinds = layer_kinds(m) or (bool(m.sliding_window),) * m.num_layers
     if m.rope_scaling != "none" and any(kinds) and not m.rope_local_theta:
@@ -263,7 +269,7 @@ def _family(m) -> str:
       raise InteropError("Gemma2ForCausalLM has one RoPE for every layer; this config sets "
                          "model.rope_local_theta")
     return "Gemma2ForCausalLM"
-  _refuse("GemmaForCausalLM (Gemma 1)", {
+  refuse("GemmaForCausalLM (Gemma 1)", {
       "sliding_window": bool(m.sliding_window), "layer_pattern": bool(m.layer_pattern),
       "rope_local_theta": bool(m.rope_local_theta), "query_pre_attn_scalar": bool(m.query_pre_attn_scalar),
       "attn_logit_softcap": bool(m.attn_logit_softcap), "final_logit_softcap": bool(m.final_logit_softcap),
@@ -296,9 +302,6 @@ def _gemma_to_hf(arch: str, m, head_dim: int) -> dict:
 def config_to_hf(m) -> dict:
   """The HF config.json of jaxlm model config `m` (written in the transformers 4 spelling, which
   transformers 5 reads too)."""
-  if m.moe_num_experts:
-    raise InteropError("this model has mixture-of-experts layers (model.moe_num_experts > 0), which "
-                       "jaxlm does not export to Hugging Face yet")
   arch = _family(m)
   head_dim = m.head_dim or m.d_model // m.num_heads
   rope = None
@@ -320,6 +323,9 @@ def config_to_hf(m) -> dict:
   if arch in GEMMA:
     del hf["hidden_act"]
     hf.update(_gemma_to_hf(arch, m, head_dim))
+    return hf
+  if arch in hf_moe.FAMILIES:
+    hf_moe.config_to_hf(arch, m, hf)
     return hf
   if arch == "LlamaForCausalLM":
     hf.update(attention_bias=False, mlp_bias=m.mlp_bias)

@@ -8,8 +8,9 @@ dimension that holds several jaxlm axes flattened row-major. The conversion is t
 into the HF tensor: that is what lets a device's shard be read as a slice of the file.
 
 `read_param` builds one parameter as a jax.Array with the given sharding: for every addressable
-device it reads the device's slice (of every layer's tensor, for layers stacked along a leading
-`layers` axis), casts it to the parameter's dtype and places it on the device before reading the
+device it reads the device's slice (of every tensor, for parameters that stack several HF tensors
+along leading axes: layers, and experts, which HF keeps one tensor each), casts it to the
+parameter's dtype and places it on the device before reading the
 next, so host memory holds one shard beyond what is already placed, and a process of a
 multi-process run reads only the slices of its own devices.
 """
@@ -26,6 +27,9 @@ import numpy as np
 from jaxlm.interop.safetensors_reader import Checkpoint
 
 Dims = Sequence[str | Sequence[str]]  # HF dimensions in jaxlm logical axis names, see Layout
+# The name a table gives a parameter's axis that has no logical name (out_sharding None: the
+# router's experts axis, which stays whole).
+UNNAMED = "unnamed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,32 +94,36 @@ def _bounds(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[tuple[int, 
   return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
-def read_param(checkpoint: Checkpoint, names: Sequence[str], layout: Layout, shape: Sequence[int],
+def read_param(checkpoint: Checkpoint, names: Sequence, layout: Layout, shape: Sequence[int],
                dtype, sharding: jax.sharding.Sharding,
                from_hf: Callable[[np.ndarray], np.ndarray] | None = None) -> jax.Array:
-  """The parameter of `shape` (`layout.shape`, or [len(names), *layout.shape] for stacked layers)
-  held by HF tensor(s) `names`, as a jax.Array of `dtype` placed with `sharding`.
+  """The parameter of `shape` ([*lead, *layout.shape]) held by HF tensor(s) `names`, as a
+  jax.Array of `dtype` placed with `sharding`. names: nested lists of shape `lead` (one tensor per
+  layer, or per layer and expert), or [name] for a parameter that is one tensor.
 
-  from_hf: an elementwise function of the stored values (after the cast), for weights HF stores
-  under another formula; elementwise so that it commutes with slicing.
+  from_hf: a function of one tensor's block (jaxlm axis order, after the cast), for weights HF
+  stores under another formula or order; it must commute with slicing (elementwise, or acting
+  along an axis it checks is whole).
   """
-  stacked = len(shape) == len(layout.shape) + 1
-  for name in names:
+  lead = len(shape) - len(layout.shape)
+  grid = np.array(names if lead else names[0], object)
+  if grid.shape != tuple(shape[:lead]):
+    raise ValueError(f"{grid.size} tensor names for a parameter of shape {tuple(shape)} "
+                     f"({tuple(shape[:lead])} tensors of {layout.shape})")
+  for name in grid.ravel():
     checkpoint.expect(name, layout.hf_shape)
 
-  def block(name, index):  # one layer's slice, in the parameter's dtype
+  def block(name, index):  # one tensor's slice, in the parameter's dtype
     hf, after = layout.hf_index(index)
     value = layout.from_hf(checkpoint.read(name, hf))[after].astype(dtype)
     return from_hf(value) if from_hf is not None else value
 
   def shard(index):
     bounds = _bounds(index, shape)
-    if not stacked:
-      return np.ascontiguousarray(block(names[0], bounds))
-    (start, stop), rest = bounds[0], bounds[1:]
-    out = np.empty([stop - start, *(b - a for a, b in rest)], dtype)
-    for i in range(start, stop):
-      out[i - start] = block(names[i], rest)
+    outer, rest = bounds[:lead], bounds[lead:]
+    out = np.empty([b - a for a, b in bounds], dtype)
+    for i in np.ndindex(*(b - a for a, b in outer)):
+      out[i] = block(grid[tuple(a + j for (a, _), j in zip(outer, i))], rest)
     return out
 
   # Devices holding the same slice (replicated axes) share one read.
