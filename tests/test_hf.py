@@ -294,7 +294,10 @@ def test_the_moe_presets_are_the_published_moe_architectures(preset):
   from jaxlm.config import flat_fields
   theirs = flat_fields(hf.config_from_hf(PUBLISHED_MOE[preset]).model)
   ours = flat_fields(presets.load(preset).get_config().model)
-  assert {k for k in ours if ours[k] != theirs[k]} == {"vocab_multiple"}
+  # jaxlm's own: the vocabulary's padding multiple, and DeepSeek-V3's all-to-all buffer size (a
+  # memory setting of expert parallelism, not of the architecture)
+  assert {k for k in ours if ours[k] != theirs[k]} <= {"vocab_multiple", "moe_exchange_factor"}
+  assert "vocab_multiple" in {k for k in ours if ours[k] != theirs[k]}
 
 
 @pytest.mark.fast
