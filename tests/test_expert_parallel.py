@@ -184,9 +184,13 @@ def test_expert_mesh_errors_and_dense_models():
                                         r"axis \(8 = "):
     resolve_mesh(c, 8, num_slices=2)
   # A dense model with an expert axis runs fully sharded data parallel over it: rows split over
-  # expert too, and the parameters' embed dimension (the rules give embed:fsdp+expert).
+  # expert too, and the parameters' embed dimension (the rules give embed:fsdp+expert). fsdp is 1
+  # here, so the specs leave it out: a size-1 axis splits nothing.
   c = tiny_config(data=2, expert=4)
   setup = make_setup(c)
-  assert setup.batch_sharding.spec[0] == ("data", "fsdp", "expert")
+  assert setup.batch_sharding.spec[0] == ("data", "expert")
   assert setup.batch_sharding.shard_shape((8, 16)) == (1, 16)
+  assert partition_spec(("vocab", "embed"), setup.rules, (128, 32), setup.mesh)[1] == "expert"
+  c = tiny_config(data=1, fsdp=2, expert=4)
+  setup = make_setup(c)
   assert partition_spec(("vocab", "embed"), setup.rules, (128, 32), setup.mesh)[1] == ("fsdp", "expert")

@@ -195,7 +195,10 @@ def test_lora_on_8_devices_trains_as_on_one_and_only_adapters_train(scan, mesh):
             zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(one.params))}
   print(f"\n{mesh} vs 1 device, scan_layers={scan}: loss rel error "
         f"{np.abs(losses / one_losses - 1).max():.1e}, worst adapter {max(errors.values()):.1e}")
-  assert max(errors.values()) <= 1e-5, errors
+  # The b factors start at zero, so after 3 steps they are Adam's normalized first updates of small
+  # gradients, which amplify the sharded runs' other summation order: 1.1e-5 measured on the MLP's
+  # b's, 1e-7 on the a's.
+  assert max(errors.values()) <= 2e-5, errors
   # The adapters moved; the base is what it was, and sharded by the rules like any weight
   assert all(float(jnp.abs(b).max()) > 0 for b in jax.tree.leaves(nnx.state(state.params)))
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base)):

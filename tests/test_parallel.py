@@ -255,7 +255,7 @@ def test_bad_mesh_fields_fail_validation(field, value, message):
 @pytest.mark.fast
 def test_default_rules_parse():
   rules = dict(parse_rules(base_config().mesh.rules))
-  assert rules["batch"] == ("data", "fsdp", "expert") and rules["embed"] == ("fsdp",)
+  assert rules["batch"] == ("data", "fsdp", "expert") and rules["embed"] == ("fsdp", "expert")
   assert rules["experts"] == ("expert",)  # expert parallelism splits the experts
   assert rules["layers"] == ("stage",) and rules["stage"] == ("stage",)  # pipeline stages own their layers
 

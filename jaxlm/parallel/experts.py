@@ -110,7 +110,7 @@ def sharded_dispatch(x, ids, weights, experts, ffn: Callable, factor: float = 0.
   (out [batch, length, embed], dropped assignments []). ffn: moe.grouped_ffn with the layer's kind
   and compute. factor: model.moe_exchange_factor (0: dropless; else S = ceil(factor * N / ranks))."""
   rules, mesh = active()
-  ep_axes = mesh_axes("experts")
+  ep_axes = tuple(a for a in mesh_axes("experts") if mesh.shape[a] > 1)  # as partition_spec keeps them
   ranks = math.prod(mesh.shape[a] for a in ep_axes)
   e = experts.up.shape[0]
   x_spec = partition_spec(TOKENS, rules, x.shape, mesh)

@@ -48,8 +48,9 @@ def partition_spec(logical: Sequence[str | None], rules: Rules | None = None, sh
          mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
   """PartitionSpec for a tuple of logical names under `rules` (default: the active table).
 
-  A mesh axis already taken by an earlier dimension is skipped. With `shape` and `mesh`, a
-  dimension whose size the product of its mesh axes does not divide is replicated.
+  A mesh axis already taken by an earlier dimension is skipped. With `mesh`, axes of size 1 are
+  left out; with `shape` and `mesh`, a dimension whose size the product of its mesh axes does not
+  divide is replicated.
   """
   if rules is None:
     active = _ACTIVE.get()
@@ -58,6 +59,8 @@ def partition_spec(logical: Sequence[str | None], rules: Rules | None = None, sh
   used, out = set(), []
   for i, name in enumerate(logical):
     axes = tuple(a for a in (table.get(name) or ()) if a not in used)
+    if mesh is not None:  # a size-1 axis splits nothing: leaving it out keeps programs as without it
+      axes = tuple(a for a in axes if mesh.shape[a] > 1)
     if axes and shape is not None and mesh is not None:
       if shape[i] % math.prod(mesh.shape[a] for a in axes):
         axes = ()

@@ -43,7 +43,7 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules):
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
   """Rows over the data-like axes, positions over sequence (int32 [rows, seq_len])."""
-  return NamedSharding(mesh, partition_spec(BATCH_LOGICAL, rules))
+  return NamedSharding(mesh, partition_spec(BATCH_LOGICAL, rules, mesh=mesh))
 
 
 def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[int, int]:
