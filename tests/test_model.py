@@ -195,9 +195,11 @@ def test_blocked_attention_equals_the_reference(blocks, window, seq):
   def blocked(q, k, v):
     return causal_blocked_attention(q, k, v, segments, blocks, window=window, softcap=5.0)
 
-  np.testing.assert_allclose(blocked(q, k, v), ref(q, k, v), atol=1e-6)
+  # jitted: run eagerly, every op of the block loops compiles on its own (a minute a case)
+  np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(ref)(q, k, v), atol=1e-6)
   loss = lambda f: lambda *a: (f(*a) * jnp.cos(jnp.arange(8.0))).sum()
-  for got, want in zip(jax.grad(loss(blocked), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+  grad = lambda f: jax.jit(jax.grad(loss(f), (0, 1, 2)))
+  for got, want in zip(grad(blocked)(q, k, v), grad(ref)(q, k, v)):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

@@ -29,7 +29,11 @@ def flash_config(**mesh):
 
 @pytest.fixture(scope="module")
 def one_device():
-  return run(flash_config(), devices=jax.devices()[:1])
+  # XLA attention: the interpreted flash kernel runs one device's whole grid serially (minutes on
+  # CPU), and flash equals XLA attention to float32 rounding (tests/test_flash_model.py).
+  c = flash_config()
+  c.compute.attention = "xla"
+  return run(c, devices=jax.devices()[:1])
 
 
 def test_each_shard_computes_a_quarter_of_the_attention_and_training_matches_one_device(
