@@ -110,9 +110,9 @@ def test_write_cache_places_latent_entries_at_each_rows_slots():
   assert np.asarray(out["k_rope"]).sum() == 2 * 3 * 4  # 3 slots written a layer, 4 values each
 
 
-def greedy_by_full_forward(graphdef, params, prompt, n, width):
-  """n greedy tokens, each from a full forward pass (no cache) over the whole sequence so far."""
-  forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+def greedy_by_full_forward(forward, params, prompt, n, width):
+  """n greedy tokens, each from a full forward pass (no cache) over the whole sequence so far;
+  forward(params, tokens [1, width]) -> logits, compiled once by the caller for every prompt."""
   seq = list(prompt)
   for _ in range(n):
     padded = np.zeros((1, width), np.int32)
@@ -129,8 +129,9 @@ def test_cached_greedy_decoding_of_a_ragged_batch_equals_full_forward_passes(q_l
   prompts = [rng.integers(0, VOCAB, n).astype(np.int32) for n in (1, 13, 5, 9)]
   new = 10
   out = generate_batch(graphdef, params, prompts, max_new_tokens=new)
+  forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
   for p, got in zip(prompts, out.tokens):
-    want = greedy_by_full_forward(graphdef, params, p, new, width=32)
+    want = greedy_by_full_forward(forward, params, p, new, width=32)
     np.testing.assert_array_equal(got, want)
   assert len({tuple(t) for t in out.tokens}) == len(prompts)  # rows really differ
 

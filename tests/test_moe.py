@@ -1,6 +1,7 @@
 """The MoE layer (jaxlm/models/moe.py): dispatches against the dense all-experts reference, routing
 rules, capacity drops, and the router bias update."""
 
+import functools
 import math
 
 import jax
@@ -30,15 +31,21 @@ def _layer(seed=0, grouped="ragged", **kw):
   return moe.MoE(_cfg(**kw), Compute(moe_grouped_matmul=grouped), nnx.Rngs(seed), out_std=0.3)
 
 
-def _out_and_grads(layer, x, dispatch, cotangent):
-  """(out, grads of sum(out * cotangent) w.r.t. x and every parameter) of one dispatch."""
-  graphdef, params = nnx.split(layer)
-
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _compiled_out_and_grads(graphdef, dispatch, params, x, cotangent):
+  """One program per layer structure, dispatch and shapes: layers that differ only in their
+  parameters (another seed, a zeroed router) reuse it instead of compiling it again."""
   def f(params, x):
     out, _ = nnx.merge(graphdef, params)(x, dispatch=dispatch)
     return jnp.sum(out * cotangent), out
-  (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+  (_, out), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
   return out, grads
+
+
+def _out_and_grads(layer, x, dispatch, cotangent):
+  """(out, grads of sum(out * cotangent) w.r.t. x and every parameter) of one dispatch."""
+  graphdef, params = nnx.split(layer)
+  return _compiled_out_and_grads(graphdef, dispatch, params, x, cotangent)
 
 
 def _check_equal(layer, x, other="dropless"):
@@ -74,9 +81,11 @@ def test_dropless_ties_and_repeated_tokens():
   """A zero router ties every score: lax.top_k takes the lowest ids, so every token goes to
   experts 0 and 1 (each expert's group holds all tokens); a batch repeating the same token also
   sends identical rows to the same experts. Both dispatches must still equal the reference."""
+  # Both inputs [2, 12, 16], test_dropless_equals_reference's shape for the same layer config, so
+  # the three compiled programs are shared with it (_compiled_out_and_grads).
   layer = _layer()
   layer.router[...] = jnp.zeros_like(layer.router[...])
-  x = jax.random.normal(jax.random.PRNGKey(2), (1, 10, 16))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 12, 16))
   _, r = layer.routing(x[0])
   assert np.all(np.asarray(r.ids) == [0, 1])
   np.testing.assert_allclose(r.weights, 0.5)
@@ -85,6 +94,7 @@ def test_dropless_ties_and_repeated_tokens():
   layer = _layer(seed=3)
   same = jnp.tile(jax.random.normal(jax.random.PRNGKey(4), (1, 1, 16)), (1, 6, 1))
   x = jnp.concatenate([same, jax.random.normal(jax.random.PRNGKey(5), (1, 6, 16))], axis=1)
+  x = jnp.concatenate([x, jax.random.normal(jax.random.PRNGKey(6), (1, 12, 16))], axis=0)
   _check_equal(layer, x)
 
 
@@ -113,11 +123,14 @@ def test_capacity_drops_overflow_and_keeps_the_rest(factor):
   ids = r.ids.at[:12, 0].set(3)
   ids = jnp.where(ids[:, :1] == ids[:, 1:], (ids + 1) % 4, ids).at[:, 0].set(ids[:, 0])
   kept = _kept_mask(np.asarray(ids), 4, factor)
-  out, dropped = moe.capacity(x, ids, r.weights, experts, "swiglu", factor=factor)
+  # compiled: one program each instead of op-by-op dispatch of every primitive
+  capacity = jax.jit(moe.capacity, static_argnames=("kind", "factor"))
+  reference = jax.jit(moe.reference, static_argnames=("kind",))
+  out, dropped = capacity(x, ids, r.weights, experts, kind="swiglu", factor=factor)
   assert int(dropped) == int((~kept).sum()) and int(dropped) > 0
-  ref, _ = moe.reference(x, ids, r.weights * kept, experts, "swiglu")
+  ref, _ = reference(x, ids, r.weights * kept, experts, kind="swiglu")
   np.testing.assert_allclose(out, ref, atol=TOL, rtol=TOL)
-  full, _ = moe.reference(x, ids, r.weights, experts, "swiglu")
+  full, _ = reference(x, ids, r.weights, experts, kind="swiglu")
   whole = kept.all(1)  # tokens with no dropped assignment get exactly the reference output
   np.testing.assert_allclose(out[whole], full[whole], atol=TOL, rtol=TOL)
 
@@ -127,7 +140,7 @@ def test_capacity_gradients_match_reference_when_nothing_drops():
   layer = _layer(moe_capacity_factor=4.0)  # room for every assignment
   x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 16))
   _check_equal(layer, x, "capacity")
-  _, stats = layer(x)
+  _, stats = nnx.jit(lambda layer, x: layer(x))(layer, x)  # compiled: faster than op by op
   assert float(stats["dropped"]) == 0
 
 
