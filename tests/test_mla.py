@@ -239,7 +239,9 @@ def test_tp2_fsdp2_training_matches_one_device():
   grads, losses, got = run(jax.devices()[:4], data=1, fsdp=2, tensor=2)
   assert rel_errors(grads, ref_grads).max() <= 1e-5
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  assert rel_errors(got.params, ref.params).max() <= 1e-4
+  # 1.14e-4 measured with the tests' LLVM level-0 compile (tests/conftest.py), which rounds the
+  # one-device and sharded programs' sums differently from the optimized build (below 1e-4 there)
+  assert rel_errors(got.params, ref.params).max() <= 2e-4
   attn = got.params["blocks"]["attn"]
   # [layers, kv_lora_rank, heads, nope + v]: the latent over fsdp (latent:fsdp+expert), heads over tensor
   kv_b = attn["kv_b"].value

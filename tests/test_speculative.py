@@ -35,7 +35,9 @@ def test_greedy_speculative_output_is_the_targets_greedy_output(target):
     got, st = speculative_batch(target, draft, prompts, k=k, max_new_tokens=20)
     for i in range(len(prompts)):
       np.testing.assert_array_equal(got.tokens[i], want.tokens[i])
-      np.testing.assert_allclose(got.logprobs[i], want.logprobs[i], atol=1e-5, rtol=0)
+      # verification scores k + 1 positions in one pass where decoding scores one: other sums,
+      # 1.02e-5 measured with the tests' LLVM level-0 compile (tests/conftest.py)
+      np.testing.assert_allclose(got.logprobs[i], want.logprobs[i], atol=2e-5, rtol=0)
     if draft is target:
       assert st.acceptance == 1.0
   assert 0 < st.rounds < 20
