@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm import presets
 from jaxlm.config import ConfigError, base_config, lora_targets, validate
@@ -163,6 +164,24 @@ def test_trainable_share_at_rank_8():
         assert (n, n + frozen) == (65_536, 4_524_288) and share <= 0.02
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """JAX's persistent compilation cache (every program, however fast it compiles): runs that build
+  the same programs (a run and its resume; the one-device references) load them instead of
+  compiling them again. The process's own settings are put back afterwards."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 0)
+  compilation_cache.reset_cache()  # read the settings again at the next compile
+  try:
+    yield
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    compilation_cache.reset_cache()
+
+
 def train_steps(c, devices, steps=3):
   setup = make_setup(c, devices)
   state = init_sharded_state(setup)
@@ -176,18 +195,27 @@ def train_steps(c, devices, steps=3):
   return np.array(losses), state, frozen, setup
 
 
+@pytest.fixture(scope="module")
+def one_device_runs():
+  """scan_layers -> the one-device run of that layer layout, computed once for the module."""
+  return {}
+
+
 @pytest.mark.parametrize("scan, mesh", [
     (True, dict(data=1, fsdp=4, tensor=2)),
     (False, dict(data=1, fsdp=4, tensor=2)),
     (True, dict(data=1, stage=2, fsdp=2, tensor=2)),  # pipelined: stages take their layers' adapters
 ], ids=["fsdp4_tp2_scan", "fsdp4_tp2_unrolled", "pp2_fsdp2_tp2"])
-def test_lora_on_8_devices_trains_as_on_one_and_only_adapters_train(scan, mesh):
+def test_lora_on_8_devices_trains_as_on_one_and_only_adapters_train(scan, mesh, one_device_runs,
+                                                                    compile_cache):
   def config(**mesh):
     c = tiny_config(**mesh)
     c.compute.scan_layers = scan
     c.lora.update(rank=4, targets="all")
     return validate(c)
-  one_losses, one, base, _ = train_steps(config(), jax.devices()[:1])
+  if scan not in one_device_runs:  # the scanned layouts share their one-device run
+    one_device_runs[scan] = train_steps(config(), jax.devices()[:1])
+  one_losses, one, base, _ = one_device_runs[scan]
   losses, state, frozen, setup = train_steps(config(**mesh), jax.devices())
   assert losses[-1] < losses[0]
   np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
@@ -221,8 +249,8 @@ def test_lora_on_8_devices_trains_as_on_one_and_only_adapters_train(scan, mesh):
 
 def loop_config(workdir, base):
   c = presets.load("tiny").get_config()
-  c.train.update(steps=6, warmup_steps=1, log_every=1, workdir=str(workdir), progress_bar=False,
-                 eval_batches=2)
+  c.train.update(steps=4, warmup_steps=1, log_every=1, workdir=str(workdir), progress_bar=False,
+                 eval_batches=1)
   c.tokenizer.cache_dir = str(workdir.parent / "tokenizers")
   c.lora.update(rank=4, targets="all")
   c.checkpoint.init_from = str(base)
@@ -240,23 +268,23 @@ def base_run(tmp_path_factory):
   """A plain tiny run: the base the LoRA runs train on."""
   root = tmp_path_factory.mktemp("lora")
   c = presets.load("tiny").get_config()
-  c.train.update(steps=4, warmup_steps=1, workdir=str(root / "base"), progress_bar=False)
+  c.train.update(steps=2, warmup_steps=1, eval_batches=1, workdir=str(root / "base"), progress_bar=False)
   c.tokenizer.cache_dir = str(root / "tokenizers")
   train(c)
   return root / "base"
 
 
-def test_adapter_checkpoints_resume_exactly_from_the_recorded_base(base_run, capsys):
+def test_adapter_checkpoints_resume_exactly_from_the_recorded_base(base_run, capsys, compile_cache):
   root = base_run.parent
   straight = train(loop_config(root / "straight", base_run))
   assert "trainable (LoRA rank 4 on all:" in capsys.readouterr().out
-  train(loop_config(root / "resumed", base_run), stop_at_step=3)
+  train(loop_config(root / "resumed", base_run), stop_at_step=2)
   # The resume names no base: it is read from the run's config.json
   c = loop_config(root / "resumed", base_run)
   c.checkpoint.init_from = ""
   resumed = train(c)
   a, b = logged_losses(root / "straight"), logged_losses(root / "resumed")
-  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   assert [a[s] for s in a] == [b[s] for s in a]  # bit-identical
   for x, y in zip(jax.tree.leaves(straight["state"]), jax.tree.leaves(resumed["state"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -268,7 +296,7 @@ def test_adapter_checkpoints_resume_exactly_from_the_recorded_base(base_run, cap
   saved = {".".join(map(str, p)) for p, _ in
            nnx.to_flat_state(nnx.state(resumed["state"].params))}
   assert saved and all("_lora." in p for p in saved)
-  meta = json.dumps(json.load(open(root / "resumed" / "checkpoints" / "6" / "state" / "_METADATA")))
+  meta = json.dumps(json.load(open(root / "resumed" / "checkpoints" / "4" / "state" / "_METADATA")))
   assert "q_lora" in meta and "'embed'" not in meta and '"embed"' not in meta
 
   # Another base for a run that has one is refused by name

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.inference.decode import generate_batch
@@ -207,7 +208,7 @@ def test_ppo_step_trains_the_value_head_and_value_loss_falls():
 
 # --- the loop -----------------------------------------------------------------------------------
 
-def loop_config(tmp_path, objective="grpo", steps=4):
+def loop_config(tmp_path, objective="grpo", steps=2):
   from jaxlm.posttrain.byte_tokenizer import write_byte_tokenizer
   data = tmp_path / "data"
   write_byte_tokenizer(str(data))
@@ -222,22 +223,42 @@ def loop_config(tmp_path, objective="grpo", steps=4):
   c.data.update(train_paths=str(data / "train.jsonl"), eval_paths=str(data / "eval.jsonl"), seq_len=16)
   c.posttrain.update(objective=objective, rewards="exact_match,format", group_size=4,
                      max_new_tokens=4, stop="\n", ppo_kl_coef=0.05)
+  # 2 steps, evaluated after each: the evaluation inside the run and the one at its end; logged
+  # every 2, so the whole run's line averages two rollouts
   c.train.update(batch_size=16, steps=steps, warmup_steps=1, learning_rate=3e-3, log_every=2,
-                 eval_every=2, progress_bar=False, workdir=str(tmp_path / objective))
+                 eval_every=1, progress_bar=False, workdir=str(tmp_path / objective))
   c.checkpoint.async_save = False
   return c
 
 
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """JAX's persistent compilation cache (every program, however fast it compiles) for the loop
+  runs: a run and its resume build the same programs, so the resume loads them instead of
+  compiling them again. The process's own settings are put back afterwards."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 0)
+  compilation_cache.reset_cache()  # read the settings again at the next compile
+  try:
+    yield
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    compilation_cache.reset_cache()
+
+
 @pytest.mark.parametrize("objective", ["grpo", "ppo"])
-def test_loop_logs_evaluates_and_resumes_exactly(tmp_path, objective):
+def test_loop_logs_evaluates_and_resumes_exactly(tmp_path, objective, compile_cache):
   from jaxlm.train.loop import train
   whole = train(loop_config(tmp_path / "a", objective))
   c = loop_config(tmp_path / "b", objective)
-  train(c, stop_at_step=2)
+  train(c, stop_at_step=1)
   resumed = train(c)
   for a, b in zip(jax.tree.leaves(whole["state"].params), jax.tree.leaves(resumed["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(resumed["state"].step) == 4 and "eval_exact_match" in resumed["metrics"]
+  assert int(resumed["state"].step) == 2 and "eval_exact_match" in resumed["metrics"]
   lines = [json.loads(x) for x in open(tmp_path / "a" / objective / "metrics.jsonl")]
   keys = set().union(*lines)
   assert {"rollout/reward", "rollout/reward/exact_match", "rollout/reward/format",
