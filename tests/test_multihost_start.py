@@ -11,10 +11,16 @@ import tempfile
 
 import pytest
 
+import small_corpus
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.train import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python -m jaxlm.train` with torch (the optional bench extra) blocked: tensorboardX imports it only
+# if installed, 10-20 s a process on a busy CI core, and training never uses it; blocked, the import
+# fails as in a base install. Everything else is the command a user runs by hand.
+TRAIN = ("import runpy, sys; sys.modules['torch'] = None; "
+         "runpy.run_module('jaxlm.train', run_name='__main__', alter_sys=True)")
 
 
 def train_section(**fields):
@@ -65,17 +71,19 @@ def free_port() -> int:
 
 def start(workdir, settings, steps=4):
   """One `python -m jaxlm.train` process per dict of train.* settings, with JAXLM_DISTRIBUTED=1 and
-  no other cluster variable; output to files (a pipe nobody reads could stall a process)."""
+  no other cluster variable; output to files (a pipe nobody reads could stall a process). The data:
+  tests/small_corpus.py's plays, next to the workdir (each start tokenizes its whole corpus)."""
   procs = []
   for i, fields in enumerate(settings):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "JAXLM_", "XLA_", "SLURM_", "TPU_", "OMPI_", "PMI_"))}
     env.update(JAXLM_DISTRIBUTED="1", JAX_PLATFORMS="cpu")
-    argv = [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py",
+    argv = [sys.executable, "-c", TRAIN, "--config=configs/tiny.py",
             f"--config.train.workdir={workdir}", f"--config.train.steps={steps}",
             "--config.train.log_every=1", "--config.train.progress_bar=False",
             "--config.sample.max_new_tokens=0", "--config.train.eval_batches=1",
             "--config.checkpoint.async_save=False", "--config.train.warmup_steps=1"]
+    argv += small_corpus.flags(os.path.join(os.path.dirname(str(workdir)), "corpus"))
     argv += [f"--config.train.{k}={v}" for k, v in fields.items()]
     log = tempfile.NamedTemporaryFile("w+", prefix=f"process{i}-", suffix=".log")
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -117,9 +125,10 @@ def test_processes_started_with_different_counts_all_stop_naming_it(tmp_path):
 
 def test_a_process_missing_its_id_stops_at_once_and_the_other_gives_up_after_the_start_timeout(tmp_path):
   address = f"127.0.0.1:{free_port()}"
-  common = dict(coordinator_address=address, num_processes=2, start_timeout_seconds=8)
+  # Process 1 never joins, so process 0 always waits the whole timeout: short, to keep the test fast.
+  common = dict(coordinator_address=address, num_processes=2, start_timeout_seconds=3)
   (code0, log0), (code1, log1) = finish(start(tmp_path / "run", [dict(common, process_id=0), common]),
                                         timeout=120)
   assert code1 != 0 and "train.process_id (or JAX_PROCESS_ID) unset" in log1, log1[-3000:]
-  assert code0 != 0 and f"waited 8 s for all 2 processes to join the coordinator at {address}" in log0, log0[-3000:]
+  assert code0 != 0 and f"waited 3 s for all 2 processes to join the coordinator at {address}" in log0, log0[-3000:]
   assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -18,6 +18,8 @@ import pytest
 from flax import nnx
 
 import fake_gcs
+import jax_cache
+import small_corpus
 from jaxlm import presets
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.train.metrics import MetricsLogger
@@ -44,6 +46,7 @@ def run_config(tmp_path, workdir):
   c = presets.load("tiny").get_config()
   c.train.update(steps=6, log_every=1, workdir=workdir, progress_bar=False, eval_batches=2)
   c.tokenizer.cache_dir = str(tmp_path / "tokenizers")
+  c.data.update(small_corpus.write(tmp_path / "corpus"))
   c.checkpoint.every = 3
   return c
 
@@ -112,7 +115,14 @@ def test_metrics_reach_the_bucket_at_each_sync_and_a_resumed_logger_appends(buck
   assert len(events) == 2 and sorted(s for f in events for s in event_tags(f)["eval/value"]) == [1, 2]
 
 
-def test_train_stop_resume_and_load_params_through_a_gs_bucket(bucket, tmp_path):
+@pytest.fixture
+def compile_cache(tmp_path):
+  """The four trainings below compile the same programs: the later ones load them from here."""
+  with jax_cache.persistent(tmp_path / "jax_cache") as path:
+    yield path
+
+
+def test_train_stop_resume_and_load_params_through_a_gs_bucket(bucket, tmp_path, compile_cache):
   from jaxlm.runs import load_params
   from jaxlm.train.loop import train
   local = train(run_config(tmp_path, str(tmp_path / "local")))

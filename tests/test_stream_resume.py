@@ -18,8 +18,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
+import jax_cache
+import small_corpus
 from jaxlm import presets
 from jaxlm.train.loop import train
 
@@ -31,6 +32,7 @@ def resume_config(workdir):
   c.train.update(steps=3 * K, log_every=1, eval_every=0, eval_batches=1, workdir=str(workdir),
                  progress_bar=False)
   c.tokenizer.cache_dir = os.path.join(os.path.dirname(str(workdir)), "tokenizers")
+  c.data.update(small_corpus.write(os.path.join(os.path.dirname(str(workdir)), "corpus")))
   c.checkpoint.async_save = False
   return c
 
@@ -49,20 +51,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def compile_cache(tmp_path):
-  """JAX's persistent compilation cache in tmp_path/jax_cache for this test's runs (every program,
-  however fast it compiles); the process's own settings are put back afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  path = str(tmp_path / "jax_cache")
-  jax.config.update(names[0], path)
-  jax.config.update(names[1], 0)
-  compilation_cache.reset_cache()  # read the settings again at the next compile
-  try:
+  """JAX's persistent compilation cache in tmp_path/jax_cache for this test's runs."""
+  with jax_cache.persistent(tmp_path / "jax_cache") as path:
     yield path
-  finally:
-    for n, v in old.items():
-      jax.config.update(n, v)
-    compilation_cache.reset_cache()
 
 
 def _two_processes(workdir, stop_at, cache):

@@ -12,6 +12,8 @@ Scenarios(..., compile_cache=True) (the tests) gives every subprocess one JAX pe
 cache in `base`: the trainer's programs are compiled by the first run and loaded by the later
 ones (an executable loaded from the cache is the one compiled, so the bitwise comparisons hold).
 The benchmark leaves it off, so its seconds to recover include the compile a real relaunch pays.
+Scenarios(..., small_data=True) (the tests) trains on tests/small_corpus.py's four plays instead
+of all of Shakespeare, which every process would tokenize at start (~30 processes).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import small_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNER = os.path.join(ROOT, "tests", "faults", "run_train.py")
@@ -177,9 +181,11 @@ def tree_bytes(folder) -> dict[str, bytes]:
 class Scenarios:
   """Each method runs one fault in its own workdir under `base` and returns its Row."""
 
-  def __init__(self, base, tokenizers, compile_cache=False):
+  def __init__(self, base, tokenizers, compile_cache=False, small_data=False):
     self.base, self.tok = base, tokenizers
     self.cache = os.path.join(base, "jax_cache") if compile_cache else None
+    # Given before each scenario's own flags, so bad_record()'s data flags override them.
+    self.data = small_corpus.flags(os.path.join(base, "corpus")) if small_data else []
     self.reference = os.path.join(base, "reference")
     if not os.path.exists(os.path.join(self.reference, "metrics.jsonl")):
       (done,) = self.run(self.reference)
@@ -188,7 +194,7 @@ class Scenarios:
     self._stopped_at_8 = None  # damaged(): the run the damage is done to, trained once
 
   def start(self, workdir, faults=(), processes=1, extra=(), peer_timeout=None):
-    return start(workdir, self.tok, faults, processes, extra, peer_timeout, self.cache)
+    return start(workdir, self.tok, faults, processes, [*self.data, *extra], peer_timeout, self.cache)
 
   def run(self, workdir, faults=(), processes=1, extra=(), peer_timeout=None) -> list[Done]:
     return finish(self.start(workdir, faults, processes, extra, peer_timeout))
@@ -303,16 +309,18 @@ class Scenarios:
     row.notes = f"checkpoints {checkpoint_steps(workdir)}, checkpoint/save_errors {metric(workdir, 'checkpoint/save_errors')}"
     return row
 
-  def nonfinite(self, name, option) -> Row:
-    row = Row(name, f"{option}: patched into step 6")
+  def nonfinite(self, name, *options) -> Row:
+    """options: run_train.py flags --nan_at=K and/or --inf_lr_at=K; each step K must be skipped."""
+    row = Row(name, ", ".join(f"{o}: patched into step {o.split('=')[1]}" for o in options))
     workdir = self._dir(name.replace(" ", "_"))
-    (done,) = self.run(workdir, [option])
+    (done,) = self.run(workdir, list(options))
     assert done.code == 0, done.out[-3000:]
-    assert "step 6: not applied" in done.out, done.out[-3000:]
+    for option in options:
+      assert f"step {option.split('=')[1]}: not applied" in done.out, done.out[-3000:]
     params = final_params(workdir)
     assert all(np.isfinite(p).all() for p in params)
     row.steps_lost = 0
-    row.data_lost = "batch 6 not applied (by design), logged"
+    row.data_lost = f"batch(es) {[int(o.split('=')[1]) for o in options]} not applied (by design), logged"
     row.params_equal = same_params(params, self.want)
     row.notes = f"skipped_steps {metric(workdir, 'train/skipped_steps')[-1]:.0f}"
     return row
