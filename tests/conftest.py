@@ -13,6 +13,8 @@ sharing libtpu between processes is safe.
 
 import os
 
+import pytest
+
 # The two LLVM settings compile the tests' many small CPU programs faster (tests/test_pipeline.py:
 # 186 s -> 129 s on one core); they leave float semantics alone, and the programs are too small for
 # the optimizations they skip to matter.
@@ -28,3 +30,21 @@ def pytest_collection_modifyitems(config, items):
   the workers while the many short ones fill in behind, instead of one worker finishing a long test
   alone at the end while the other idles. The order of the rest is unchanged (a stable sort)."""
   items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+  """JAX's persistent compilation cache (tests/jax_cache.py) for one test's runs: a test that trains
+  several times (a run and its resume) compiles each program once. Yields the cache folder, which
+  subprocesses can be pointed at."""
+  import jax_cache  # here, not at the top: this file runs before anything imports jax
+  with jax_cache.persistent(tmp_path / "jax_cache") as path:
+    yield path
+
+
+@pytest.fixture(scope="module")
+def module_compile_cache(tmp_path_factory):
+  """The same for all of a module's tests (runs that share programs across tests)."""
+  import jax_cache
+  with jax_cache.persistent(tmp_path_factory.mktemp("jax_cache")) as path:
+    yield path

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm import presets
 from jaxlm.config import ConfigError, base_config, lora_targets, validate
@@ -164,24 +163,6 @@ def test_trainable_share_at_rank_8():
         assert (n, n + frozen) == (65_536, 4_524_288) and share <= 0.02
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache (every program, however fast it compiles): runs that build
-  the same programs (a run and its resume; the one-device references) load them instead of
-  compiling them again. The process's own settings are put back afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0)
-  compilation_cache.reset_cache()  # read the settings again at the next compile
-  try:
-    yield
-  finally:
-    for n, v in old.items():
-      jax.config.update(n, v)
-    compilation_cache.reset_cache()
-
-
 def train_steps(c, devices, steps=3):
   setup = make_setup(c, devices)
   state = init_sharded_state(setup)
@@ -207,7 +188,7 @@ def one_device_runs():
     (True, dict(data=1, stage=2, fsdp=2, tensor=2)),  # pipelined: stages take their layers' adapters
 ], ids=["fsdp4_tp2_scan", "fsdp4_tp2_unrolled", "pp2_fsdp2_tp2"])
 def test_lora_on_8_devices_trains_as_on_one_and_only_adapters_train(scan, mesh, one_device_runs,
-                                                                    compile_cache):
+                                                                    module_compile_cache):
   def config(**mesh):
     c = tiny_config(**mesh)
     c.compute.scan_layers = scan
@@ -274,7 +255,7 @@ def base_run(tmp_path_factory):
   return root / "base"
 
 
-def test_adapter_checkpoints_resume_exactly_from_the_recorded_base(base_run, capsys, compile_cache):
+def test_adapter_checkpoints_resume_exactly_from_the_recorded_base(base_run, capsys, module_compile_cache):
   root = base_run.parent
   straight = train(loop_config(root / "straight", base_run))
   assert "trainable (LoRA rank 4 on all:" in capsys.readouterr().out

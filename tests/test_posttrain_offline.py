@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.data import load_tokenizer
@@ -23,24 +22,6 @@ from jaxlm.train.loop import train
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
   return write_byte_tokenizer(str(tmp_path_factory.mktemp("byte_tokenizer")))
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache (every program, however fast it compiles) for the training
-  runs: the programs they share (initialization, sharding, evaluation, the precomputed reference's
-  log-probs) are compiled once for the module. The process's own settings are put back afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0)
-  compilation_cache.reset_cache()  # read the settings again at the next compile
-  try:
-    yield
-  finally:
-    for n, v in old.items():
-      jax.config.update(n, v)
-    compilation_cache.reset_cache()
 
 
 def write_jsonl(path, records):
@@ -156,7 +137,7 @@ def test_posttrain_config_errors(tok_dir, files):
 
 
 @pytest.mark.parametrize("reference", ["model", "precomputed"])
-def test_dpo_starts_at_ln2_and_learns_the_preference(tok_dir, files, tmp_path, reference, compile_cache):
+def test_dpo_starts_at_ln2_and_learns_the_preference(tok_dir, files, tmp_path, reference, module_compile_cache):
   c = config(tok_dir, "dpo", files["preference"], files["preference_eval"], str(tmp_path / reference),
              steps=12, reference=reference)
   result = train(c)
@@ -167,7 +148,7 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(tok_dir, files, tmp_path, r
   assert result["frozen"] is None  # the reference is not part of the model
 
 
-def test_model_and_precomputed_references_train_alike(tok_dir, files, tmp_path, compile_cache):
+def test_model_and_precomputed_references_train_alike(tok_dir, files, tmp_path, module_compile_cache):
   losses = {}
   for reference in ("model", "precomputed"):
     c = config(tok_dir, "ipo", files["preference"], workdir=str(tmp_path / reference), steps=4,
@@ -177,7 +158,7 @@ def test_model_and_precomputed_references_train_alike(tok_dir, files, tmp_path, 
   np.testing.assert_allclose(losses["model"], losses["precomputed"], rtol=1e-5)
 
 
-def test_kto_trains_and_logs_its_kl(tok_dir, files, tmp_path, compile_cache):
+def test_kto_trains_and_logs_its_kl(tok_dir, files, tmp_path, module_compile_cache):
   c = config(tok_dir, "kto", files["kto"], workdir=str(tmp_path / "kto"), steps=3)
   train(c)
   lines = train_lines(c.train.workdir)
@@ -185,7 +166,7 @@ def test_kto_trains_and_logs_its_kl(tok_dir, files, tmp_path, compile_cache):
   assert lines[0]["kl"] == 0.0 and {"rewards/desirable", "examples"} <= set(lines[0])
 
 
-def test_reward_model_from_a_language_model_scores_whole_sequences(tok_dir, files, tmp_path, compile_cache):
+def test_reward_model_from_a_language_model_scores_whole_sequences(tok_dir, files, tmp_path, module_compile_cache):
   lm = config(tok_dir, "dpo", files["preference"], workdir=str(tmp_path / "lm"), steps=2)
   lm.train.batch_size = 8  # rows, one an example
   lm.posttrain.objective = "lm"

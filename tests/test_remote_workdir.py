@@ -18,7 +18,6 @@ import pytest
 from flax import nnx
 
 import fake_gcs
-import jax_cache
 import small_corpus
 from jaxlm import presets
 from jaxlm.config import ConfigError, base_config, validate
@@ -113,13 +112,6 @@ def test_metrics_reach_the_bucket_at_each_sync_and_a_resumed_logger_appends(buck
   assert [json.loads(x)["step"] for x in jsonl.read_text().splitlines()] == [1, 2]
   events = sorted((bucket / "fake-bucket" / "run" / "tensorboard").iterdir())
   assert len(events) == 2 and sorted(s for f in events for s in event_tags(f)["eval/value"]) == [1, 2]
-
-
-@pytest.fixture
-def compile_cache(tmp_path):
-  """The four trainings below compile the same programs: the later ones load them from here."""
-  with jax_cache.persistent(tmp_path / "jax_cache") as path:
-    yield path
 
 
 def test_train_stop_resume_and_load_params_through_a_gs_bucket(bucket, tmp_path, compile_cache):

@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.inference.decode import generate_batch
@@ -231,26 +230,8 @@ def loop_config(tmp_path, objective="grpo", steps=2):
   return c
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache (every program, however fast it compiles) for the loop
-  runs: a run and its resume build the same programs, so the resume loads them instead of
-  compiling them again. The process's own settings are put back afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0)
-  compilation_cache.reset_cache()  # read the settings again at the next compile
-  try:
-    yield
-  finally:
-    for n, v in old.items():
-      jax.config.update(n, v)
-    compilation_cache.reset_cache()
-
-
 @pytest.mark.parametrize("objective", ["grpo", "ppo"])
-def test_loop_logs_evaluates_and_resumes_exactly(tmp_path, objective, compile_cache):
+def test_loop_logs_evaluates_and_resumes_exactly(tmp_path, objective, module_compile_cache):
   from jaxlm.train.loop import train
   whole = train(loop_config(tmp_path / "a", objective))
   c = loop_config(tmp_path / "b", objective)

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 
-import jax_cache
 import small_corpus
 from jaxlm import presets
 from jaxlm.train.loop import train
@@ -47,13 +46,6 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-@pytest.fixture
-def compile_cache(tmp_path):
-  """JAX's persistent compilation cache in tmp_path/jax_cache for this test's runs."""
-  with jax_cache.persistent(tmp_path / "jax_cache") as path:
-    yield path
 
 
 def _two_processes(workdir, stop_at, cache):
