@@ -16,11 +16,6 @@ from jaxlm.config import ConfigError, base_config, validate
 from jaxlm.train import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# `python -m jaxlm.train` with torch (the optional bench extra) blocked: tensorboardX imports it only
-# if installed, 10-20 s a process on a busy CI core, and training never uses it; blocked, the import
-# fails as in a base install. Everything else is the command a user runs by hand.
-TRAIN = ("import runpy, sys; sys.modules['torch'] = None; "
-         "runpy.run_module('jaxlm.train', run_name='__main__', alter_sys=True)")
 
 
 def train_section(**fields):
@@ -78,7 +73,7 @@ def start(workdir, settings, steps=4):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "JAXLM_", "XLA_", "SLURM_", "TPU_", "OMPI_", "PMI_"))}
     env.update(JAXLM_DISTRIBUTED="1", JAX_PLATFORMS="cpu")
-    argv = [sys.executable, "-c", TRAIN, "--config=configs/tiny.py",
+    argv = [sys.executable, "-m", "jaxlm.train", "--config=configs/tiny.py",
             f"--config.train.workdir={workdir}", f"--config.train.steps={steps}",
             "--config.train.log_every=1", "--config.train.progress_bar=False",
             "--config.sample.max_new_tokens=0", "--config.train.eval_batches=1",
