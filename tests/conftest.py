@@ -15,12 +15,9 @@ import os
 
 import pytest
 
-# The two LLVM settings compile the tests' many small CPU programs faster (tests/test_pipeline.py:
-# 186 s -> 129 s on one core); they leave float semantics alone, and the programs are too small for
-# the optimizations they skip to matter.
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-    "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]).strip()
+import xla_flags  # tests/xla_flags.py: plain strings, imports no jax
+
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags.cpu(8)]).strip()
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 

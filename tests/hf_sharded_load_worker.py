@@ -12,7 +12,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import xla_flags  # noqa: E402  (this folder, beside the script)
+
+os.environ["XLA_FLAGS"] = xla_flags.cpu(4)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

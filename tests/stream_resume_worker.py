@@ -9,7 +9,9 @@ to STOP_AT_STEP and checkpoints there; each process feeds its own rows of every 
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import xla_flags  # noqa: E402  (this folder, beside the script)
+
+os.environ["XLA_FLAGS"] = xla_flags.cpu(4)
 os.environ["JAX_PLATFORMS"] = "cpu"
 # torch (the optional bench extra) is imported by tensorboardX only if installed, ~10 s a process
 # on a busy CI core; training never uses it. Blocked, the import fails as in a base install.

@@ -58,9 +58,9 @@ def reference(q, k, v, q_seg, k_seg, causal, window, softcap):
 # (with t != s, rows that see no key), batch 2, tails (t not a multiple of the 128-row block),
 # head dims 64, 128 and 256, bfloat16 and float32 inputs.
 CASES = {
-    "tails_gqa_noncausal_window_softcap": (1, 200, 200, 4, 2, 64, False, 50, 5.0, False, 64, jnp.bfloat16),
+    "tails_noncausal_window_softcap": (1, 136, 136, 2, 2, 64, False, 50, 5.0, False, 64, jnp.bfloat16),
     "segments_mqa_batch2_causal_window": (2, 130, 130, 2, 1, 64, True, 70, 0.0, True, None, jnp.bfloat16),
-    "head_dim_128_t_ne_s_segments": (1, 96, 160, 2, 2, 128, False, 0, 0.0, True, 64, jnp.bfloat16),
+    "head_dim_128_gqa_t_ne_s_segments": (1, 96, 160, 4, 2, 128, False, 0, 0.0, True, 64, jnp.bfloat16),
     "head_dim_256_float32": (1, 64, 64, 1, 1, 256, True, 0, 0.0, False, None, jnp.float32),
 }
 
