@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-import xla_flags  # noqa: E402  (this folder, beside the script)
+import xla_flags  # tests/xla_flags.py, beside this script (imports no jax)
 
 os.environ["XLA_FLAGS"] = xla_flags.cpu(4)
 os.environ["JAX_PLATFORMS"] = "cpu"

@@ -9,7 +9,7 @@ to STOP_AT_STEP and checkpoints there; each process feeds its own rows of every 
 import os
 import sys
 
-import xla_flags  # noqa: E402  (this folder, beside the script)
+import xla_flags  # tests/xla_flags.py, beside this script (imports no jax)
 
 os.environ["XLA_FLAGS"] = xla_flags.cpu(4)
 os.environ["JAX_PLATFORMS"] = "cpu"
