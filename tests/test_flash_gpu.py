@@ -55,11 +55,12 @@ def reference(q, k, v, q_seg, k_seg, causal, window, softcap):
 # (batch, t, s, heads, kv_heads, head_dim, causal, window, softcap, segments, block_k, dtype)
 # Each case turns on several features at once: the interpreter simulates every thread, so cases
 # are few. Between them: GQA and MQA, causal and not, with and without a window, softcap, segments
-# (with t != s, rows that see no key), batch 2, tails (t not a multiple of the 128-row block),
+# (with t != s, rows that see no key), batch 2, tails (t not a multiple of the 128-row block: one
+# block and a partial one, or a single partial block),
 # head dims 64, 128 and 256, bfloat16 and float32 inputs.
 CASES = {
-    "tails_noncausal_window_softcap": (1, 136, 136, 2, 2, 64, False, 50, 5.0, False, 64, jnp.bfloat16),
-    "segments_mqa_batch2_causal_window": (2, 130, 130, 2, 1, 64, True, 70, 0.0, True, None, jnp.bfloat16),
+    "tails_noncausal_window_softcap": (1, 136, 136, 1, 1, 64, False, 50, 5.0, False, 64, jnp.bfloat16),
+    "segments_mqa_batch2_causal_window": (2, 100, 100, 2, 1, 64, True, 70, 0.0, True, None, jnp.bfloat16),
     "head_dim_128_gqa_t_ne_s_segments": (1, 96, 160, 4, 2, 128, False, 0, 0.0, True, 64, jnp.bfloat16),
     "head_dim_256_float32": (1, 64, 64, 1, 1, 256, True, 0, 0.0, False, None, jnp.float32),
 }

@@ -12,6 +12,8 @@ Scenarios(..., compile_cache=True) (the tests) gives every subprocess one JAX pe
 cache in `base`: the trainer's programs are compiled by the first run and loaded by the later
 ones (an executable loaded from the cache is the one compiled, so the bitwise comparisons hold).
 The benchmark leaves it off, so its seconds to recover include the compile a real relaunch pays.
+Scenarios(..., fast_compile=True) (the tests) compiles the trainer's programs at LLVM level 0 like
+pytest's own (tests/xla_flags.py): every run of a test alike, so its bitwise comparisons hold.
 Scenarios(..., small_data=True) (the tests) trains on tests/small_corpus.py's four plays instead
 of all of Shakespeare, which every process would tokenize at start (~30 processes).
 """
@@ -79,7 +81,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None, cache=None):
+def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=None, cache=None,
+          fast_compile=False):
   """Starts the run's processes (not waiting); returns the Popen list. cache: a folder for JAX's
   persistent compilation cache, shared by every run given it (None: none)."""
   flags = trainer_flags(workdir, tokenizers, *extra)
@@ -93,7 +96,8 @@ def start(workdir, tokenizers, faults=(), processes=1, extra=(), peer_timeout=No
                  JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index))
     if cache:  # every program: the default threshold (1 s of compile) would leave small ones out
       env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    argv = [sys.executable, RUNNER, f"--devices={2 // processes}", *faults, "--", *flags]
+    argv = [sys.executable, RUNNER, f"--devices={2 // processes}", *faults,
+            *(["--fast_compile"] if fast_compile else []), "--", *flags]
     # Output to a file, not a pipe: nobody reads a pipe while the test waits for a step, and a
     # full one would stall the trainer.
     log = tempfile.NamedTemporaryFile("w+", prefix=f"process{index}-", suffix=".log")
@@ -181,8 +185,8 @@ def tree_bytes(folder) -> dict[str, bytes]:
 class Scenarios:
   """Each method runs one fault in its own workdir under `base` and returns its Row."""
 
-  def __init__(self, base, tokenizers, compile_cache=False, small_data=False):
-    self.base, self.tok = base, tokenizers
+  def __init__(self, base, tokenizers, compile_cache=False, small_data=False, fast_compile=False):
+    self.base, self.tok, self.fast_compile = base, tokenizers, fast_compile
     self.cache = os.path.join(base, "jax_cache") if compile_cache else None
     # Given before each scenario's own flags, so bad_record()'s data flags override them.
     self.data = small_corpus.flags(os.path.join(base, "corpus")) if small_data else []
@@ -194,7 +198,8 @@ class Scenarios:
     self._stopped_at_8 = None  # damaged(): the run the damage is done to, trained once
 
   def start(self, workdir, faults=(), processes=1, extra=(), peer_timeout=None):
-    return start(workdir, self.tok, faults, processes, [*self.data, *extra], peer_timeout, self.cache)
+    return start(workdir, self.tok, faults, processes, [*self.data, *extra], peer_timeout, self.cache,
+                 self.fast_compile)
 
   def run(self, workdir, faults=(), processes=1, extra=(), peer_timeout=None) -> list[Done]:
     return finish(self.start(workdir, faults, processes, extra, peer_timeout))

@@ -5,6 +5,7 @@
 Everything after `--` goes to the trainer unchanged. The options patch the trainer from outside
 (jaxlm has no fault hooks of its own):
   --devices N          simulated CPU devices in this process
+  --fast_compile       compile at LLVM level 0 as pytest does (tests/xla_flags.py)
   --slow S             sleep S seconds after every step (an external signal then lands mid-run)
   --sigterm_at K       send this process SIGTERM right after dispatching step K (mid-step)
   --nan_at K           step K's batch carries a NaN loss weight (weights are float at every step)
@@ -33,6 +34,7 @@ def parse(argv):
   p = argparse.ArgumentParser()
   p.add_argument("--devices", type=int, default=1)
   p.add_argument("--slow", type=float, default=0.0)
+  p.add_argument("--fast_compile", action="store_true")
   for name in ("sigterm_at", "nan_at", "inf_lr_at", "kill_in_save_at", "full_disk_at"):
     p.add_argument(f"--{name}", type=int, default=0)
   return p.parse_args(argv[:cut]), argv[cut + 1:]
@@ -41,9 +43,11 @@ def parse(argv):
 def main():
   a, trainer_argv = parse(sys.argv[1:])
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import xla_flags  # tests/xla_flags.py (imports no jax)
+  os.environ["XLA_FLAGS"] = xla_flags.cpu(a.devices) if a.fast_compile else (
+      f"--xla_force_host_platform_device_count={a.devices}")
   # torch (the optional bench extra) is imported by tensorboardX only if installed, ~10 s a process
   # on a busy CI core; the trainer never uses it. Blocked, the import fails as in a base install.
   sys.modules["torch"] = None

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.heavy
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
   base = tmp_path_factory.mktemp("faults")
-  return harness.Scenarios(str(base), str(base / "tokenizers"), compile_cache=True, small_data=True)
+  return harness.Scenarios(str(base), str(base / "tokenizers"), compile_cache=True, small_data=True,
+                             fast_compile=True)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
