@@ -179,3 +179,15 @@ def test_router_stats_and_bias_update():
   new = moe.update_router_bias(listed, load, 0.1)
   np.testing.assert_allclose(new["moe_blocks"][0]["mlp"]["router_bias"], [-0.1, 0.1, 0, 0])
   np.testing.assert_allclose(new["moe_blocks"][1]["mlp"]["router_bias"], 0)
+
+
+@pytest.mark.fast
+def test_window_balance_sums_the_steps_loads():
+  """Two steps each 1.5x unbalanced in opposite directions balance over their window."""
+  steps = [jnp.array([[3.0, 1], [2, 2]]), jnp.array([[1.0, 3], [2, 2]])]
+  for load in steps:
+    np.testing.assert_allclose(moe.load_metrics(load, jnp.zeros(2))["moe/max_over_mean"], 1.5)
+  window = moe.window_load_metrics(steps[0] + steps[1])
+  np.testing.assert_allclose(window["moe/window_max_over_mean"], 1.0)
+  np.testing.assert_allclose(moe.window_load_metrics(steps[0])["moe/layer0/window_max_over_mean"], 1.5)
+  np.testing.assert_allclose(moe.window_load_metrics(steps[0])["moe/layer1/window_max_over_mean"], 1.0)

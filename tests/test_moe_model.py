@@ -186,4 +186,10 @@ def test_tiny_moe_config_trains(tmp_path):
   for name in ("moe/balance_loss", "moe/router_z_loss", "moe/max_over_mean", "moe/dropped",
                "moe/layer0/max_over_mean"):
     assert np.isfinite(logged[-1][f"train/{name}"]), name
+  # the balance over each 5-step window: at least 1, at most all tokens on one expert in a layer
+  for line in logged:
+    worst = line["train/moe/window_max_over_mean"]
+    assert worst == line["train/moe/layer0/window_max_over_mean"]  # the one MoE layer (of 2)
+    assert 1 <= worst <= 4
+  assert "train/moe/expert_load" not in logged[-1]
   assert any("eval/bits_per_byte" in l for l in lines)

@@ -366,6 +366,20 @@ def load_metrics(load, dropped) -> dict:
   return out
 
 
+EXPERT_LOAD = "moe/expert_load"  # a train step's metric: its tokens per expert [moe layers, experts]
+
+
+def window_load_metrics(load) -> dict:
+  """max/mean tokens per expert of the load [moe layers, experts] summed over a log window: per
+  layer moe/layer{i}/window_max_over_mean, and the worst layer's moe/window_max_over_mean. One
+  batch's load is noisy (a few thousand tokens, neighbouring tokens routed alike); the window's
+  shows the balance the router holds, as the window's tokens/s shows the speed."""
+  ratio = load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)  # [layers]
+  out = {"moe/window_max_over_mean": ratio.max()}
+  out.update({f"moe/layer{i}/window_max_over_mean": ratio[i] for i in range(load.shape[0])})
+  return out
+
+
 def update_router_bias(params, load, rate: float):
   """DeepSeek-V3's auxiliary-loss-free balancing, outside the gradient: each MoE layer's
   router_bias += rate * sign(mean load - load), so overloaded experts get picked less.

@@ -35,6 +35,7 @@ from jaxlm.config import ConfigError, validate, with_vocab_size
 from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer import get_tokenizer
 from jaxlm.inference.decode import generate_batch
+from jaxlm.models import moe
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.rules import axis_rules
 from jaxlm.parallel.sharding import global_batch, tree_shardings
@@ -260,7 +261,8 @@ def train_rl(config, stop_at_step: int | None = None) -> dict:
         log.advance()
         watch.after(int(state.step), metrics)
       watch.flush()
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "skipped"}
+      # a MoE policy's per-expert counts stay out: its balance is in the step's moe/ scalars
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ("skipped", moe.EXPERT_LOAD)}
       t2 = time.perf_counter()
       before, step = step, int(state.step)
       groups = total.reshape(-1, p.group_size)

@@ -19,6 +19,7 @@ from jaxlm.config import rows_per_example, validate, with_vocab_size
 from jaxlm.data.pipeline import eval_batches, make_train_iterator
 from jaxlm.data.hf_tokenizer import HFTokenizer
 from jaxlm.data.tokenizer import get_tokenizer
+from jaxlm.models import moe
 from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.sharding import global_batch
 from jaxlm.posttrain import lora, offline
@@ -78,9 +79,13 @@ def evaluate(eval_step, params, batches, sharding, frozen=None) -> dict | None:
 
 
 def log_train_metrics(log, step, metrics, watch, window_tokens, window_start, flops_per_token,
-                      peak) -> dict:
-  """Writes one metrics line: the step's metrics, the skipped-step count and the window's speed."""
-  metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "skipped"}
+                      peak, window_load=None) -> dict:
+  """Writes one metrics line: the step's metrics, the skipped-step count and the window's speed
+  (and a MoE model's expert balance over the window, from window_load: its summed tokens per
+  expert [moe layers, experts])."""
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ("skipped", moe.EXPERT_LOAD)}
+  if window_load is not None:
+    metrics.update({k: float(v) for k, v in jax.device_get(moe.window_load_metrics(window_load)).items()})
   tokens_per_sec = window_tokens / (time.perf_counter() - window_start)
   metrics.update(tokens_per_sec=tokens_per_sec,
                  tokens_per_sec_per_device=tokens_per_sec / jax.device_count(),
@@ -163,7 +168,7 @@ def train(config, stop_at_step: int | None = None) -> dict:
   # Tokens of the global batch: every process loads batch_size / process_count rows, and MFU divides
   # by the peak of all devices, so throughput must count all processes' rows.
   tokens_per_step = t.batch_size * rows_per_example(config) * config.data.seq_len
-  last, window_tokens, window_start = {}, 0.0, time.perf_counter()
+  last, window_tokens, window_start, window_load = {}, 0.0, time.perf_counter(), None
   end = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   watch = StepWatch(t, t.batch_size * rows_per_example(config), log)
   # SIGTERM/SIGINT: checkpoint at the next step boundary and stop (jaxlm/train/preemption.py)
@@ -174,11 +179,14 @@ def train(config, stop_at_step: int | None = None) -> dict:
       log.advance()
       watch.after(step, metrics)
       window_tokens += tokens_per_step
+      if moe.EXPERT_LOAD in metrics:  # summed on device: no step waits for it
+        load = metrics[moe.EXPERT_LOAD]
+        window_load = load if window_load is None else window_load + load
       if step % t.log_every == 0 or step == t.steps:
         watch.flush()
         last = log_train_metrics(log, step, metrics, watch, window_tokens, window_start,
-                                 flops_per_token, peak)
-        window_tokens, window_start = 0.0, time.perf_counter()
+                                 flops_per_token, peak, window_load)
+        window_tokens, window_start, window_load = 0.0, time.perf_counter(), None
       if t.eval_every and step % t.eval_every == 0 and step != t.steps:
         if post:
           result = post.evaluate(state.params)

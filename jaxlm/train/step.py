@@ -98,7 +98,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
   leaves params and optimizer state as they were (step and RNG still advance: the batch is
   consumed) and reports metrics["skipped"] = 1; the loop counts and logs such steps.
 
-  MoE models: the expert load (loss.MOE_COUNTS) becomes scalar metrics (moe.load_metrics), and a
+  MoE models: the expert load (loss.MOE_COUNTS) becomes scalar metrics (moe.load_metrics) plus the
+  raw tokens per expert (moe.EXPERT_LOAD, [moe layers, experts]), and a
   sigmoid router's bias moves by train.moe_bias_rate toward balance (moe.update_router_bias) in
   the same step, after the optimizer, under the same non-finite guard."""
   accum, lr_at = train_cfg.grad_accum_steps, schedule(train_cfg)
@@ -149,6 +150,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train_cfg, forwa
     params = optax.apply_updates(state.params, updates)
     if counts:  # a MoE model: load metrics; a sigmoid router's bias (its only leaves) moves, under the guard
       metrics.update(moe.load_metrics(counts["moe_load"], counts["moe_dropped"]))
+      metrics[moe.EXPERT_LOAD] = counts["moe_load"]  # the loop sums it over each log window
       if train_cfg.moe_bias_rate:
         params = moe.update_router_bias(params, counts["moe_load"], train_cfg.moe_bias_rate)
     if guard and offload is not None:
