@@ -61,7 +61,7 @@ def reference(q, k, v, q_seg, k_seg, causal, window, softcap):
 CASES = {
     "tails_noncausal_window_softcap": (1, 136, 136, 1, 1, 64, False, 50, 5.0, False, 64, jnp.bfloat16),
     "segments_mqa_batch2_causal_window": (2, 100, 100, 2, 1, 64, True, 70, 0.0, True, None, jnp.bfloat16),
-    "head_dim_128_gqa_t_ne_s_segments": (1, 96, 160, 4, 2, 128, False, 0, 0.0, True, 64, jnp.bfloat16),
+    "head_dim_128_gqa_t_ne_s_segments": (1, 96, 128, 4, 2, 128, False, 0, 0.0, True, 64, jnp.bfloat16),
     "head_dim_256_float32": (1, 64, 64, 1, 1, 256, True, 0, 0.0, False, None, jnp.float32),
 }
 

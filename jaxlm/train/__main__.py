@@ -42,6 +42,11 @@ def main(argv):
   except Preempted as e:
     print(f"jaxlm: {e}; exit code {PREEMPTED_EXIT_CODE}: requeue the same command to resume",
           file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      # Every process saved the same step and is alive: wait for all at jax.distributed's shutdown
+      # barrier. Process 0 hosts the coordination service, and a peer still finishing its save
+      # aborts if process 0 leaves first.
+      jax.distributed.shutdown()
     _leave(PREEMPTED_EXIT_CODE)
   except NonFiniteError as e:
     print(f"jaxlm: {e}", file=sys.stderr, flush=True)
