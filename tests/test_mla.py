@@ -92,7 +92,13 @@ def test_absorbed_decoding_equals_the_expanded_form(q_lora_rank):
   (got, new), want = both(state, x, cache)
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
   assert np.abs(np.asarray(want)).max() > 0.1  # far from zero: a wrong mask or scale would show
-  assert new["latent"].shape == (b, t, 12) and new["k_rope"].shape == (b, t, 4)
+  # an unscanned layer returns its cache with the new entries written at each row's slots
+  assert new["latent"].shape == (b, size, 12) and new["k_rope"].shape == (b, size, 4)
+  kept = np.ones((b, size), bool)
+  kept[np.arange(b)[:, None], np.asarray(slots)] = False
+  for name in ("latent", "k_rope"):
+    np.testing.assert_array_equal(np.asarray(new[name])[kept], np.asarray(cache[name])[kept])
+    assert not np.any(np.asarray(new[name])[~kept] == np.asarray(cache[name])[~kept])
 
 
 @pytest.mark.fast

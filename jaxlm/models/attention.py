@@ -84,8 +84,9 @@ def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
   [batch, t] (consecutive from start [batch]); cache_k: [batch, kv_heads, S, head_dim] and cache_v:
   [batch, kv_heads, head_dim, S], as they were before this call. Cache slot s of row b is seen iff
   s < start[b]: slots at or past it hold padding or a rejected draft's entries, which this call's
-  new entries replace. The cache is only read here (the model writes every layer's new entries
-  once, after the layer loop), and its layout puts the contracted dimension innermost in both
+  new entries replace. (An unscanned layer writes its new entries into its cache first and passes
+  k, v of length 0 with start + t: the same keys, read from the cache.) The cache is only read
+  here, and its layout puts the contracted dimension innermost in both
   products (scores contract head_dim, the weighted sum contracts S): XLA:CPU's fast dot kernels
   then take it without a transpose, where the [batch, S, kv_heads, head_dim] layout cost a
   transpose of the whole cache per layer and step. Scores of the cache and of the new keys are joined before one
@@ -102,9 +103,10 @@ def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
   if softcap:
     scores = softcap * jnp.tanh(scores / softcap)
   cache_slots = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (b, size))
-  k_slots = jnp.concatenate([cache_slots, q_slots], axis=1)  # [batch, S + t]
-  delta = q_slots[:, :, None] - k_slots[:, None, :]  # [batch, t, S + t]
-  filled = jnp.concatenate([cache_slots < start[:, None], jnp.ones((b, t), bool)], axis=1)
+  tk = k.shape[1]  # t, or 0 when the cache holds the new entries already
+  k_slots = jnp.concatenate([cache_slots, q_slots[:, :tk]], axis=1)  # [batch, S + tk]
+  delta = q_slots[:, :, None] - k_slots[:, None, :]  # [batch, t, S + tk]
+  filled = jnp.concatenate([cache_slots < start[:, None], jnp.ones((b, tk), bool)], axis=1)
   mask = (delta >= 0) & filled[:, None, :]
   if window:
     in_window = delta < window
@@ -145,6 +147,21 @@ def write_cache(cache, new, start):
     return c.at[index].set(n.astype(c.dtype), mode="drop")  # else in place: [layers, batch, t, ...]
 
   return {name: put(cache[name], n, CACHE_SLOT_AXES[name]) for name, n in new.items()}
+
+
+def write_layer_cache(cache, new, start):
+  """One layer's cache {name: [batch, ..., S, ...]} (an unscanned model's: see
+  Transformer.init_cache) with new {name: [batch, t, *features]} written at row b's slots
+  [start[b], start[b] + t); slots past S are dropped, as in `write_cache`."""
+  t = next(iter(new.values())).shape[1]
+  rows = jnp.arange(start.shape[0])[:, None]  # [batch, 1]
+  slots = start[:, None] + jnp.arange(t, dtype=start.dtype)  # [batch, t]
+
+  def put(c, n, axis):  # axis: S's in the layer's array; rows and slots index ahead of the rest
+    index = (rows,) + (slice(None),) * (axis - 1) + (slots,)
+    return c.at[index].set(n.astype(c.dtype), mode="drop")
+
+  return {name: put(cache[name], n, CACHE_SLOT_AXES[name] - 1) for name, n in new.items()}
 
 
 class Attention(nnx.Module):
@@ -190,9 +207,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None, local=None):
     """x: [batch, t, embed]; positions, slots: [batch, t]; cache: this layer's {"k": [batch, kv_heads,
-    S, head_dim], "v": [batch, kv_heads, head_dim, S]} (read only) with cache_index: [batch], where
-    each row's t new entries go. Returns (out [batch, t, embed], the new entries {"k","v": [batch,
-    t, kv_heads, head_dim]} in the cache's dtype, for the model to write; None without a cache).
+    S, head_dim], "v": [batch, kv_heads, head_dim, S]} with cache_index: [batch], where each row's t
+    new entries go. Returns (out [batch, t, embed], then: scanned layers (a slice of the stacked
+    cache, read only) the new entries {"k","v": [batch, t, kv_heads, head_dim]} in the cache's
+    dtype for the model to write after the loop; unscanned layers (their own buffers) the cache
+    with the new entries written; None without a cache).
 
     local: this layer's kind under model.layer_pattern: None (no pattern: model.sliding_window
     applies), a Python bool (an unscanned layer: its window is static), or a traced bool scalar (a
@@ -226,10 +245,17 @@ class Attention(nnx.Module):
       # matmul_dtype would cost a pass over it a layer and step, more than the products it feeds.
       cdt = cache["k"].dtype
       q, k, v = q.astype(cdt), k.astype(cdt), v.astype(cdt)
+      start, new = cache_index, {"k": k, "v": v}
+      if not cp.scan_layers:
+        # Write first, then read the written buffer: a decode loop then updates it in place, where
+        # reading the old value beside the write makes XLA copy the buffer (twice a step on CPU).
+        # The new keys are cache slots now: none passed apart, and slots < start + t are filled.
+        cache = new = write_layer_cache(cache, new, cache_index)
+        k, v, start = k[:, :0], v[:, :0], cache_index + k.shape[1]
       out = cached_attention(
-          q, k, v, cache["k"], cache["v"], slots, cache_index, window=window,
+          q, k, v, cache["k"], cache["v"], slots, start, window=window,
           softcap=cfg.attn_logit_softcap, scale=self.score_scale, local=local if traced else None)
-      return project(out.astype(c), self.o, self.o_lora, cp, contract=2, out_dtype=c), {"k": k, "v": v}
+      return project(out.astype(c), self.o, self.o_lora, cp, contract=2, out_dtype=c), new
     q, k, v = q.astype(mdt), k.astype(mdt), v.astype(mdt)  # attention matmuls on matmul_dtype operands
     if cp.attention != "xla" or cp.attention_blocks > 1 or ring:
       def attend(window):  # self-attention over whole rows with a static window

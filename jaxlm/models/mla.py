@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxlm.kernels.masking import MASKED
 from jaxlm.models import attention_kernels, rope
-from jaxlm.models.attention import causal_blocked_attention, dot_product_attention
+from jaxlm.models.attention import causal_blocked_attention, dot_product_attention, write_layer_cache
 from jaxlm.models.compute import Compute
 from jaxlm.models.layers import LoraSpec, Norm, adapter, param, project
 from jaxlm.parallel.rules import constrain
@@ -70,7 +70,7 @@ def absorbed_attention(q_latent, q_rope, latent, k_rope, cache_latent, cache_k_r
   [batch, t, heads, rope] (rotated); latent, k_rope: [batch, t, kv_lora_rank | rope] the new
   entries at q_slots [batch, t]; cache_latent, cache_k_rope: [batch, S, kv_lora_rank | rope] as
   they were before this call. Cache slot s of row b is seen iff s < start[b] (as in
-  attention.cached_attention). Returns the probability-weighted latent [batch, t, heads,
+  attention.cached_attention, also for new entries of length 0 already in the cache). Returns the probability-weighted latent [batch, t, heads,
   kv_lora_rank] (float32), which kv_b's value part turns into each head's output.
   """
   b, t = q_latent.shape[:2]
@@ -82,9 +82,10 @@ def absorbed_attention(q_latent, q_rope, latent, k_rope, cache_latent, cache_k_r
 
   s = jnp.concatenate([scores(cache_latent, cache_k_rope), scores(latent, k_rope)], -1) * scale
   cache_slots = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (b, size))
-  k_slots = jnp.concatenate([cache_slots, q_slots], axis=1)  # [batch, S + t]
-  filled = jnp.concatenate([cache_slots < start[:, None], jnp.ones((b, t), bool)], axis=1)
-  mask = (q_slots[:, :, None] >= k_slots[:, None, :]) & filled[:, None, :]  # [batch, t, S + t]
+  tk = latent.shape[1]  # t, or 0 when the cache holds the new entries already
+  k_slots = jnp.concatenate([cache_slots, q_slots[:, :tk]], axis=1)  # [batch, S + tk]
+  filled = jnp.concatenate([cache_slots < start[:, None], jnp.ones((b, tk), bool)], axis=1)
+  mask = (q_slots[:, :, None] >= k_slots[:, None, :]) & filled[:, None, :]  # [batch, t, S + tk]
   probs = jax.nn.softmax(jnp.where(mask[:, None], s, MASKED), axis=-1).astype(latent.dtype)
   return (jnp.einsum("bhts,bsr->bthr", probs[..., :size], cache_latent,
                      preferred_element_type=jnp.float32)
@@ -154,8 +155,8 @@ class MLA(nnx.Module):
 
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None, local=None):
     """As attention.Attention.__call__, with this layer's cache {"latent": [batch, S,
-    kv_lora_rank], "k_rope": [batch, S, rope]} (read only) and new entries of the same names
-    ([batch, t, ...]). local is unused: MLA layers are all global (config checks)."""
+    kv_lora_rank], "k_rope": [batch, S, rope]} and new entries of the same names ([batch, t, ...];
+    unscanned layers return their cache with them written). local is unused: MLA layers are all global (config checks)."""
     del local
     cfg, cp = self.cfg, self.compute
     c, mdt = cp.activations, cp.matmul
@@ -168,12 +169,16 @@ class MLA(nnx.Module):
                             preferred_element_type=jnp.float32)
       q_latent = constrain(q_latent.astype(cdt), ("batch", "length", "heads", "latent"))
       latent, k_rope = latent.astype(cdt), k_rope.astype(cdt)
+      start, new = cache_index, {"latent": latent, "k_rope": k_rope}
+      if not cp.scan_layers:  # this layer's own buffers: write, then read (see Attention)
+        cache = new = write_layer_cache(cache, new, cache_index)
+        latent, k_rope, start = latent[:, :0], k_rope[:, :0], cache_index + latent.shape[1]
       weighted = absorbed_attention(q_latent, q_rope.astype(cdt), latent, k_rope, cache["latent"],
-                                    cache["k_rope"], slots, cache_index, self.score_scale)
+                                    cache["k_rope"], slots, start, self.score_scale)
       out = jnp.einsum("bthr,rhv->bthv", weighted.astype(c), kv_b[..., nope:],
                        preferred_element_type=jnp.float32).astype(c)  # [batch, t, heads, v]
       out = project(out, self.o, self.o_lora, cp, contract=2, out_dtype=c)
-      return out, {"latent": latent, "k_rope": k_rope}
+      return out, new
     k, v = expand(latent.astype(mdt), k_rope.astype(mdt), kv_b.astype(mdt), nope)
     q = jnp.concatenate([q_nope, q_rope], -1).astype(mdt)  # [batch, t, heads, nope + rope]
     q = constrain(q, ("batch", "length", "heads", "head_dim"))

@@ -150,16 +150,25 @@ class Transformer(nnx.Module):
     index[b] is where row b's next tokens go (and how many slots of row b are filled): rows advance
     on their own, so a batch may hold prompts of different lengths. With model.attention_kind
     "mla" the entries are MLA's latent cache instead of "k"/"v" (mla.init_cache); code outside
-    the model only ever reads "index"."""
+    the model only ever reads "index".
+
+    Unscanned layers (compute.scan_layers False, the layout decoding uses: jaxlm.inference.layout)
+    get each entry as a tuple of per-layer arrays [batch, ...] instead of one [layers, batch, ...]:
+    in a decode loop XLA:CPU copies a layer's slice out of a stacked cache every step, and the
+    whole stack twice more around the loop-carried write (at batch 32, more bytes a step than the
+    weights); a layer's own buffer is read and written in place."""
     cfg = self.cfg
-    if cfg.attention_kind == "mla":
-      cdt = cache_dtype or self.compute.activations
-      return {**mla.init_cache(cfg, batch, max_len, cdt), "index": jnp.zeros((batch,), jnp.int32)}
-    hd = cfg.head_dim or cfg.d_model // cfg.num_heads
-    head = (cfg.num_layers, batch, cfg.num_kv_heads)
     cdt = cache_dtype or self.compute.activations
-    return {"k": jnp.zeros((*head, max_len, hd), cdt), "v": jnp.zeros((*head, hd, max_len), cdt),
-            "index": jnp.zeros((batch,), jnp.int32)}
+    if cfg.attention_kind == "mla":
+      entries = mla.init_cache(cfg, batch, max_len, cdt)
+    else:
+      hd = cfg.head_dim or cfg.d_model // cfg.num_heads
+      head = (cfg.num_layers, batch, cfg.num_kv_heads)
+      entries = {"k": jnp.zeros((*head, max_len, hd), cdt), "v": jnp.zeros((*head, hd, max_len), cdt)}
+    if not self.compute.scan_layers:
+      entries = {n: tuple(jnp.zeros(a.shape[1:], a.dtype) for _ in range(cfg.num_layers))
+                 for n, a in entries.items()}
+    return {**entries, "index": jnp.zeros((batch,), jnp.int32)}
 
   def embed_tokens(self, tokens, positions):
     """tokens, positions: [batch, t] -> x: [batch, t, embed] in the compute dtype."""
@@ -239,7 +248,8 @@ class Transformer(nnx.Module):
 
   def run_layers(self, x, rows, kv=None, start=0):
     """x: [batch, t, embed] through every block; kv: the cache's entries ({"k","v"}, or MLA's) or
-    None. Returns (x, the blocks' new cache entries {name: [layers, batch, t, ...]}, or None).
+    None. Returns (x, the blocks' new cache entries {name: [layers, batch, t, ...]} (scanned
+    layers), the cache with them written (unscanned layers: a tuple of buffers per name), or None).
     MoE layers' statistics are reported to jaxlm.models.moe.collect_stats, in depth order."""
     kinds = layer_kinds(self.cfg)
     kv_of = lambda a, b: None if kv is None else jax.tree.map(lambda c: c[a:b], kv)
@@ -257,14 +267,18 @@ class Transformer(nnx.Module):
         continue
       for i in range(n):
         local = None if kinds is None else kinds[first + i]  # a static kind: each layer's window is fixed
-        layer_kv = None if kv is None else jax.tree.map(lambda a: a[first + i], kv)
+        layer_kv = None if kv is None else {n: a[first + i] for n, a in kv.items()}  # (stack or tuple)
         x, new_kv, layer_stats = self._layer(start, local)(stack[index + i], x, layer_kv, rows)
-        outs.append(None if kv is None else jax.tree.map(lambda a: a[None], new_kv))
+        outs.append(new_kv)  # the layer's cache, its new entries written
         stats.append(None if layer_stats is None else jax.tree.map(lambda a: a[None], layer_stats))
     stats = [s for s in stats if s is not None]
     if stats:
       moe_lib.report(moe_lib.finish_stats(jax.tree.map(lambda *a: jnp.concatenate(a), *stats)))
-    return x, None if kv is None else jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+    if kv is None:
+      return x, None
+    if not self.compute.scan_layers:  # the updated cache, one buffer per layer
+      return x, {name: tuple(out[name] for out in outs) for name in kv}
+    return x, jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
   def head(self, x):
     """x: [batch, t, embed] -> logits [batch, t, padded vocab] float32; padded ids masked."""
@@ -307,11 +321,13 @@ class Transformer(nnx.Module):
       positions = slots
     x = self.embed_tokens(tokens, positions)
     kv = None if cache is None else {n: a for n, a in cache.items() if n != "index"}
-    # with a cache: the layers only read it and return their new entries [layers, batch, t, ...]
+    # with a cache: scanned layers read it and return their new entries [layers, batch, t, ...];
+    # unscanned ones write their own buffers and return the cache (see init_cache)
     x, new = self.run_layers(x, (positions, slots, segment_ids), kv, start)
     if cache is None and not head:
       return x
     logits = self.head(x)
     if cache is None:
       return logits
-    return logits, {**write_cache(kv, new, start), "index": cache["index"] + t}
+    written = write_cache(kv, new, start) if self.compute.scan_layers else new
+    return logits, {**written, "index": cache["index"] + t}
