@@ -1,6 +1,8 @@
 """for_decoding: unstacked layers and an untied output projection compute the same model."""
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import base_config
-from jaxlm.inference.decode import generate_batch
+from jaxlm.inference.decode import generate_batch, lower_decoding
 from jaxlm.inference.layout import for_decoding
 from jaxlm.models.compute import Compute
 from jaxlm.models.transformer import Transformer
@@ -74,3 +76,21 @@ def test_the_decoding_layout_is_returned_as_is_and_keeps_a_score_head():
   tokens = jnp.zeros((1, 4), jnp.int32)
   want = scores(graphdef, params, tokens)
   np.testing.assert_allclose(scores(new_def, new_params, tokens), want, atol=1e-6)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("fields", [{}, MLA], ids=["attention", "mla"])
+def test_the_decode_loop_copies_no_kv_cache(fields):
+  """In the decoding layout each layer writes its new entries into its own cache buffer and then
+  reads it, so the loop updates the buffers in place. (A stacked cache read beside its write was
+  copied out per layer, and the whole stack twice a step.)"""
+  graphdef, params = for_decoding(*tiny(True, True, **fields))
+  prompts = [np.arange(1, 20)] * 4  # batch 4, 24 slots (prompt 19 -> 24, 8 steps -> cache 32)
+  text = lower_decoding(graphdef, params, prompts, max_new_tokens=8).compile().as_text()
+  body = re.search(r"while\(.*?body=(%[\w.\-]+)", text).group(1)
+  computation = re.search(re.escape(body) + r" .*?\{\n(.*?)\n\}", text, re.S).group(1)
+  copies = re.findall(r"= \w+\[([\d,]*)\]\S* copy\(", computation)
+  sizes = [math.prod(int(d) for d in dims.split(",") if d) for dims in copies]
+  smallest_cache = 4 * 32 * 4  # batch x slots x the narrowest entry (MLA's 4-wide RoPE key)
+  assert "scatter" in computation  # the cache is written in the loop ...
+  assert all(n < smallest_cache for n in sizes), copies  # ... and never copied

@@ -232,17 +232,33 @@ def generate_batch(graphdef, params, prompts, *, max_new_tokens, key=None, tempe
   program is reused across requests of similar sizes. Raises ValueError when a row's prompt plus
   its max_new_tokens exceeds model.max_seq_len.
   """
-  cfg = nnx.merge(graphdef, params).cfg  # cheap: wraps the arrays, copies nothing
-  batch = prepare_batch(prompts, max_new_tokens, cfg.max_seq_len, mesh, rules)
   if temperature != 0 and key is None:
     raise ValueError("sampling (temperature > 0) needs a PRNG key")
-  rows = _decode(
-      graphdef, params, batch.prompts, batch.lengths, batch.limits,
-      jnp.asarray(stop_matrix(stop_sequences)), jax.random.key(0) if key is None else key,
-      jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32), steps=batch.steps,
-      cache_len=min(batch.width + batch.steps, cfg.max_seq_len), temperature=float(temperature),
-      top_k=int(top_k), top_p=float(top_p), min_p=float(min_p), mesh=mesh, rules=batch.rules)
-  return completions(rows, batch.n)
+  batch, args, kwargs = _decode_call(graphdef, params, prompts, max_new_tokens, key, temperature,
+                                     top_k, top_p, min_p, eos_id, stop_sequences, mesh, rules)
+  return completions(_decode(*args, **kwargs), batch.n)
+
+
+def lower_decoding(graphdef, params, prompts, *, max_new_tokens, mesh=None, rules=None):
+  """The greedy decoding program `generate_batch` runs for these prompts, lowered (not run):
+  `.compile().as_text()` shows its optimized HLO, `.compile().memory_analysis()` its memory."""
+  _, args, kwargs = _decode_call(graphdef, params, prompts, max_new_tokens, None, 0.0, 0, 1.0, 0.0,
+                                 None, (), mesh, rules)
+  return _decode.lower(*args, **kwargs)
+
+
+def _decode_call(graphdef, params, prompts, max_new_tokens, key, temperature, top_k, top_p, min_p,
+                 eos_id, stop_sequences, mesh, rules):
+  """(Batch, positional and keyword arguments of _decode) for a generate_batch request."""
+  cfg = nnx.merge(graphdef, params).cfg  # cheap: wraps the arrays, copies nothing
+  batch = prepare_batch(prompts, max_new_tokens, cfg.max_seq_len, mesh, rules)
+  args = (graphdef, params, batch.prompts, batch.lengths, batch.limits,
+          jnp.asarray(stop_matrix(stop_sequences)), jax.random.key(0) if key is None else key,
+          jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32))
+  kwargs = dict(steps=batch.steps, cache_len=min(batch.width + batch.steps, cfg.max_seq_len),
+                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                min_p=float(min_p), mesh=mesh, rules=batch.rules)
+  return batch, args, kwargs
 
 
 def compiled_programs() -> int:
