@@ -86,8 +86,8 @@ def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
   s < start[b]: slots at or past it hold padding or a rejected draft's entries, which this call's
   new entries replace. (An unscanned layer writes its new entries into its cache first and passes
   k, v of length 0 with start + t: the same keys, read from the cache.) The cache is only read
-  here, and its layout puts the contracted dimension innermost in both
-  products (scores contract head_dim, the weighted sum contracts S): XLA:CPU's fast dot kernels
+  here, and its layout puts the contracted dimension innermost in both products (scores contract
+  head_dim, the weighted sum contracts S): XLA:CPU's fast dot kernels
   then take it without a transpose, where the [batch, S, kv_heads, head_dim] layout cost a
   transpose of the whole cache per layer and step. Scores of the cache and of the new keys are joined before one
   softmax, so the result is the reference `dot_product_attention` over [cache, new].

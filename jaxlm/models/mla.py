@@ -70,8 +70,9 @@ def absorbed_attention(q_latent, q_rope, latent, k_rope, cache_latent, cache_k_r
   [batch, t, heads, rope] (rotated); latent, k_rope: [batch, t, kv_lora_rank | rope] the new
   entries at q_slots [batch, t]; cache_latent, cache_k_rope: [batch, S, kv_lora_rank | rope] as
   they were before this call. Cache slot s of row b is seen iff s < start[b] (as in
-  attention.cached_attention, also for new entries of length 0 already in the cache). Returns the probability-weighted latent [batch, t, heads,
-  kv_lora_rank] (float32), which kv_b's value part turns into each head's output.
+  attention.cached_attention, also for new entries of length 0 already in the cache). Returns the
+  probability-weighted latent [batch, t, heads, kv_lora_rank] (float32), which kv_b's value part
+  turns into each head's output.
   """
   b, t = q_latent.shape[:2]
   size = cache_latent.shape[1]
@@ -156,7 +157,8 @@ class MLA(nnx.Module):
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None, local=None):
     """As attention.Attention.__call__, with this layer's cache {"latent": [batch, S,
     kv_lora_rank], "k_rope": [batch, S, rope]} and new entries of the same names ([batch, t, ...];
-    unscanned layers return their cache with them written). local is unused: MLA layers are all global (config checks)."""
+    unscanned layers return their cache with them written). local is unused: MLA layers are all
+    global (config checks)."""
     del local
     cfg, cp = self.cfg, self.compute
     c, mdt = cp.activations, cp.matmul

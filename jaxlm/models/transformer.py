@@ -267,7 +267,7 @@ class Transformer(nnx.Module):
         continue
       for i in range(n):
         local = None if kinds is None else kinds[first + i]  # a static kind: each layer's window is fixed
-        layer_kv = None if kv is None else {n: a[first + i] for n, a in kv.items()}  # (stack or tuple)
+        layer_kv = None if kv is None else {name: a[first + i] for name, a in kv.items()}  # stack or tuple
         x, new_kv, layer_stats = self._layer(start, local)(stack[index + i], x, layer_kv, rows)
         outs.append(new_kv)  # the layer's cache, its new entries written
         stats.append(None if layer_stats is None else jax.tree.map(lambda a: a[None], layer_stats))
