@@ -10,9 +10,9 @@ pytest.importorskip("libtpu", reason="the planner needs libtpu (pip install -e '
 
 from jaxlm import presets
 from jaxlm import chips
-from jaxlm.aot import hlo_cost
-from jaxlm.aot.plan import (LADDER, activation_floor, apply, ladder, meshes, plan, predict, topology_name,  # noqa: E402
-                            tpu_devices)
+from jaxlm.aot import hlo_cost, report
+from jaxlm.aot.plan import (LADDER, MemoryPlan, activation_floor, apply, ladder, meshes, plan,  # noqa: E402
+                            predict, topology_name, tpu_devices)
 from jaxlm.config import ConfigError, validate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +92,42 @@ def test_sweep_meshes_and_ladder():
   moe.model.update(moe_num_experts=4, moe_mlp_dim=64)
   assert [(m["tensor"], m["expert"], m["fsdp"]) for m in meshes(moe, 8)][:4] == [
       (1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 4, 1)]
+  # Rows are split over expert as over fsdp (the batch rule): fsdp2 x expert4 keeps what fsdp8 keeps.
+  full = apply(moe, {"compute.remat_policy": "full"})
+  fsdp8 = dict(data=1, stage=1, fsdp=8, sequence=1, expert=1, tensor=1)
+  assert activation_floor(full, {**fsdp8, "fsdp": 2, "expert": 4}) == activation_floor(full, fsdp8)
+  # Under remat none XLA's attention keeps each layer's [rows, heads, seq, seq] scores; flash none.
+  xla = apply(c, {"compute.remat_policy": "none", "compute.attention": "xla"})
+  flash = apply(xla, {"compute.attention": "flash"})
+  m, rows = c.model, c.train.batch_size / 8
+  scores = m.num_layers * rows * m.num_heads * c.data.seq_len ** 2 * 4  # float32
+  assert activation_floor(xla, fsdp8) - activation_floor(flash, fsdp8) == pytest.approx(scores)
+  # A config that already chunks its loss gets no rung that would compile it again.
+  chunky.train.loss_chunk = 1024
+  assert ladder(chunky) == LADDER
+
+
+@pytest.mark.fast
+def test_first_fit_sweep_stops_at_the_first_plan_that_fits(monkeypatch, capsys):
+  """With plans faked (no compile): the first mesh's fourth rung fits, so the second mesh is never
+  tried, and a rung the config already reaches (grad accumulation 2) is not compiled twice."""
+  tried = []
+
+  def fake_plan(c, devices, mfu, host_gbps, label):
+    tried.append((c.mesh.tensor, label))
+    fits = label == "full accum4"
+    return MemoryPlan(mesh=dict(tensor=c.mesh.tensor), remat=c.compute.remat_policy, arguments=1,
+                      outputs=0, temporaries=0 if fits else 10**12, code=0, hbm=95e9,
+                      flops_per_step=1.0, step_seconds=1.0, label=label)
+
+  monkeypatch.setattr(report, "plan", fake_plan)
+  c = apply(tiny(), {"train.grad_accum_steps": 2})
+  assert [m["tensor"] for m in meshes(c, 4)] == [1, 2]
+  assert report.sweep(c, "v5p:2x2x1", 1.0, 32.0, first_fit=True) == 0
+  assert tried == [(1, "none"), (1, "dots"), (1, "full"), (1, "full accum4")]
+  out = capsys.readouterr().out
+  assert out.count("as the rung before: not compiled again") == 1
+  assert "first fit: mesh {'tensor': 1}, full accum4" in out and "ranked" not in out
 
 
 _HLO = """HloModule m

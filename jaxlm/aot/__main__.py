@@ -11,7 +11,9 @@ memory-saving ladder (plan.ladder: remat none -> dots -> full [-> chunked loss] 
 offload) and stops at the first rung that fits (later rungs only add time); a rung whose lower
 bound on memory (plan.activation_floor) exceeds HBM is skipped without compiling. The plans that
 fit are ranked by predicted step time, and the fastest is picked. --jobs N compiles N meshes at once,
-each in its own process.
+each in its own process. --first_fit stops at the first plan that fits, for models whose compiles
+take minutes each (meshes in plan.meshes order: no tensor parallelism and the most expert
+parallelism first).
 Any mesh field can be given as for training (--config.mesh.expert=8 --config.mesh.fsdp=-1 ...).
 """
 
@@ -31,6 +33,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: 'v5p:8x8x8' (chips
 _SWEEP = flags.DEFINE_bool("sweep", False, "For each fsdp x tensor mesh walk the memory-saving ladder to the "
                            "first rung that fits; rank the fitting plans by predicted step time.")
 _MFU = flags.DEFINE_float("mfu", 1.0, "Share of peak matmul throughput the compute term assumes (1: the peak).")
+_FIRST_FIT = flags.DEFINE_bool("first_fit", False, "--sweep: stop at the first plan that fits (meshes in "
+                                "order, one at a time) instead of ranking every mesh's.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "--sweep: meshes compiled at once, each in its own process.")
 _HOST_GBPS = flags.DEFINE_float("host_gbps", 32.0, "Host<->device GB/s per chip for offloaded state.")
 
@@ -51,7 +55,8 @@ def main(argv):
           f"{_MFU.value:.0%} of peak; host link {_HOST_GBPS.value:g} GB/s")
     print(HEADER)
     if _SWEEP.value:
-      return sweep(config, _TOPOLOGY.value, _MFU.value, _HOST_GBPS.value, _JOBS.value)
+      return sweep(config, _TOPOLOGY.value, _MFU.value, _HOST_GBPS.value, _JOBS.value,
+                   _FIRST_FIT.value)
     p = plan(config, devices, _MFU.value, _HOST_GBPS.value)
     print(row("plan", p))
     if not p.fits:

@@ -27,6 +27,7 @@ fitting plan's compiled HLO text is written there, to check what the walk read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -35,10 +36,12 @@ import pathlib
 import re
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from jaxlm import chips
-from jaxlm.config import ConfigError, validate, with_vocab_size
+from jaxlm.config import ConfigError, moe_layers, validate, with_vocab_size
 from jaxlm.aot import hlo_cost
+from jaxlm.models.compute import resolve_attention
 from jaxlm.train import flops
 
 # Training FLOPs relative to no recompute: "full" reruns every layer's forward (+1/3 of 3 passes);
@@ -146,7 +149,8 @@ def plan(config, devices, assumed_mfu: float = 1.0, host_gbps: float = HOST_LINK
       flops_per_step=step_flops, step_seconds=compute_s, label=label or remat)
   lowered = jit_train_step(setup, frozen_shardings=setup.frozen_shardings).lower(state, batch, *frozen)
   try:
-    compiled = lowered.compile()
+    with _no_persistent_cache():
+      compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that exceed HBM
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -173,6 +177,21 @@ def plan(config, devices, assumed_mfu: float = 1.0, host_gbps: float = HOST_LINK
     p.traffic = traffic
     p.step_seconds = p.times["step"]
   return p
+
+
+@contextlib.contextmanager
+def _no_persistent_cache():
+  """JAX's persistent compilation cache off (where a user turned it on): an executable compiled for
+  a topology's abstract devices cannot be loaded back without a TPU client, so caching it costs a
+  write now and a warning at every later read of it."""
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides once whether to use the cache; decide again
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+    compilation_cache.reset_cache()
 
 
 def _shard_bytes(tree) -> tuple[int, int]:
@@ -222,10 +241,13 @@ LADDER = (
 )
 
 def ladder(config) -> tuple:
-  """LADDER for this config: with a train.loss_chunk field (the chunked head and loss), a rung that
-  computes the logits 1024 tokens at a time goes between full remat and grad accumulation (it
-  costs one more forward of the head, less than a serial micro-batch loop)."""
-  if "loss_chunk" not in config.train or config.data.seq_len % 1024 or config.data.seq_len == 1024:
+  """LADDER for this config: with a train.loss_chunk field (the chunked head and loss) still 0, a
+  rung that computes the logits 1024 tokens at a time goes between full remat and grad accumulation
+  (it costs one more forward of the head, less than a serial micro-batch loop). A config that
+  already chunks its loss (the presets) gets no such rung: it would compile the full-remat plan
+  again."""
+  if ("loss_chunk" not in config.train or config.train.loss_chunk or config.data.seq_len % 1024
+      or config.data.seq_len == 1024):
     return LADDER
   chunked = ("full chunked-loss", {"compute.remat_policy": "full", "train.loss_chunk": 1024})
   return LADDER[:3] + (chunked,) + LADDER[3:]
@@ -250,22 +272,39 @@ def apply(config, overrides: dict):
 
 def activation_floor(config, mesh: dict) -> float:
   """A lower bound on one chip's bytes for the state (parameters, gradients and Adam's two moments,
-  sharded over every device; host-resident moments left out; with LoRA the base weights alone) and the residuals the remat
-  policy keeps: every layer's input under "full"; its projections' outputs under "dots" and "none"
-  (which keeps more). The sweep skips a rung whose floor exceeds HBM without compiling it."""
+  every routed expert included, sharded over every device; host-resident moments left out; with
+  LoRA the base weights alone) and the residuals the remat policy keeps: every layer's input under
+  "full"; its projections' outputs under "dots" and "none" (which keeps more), and with XLA's
+  attention (what the TPU runs for compute.attention; flash keeps no scores) each layer's score
+  matrix too, a dot output both policies keep. Rows are split over data, fsdp and expert (the
+  batch rule). The sweep skips a rung whose floor exceeds HBM without compiling it."""
   m, c, t = config.model, config.compute, config.train
   devices = math.prod(mesh.values())
-  params = flops.matmul_params(m) + m.d_model * m.vocab_size * (0 if m.tie_embeddings else 1)
+  moe = sum(moe_layers(m))
+  per_width = m.d_model * (2 if m.mlp_kind == "gelu" else 3)
+  expert_dim = m.moe_mlp_dim or m.mlp_dim
+  idle_experts = moe * (m.moe_num_experts - m.moe_experts_per_token) * per_width * expert_dim
+  params = (flops.matmul_params(m) + idle_experts
+            + m.d_model * m.vocab_size * (0 if m.tie_embeddings else 1))
   itemsize = 2 if c.param_dtype == "bfloat16" else 4  # optax keeps moments in the parameters' dtype
   copies = 1 if config.lora.rank else (2 if c.offload_optimizer else 4)  # LoRA: frozen base only
   state = params * itemsize * copies / devices
-  rows = t.batch_size / (mesh["data"] * mesh["fsdp"] * t.grad_accum_steps)
-  tokens = rows * config.data.seq_len / mesh["sequence"]
+  rows = t.batch_size / (mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1) * t.grad_accum_steps)
+  seq = config.data.seq_len / mesh["sequence"]
   act = 2 if c.compute_dtype == "bfloat16" else 4
-  hd = m.head_dim or m.d_model // m.num_heads
   if c.remat_policy == "full":
-    width = m.d_model
-  else:  # q, k, v, o outputs and up, gate, down outputs
-    width = ((m.num_heads + 2 * m.num_kv_heads) * hd / mesh["tensor"] + m.d_model
-             + 2 * m.mlp_dim / mesh["tensor"] + m.d_model)
-  return state + m.num_layers * tokens * width * act
+    return state + m.num_layers * rows * seq * m.d_model * act
+  hd = m.head_dim or m.d_model // m.num_heads
+  # hidden units a token passes through, all layers together
+  mlp = ((m.num_layers - moe) * m.mlp_dim
+         + moe * expert_dim * (m.moe_experts_per_token + m.moe_shared_experts))
+  # every layer's q, k, v, o outputs and up, gate, down outputs
+  width = (m.num_layers * ((m.num_heads + 2 * m.num_kv_heads) * hd / mesh["tensor"] + 2 * m.d_model)
+           + 2 * mlp / mesh["tensor"])
+  attention = c.attention
+  if attention == "auto":
+    attention = resolve_attention("auto", "tpu", attention_kind=m.attention_kind)[0]
+  scores = 0.0
+  if attention == "xla":
+    scores = m.num_layers * rows * m.num_heads / mesh["tensor"] * seq * config.data.seq_len * act
+  return state + rows * seq * width * act + scores

@@ -48,11 +48,15 @@ def walk_ladder(config, topology: str, mesh: dict, schedule, mfu: float, host_gb
   devices = tpu_devices(topology)
   hbm = chip_info(devices).hbm_bytes
   schedule_name, schedule_fields = schedule
-  lines = []
+  lines, before = [], None
   for label, fields in ladder(config):
     c = apply(config, {**schedule_fields, **fields, **{f"mesh.{k}": v for k, v in mesh.items()},
                        "mesh.dcn_data": 1, "mesh.dcn_expert": 1})
     name = " ".join(x for x in (schedule_name, label) if x)
+    if c.to_dict() == before:  # the config already sets what this rung adds (a preset's grad_accum_steps)
+      lines.append(f"{'same':8s} {_mesh_name(mesh):20s} {name:20s} as the rung before: not compiled again")
+      continue
+    before = c.to_dict()
     floor = activation_floor(c, mesh)
     if floor > hbm:
       lines.append(f"{'floor':8s} {_mesh_name(mesh):20s} {name:20s} skipped: at least "
@@ -69,12 +73,15 @@ def walk_ladder(config, topology: str, mesh: dict, schedule, mfu: float, host_gb
   return lines, None
 
 
-def sweep(config, topology: str, mfu: float, host_gbps: float, jobs: int = 1) -> int:
-  """Every mesh x schedule's ladder walk, then the fitting plans ranked by predicted step time."""
+def sweep(config, topology: str, mfu: float, host_gbps: float, jobs: int = 1,
+          first_fit: bool = False) -> int:
+  """Every mesh x schedule's ladder walk, then the fitting plans ranked by predicted step time.
+  first_fit: the meshes one at a time in `meshes` order, stopping at the first plan that fits (for
+  models whose every compile takes minutes; that plan is not ranked against the rest)."""
   devices = tpu_devices(topology)
   tasks = [(mesh, schedule) for schedule in SCHEDULES for mesh in meshes(config, len(devices))]
   fitting = []
-  if jobs > 1:
+  if jobs > 1 and not first_fit:
     context = multiprocessing.get_context("spawn")  # a fresh JAX in each worker
     with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
       futures = [pool.submit(walk_ladder, config, topology, m, s, mfu, host_gbps) for m, s in tasks]
@@ -87,6 +94,10 @@ def sweep(config, topology: str, mfu: float, host_gbps: float, jobs: int = 1) ->
       lines, p = walk_ladder(config, topology, mesh, schedule, mfu, host_gbps)
       print("\n".join(lines), flush=True)
       fitting += [p] if p else []
+      if p and first_fit:
+        print(f"\nfirst fit: mesh {p.mesh}, {p.label}: {p.total / _GB:.1f} of {p.hbm / _GB:.0f} GB per "
+              f"chip, predicted {p.step_seconds:.3g} s/step ({len(tasks)} meshes, the others not tried)")
+        return 0
   if not fitting:
     print("\nnothing fits: add chips, lower train.batch_size or data.seq_len")
     return 1
