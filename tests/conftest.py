@@ -12,6 +12,8 @@ sharing libtpu between processes is safe.
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -19,6 +21,26 @@ import xla_flags  # tests/xla_flags.py: plain strings, imports no jax
 
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags.cpu(8)]).strip()
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+# One JAX persistent compilation cache for the whole run: many tests train the same small configs,
+# each train() compiles its programs anew, and with the cache the second compile of a program is a
+# load of the first one's executable (the same machine code, so results are bit for bit those of
+# a compile). The first pytest process of a run makes the folder; xdist's workers and the processes
+# tests start inherit it through the environment. A test that sets its own cache (the
+# `compile_cache` fixtures, tests that hand subprocesses one) still uses its own. The size limit
+# turns on JAX's file lock, so two workers never read an entry while the other writes it.
+_RUN_CACHE = "JAXLM_TEST_RUN_JAX_CACHE"
+_MADE_RUN_CACHE = _RUN_CACHE not in os.environ
+if _MADE_RUN_CACHE:
+  os.environ[_RUN_CACHE] = tempfile.mkdtemp(prefix="jaxlm-tests-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[_RUN_CACHE])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+
+
+def pytest_unconfigure(config):
+  if _MADE_RUN_CACHE:
+    shutil.rmtree(os.environ[_RUN_CACHE], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
