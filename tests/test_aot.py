@@ -33,12 +33,23 @@ def test_topology_names_reach_libtpu_and_errors_are_config_errors():
     tpu_devices("v5p-24")
 
 
-def test_tiny_plan_fits_and_shards_the_state():
+def _fsdp4():
   c = tiny()
   c.model.update(d_model=512, mlp_dim=2048)  # TPU tiles pad dims to 128: shards of 64/4 would not shrink
   c.mesh.update(data=1, fsdp=4)
+  return c
+
+
+@pytest.fixture(scope="module")
+def fsdp4_plan():
+  """tiny (2 layers) at d_model 512 over fsdp 4 of v5p:2x2x1, compiled once for the tests below."""
+  return plan(_fsdp4(), tpu_devices("v5p:2x2x1"))
+
+
+def test_tiny_plan_fits_and_shards_the_state(fsdp4_plan):
+  c = _fsdp4()
   devices = tpu_devices("v5p:2x2x1")
-  p = plan(c, devices)
+  p = fsdp4_plan
   assert p.mesh["fsdp"] == 4 and p.fits
   assert 0 < p.arguments < 1e8 and p.temporaries > 0 and p.hbm == 95e9
   # fsdp4 holds about a quarter of the parameters + optimizer state that data4 replicates.
@@ -194,14 +205,12 @@ def test_prediction_combines_the_terms():
   assert predict(2.0, t, chips.chip("TPU v4"), 0)["comm"] is None  # no sourced v4 ICI figure
 
 
-def test_trip_counts_scale_the_layer_loop():
+def test_trip_counts_scale_the_layer_loop(fsdp4_plan):
   # cost_analysis() counts the layer scan's body once; the HLO walk counts it once per layer.
-  c = tiny()
-  c.model.update(d_model=512, mlp_dim=2048)
-  c.mesh.update(data=1, fsdp=4)
-  devices = tpu_devices("v5p:2x2x1")
-  two = plan(apply(c, {"model.num_layers": 2}), devices).traffic
-  eight = plan(apply(c, {"model.num_layers": 8}), devices).traffic
+  c = _fsdp4()
+  assert c.model.num_layers == 2
+  two = fsdp4_plan.traffic
+  eight = plan(apply(c, {"model.num_layers": 8}), tpu_devices("v5p:2x2x1")).traffic
   assert two.unknown_trips == eight.unknown_trips == 0
   assert 3 < eight.by_collective["all-gather"] / two.by_collective["all-gather"] < 4.5
 

@@ -86,17 +86,18 @@ def test_gpu_kernels_match_the_reference_in_the_gpu_interpreter(name, backend, c
     q_seg = jnp.sort(jax.random.randint(keys[4], (b, t), 0, 3), axis=1)
     k_seg = q_seg if s == t else jnp.sort(jax.random.randint(keys[4], (b, s), 1, 3), axis=1)
 
-  def loss(fn):
-    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do),
-                                      argnums=(0, 1, 2)))
+  def loss(fn):  # (loss, attention output), gradients: one forward pass gives both
+    def f(q, k, v):
+      out = fn(q, k, v)
+      return jnp.sum(out.astype(jnp.float32) * do), out
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
   flash = lambda q, k, v: flash_attention(q, k, v, q_seg, k_seg, causal=causal, window=window,
                                           softcap=softcap, block_k=block_k, backend=backend)
   ref = lambda q, k, v: reference(q, k, v, q_seg, k_seg, causal, window, softcap)
-  out = jax.jit(flash)(q, k, v)
-  _, grads = loss(flash)(q, k, v)
-  _, ref_grads = loss(ref)(q, k, v)
-  errors = {"o": _rel(out, ref(q, k, v))}
+  (_, out), grads = loss(flash)(q, k, v)
+  (_, ref_out), ref_grads = loss(ref)(q, k, v)
+  errors = {"o": _rel(out, ref_out)}
   errors.update({n: _rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
   assert "RACE DETECTED" not in capfd.readouterr().out  # printed by the interpreter's detector
   print(f"\n{name} ({backend}): max relative error " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
