@@ -28,7 +28,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # a compile). The first pytest process of a run makes the folder; xdist's workers and the processes
 # tests start inherit it through the environment. A test that sets its own cache (the
 # `compile_cache` fixtures, tests that hand subprocesses one) still uses its own. The size limit
-# turns on JAX's file lock, so two workers never read an entry while the other writes it.
+# turns on JAX's file lock, so two workers never read an entry while the other writes it; programs
+# that compile in under 0.3 s are not worth the write.
 _RUN_CACHE = "JAXLM_TEST_RUN_JAX_CACHE"
 _MADE_RUN_CACHE = _RUN_CACHE not in os.environ
 if _MADE_RUN_CACHE:
