@@ -139,6 +139,8 @@ def test_first_fit_sweep_stops_at_the_first_plan_that_fits(monkeypatch, capsys):
   out = capsys.readouterr().out
   assert out.count("as the rung before: not compiled again") == 1
   assert "first fit: mesh {'tensor': 1}, full accum4" in out and "ranked" not in out
+  with pytest.raises(ConfigError, match="--first_fit compiles one plan at a time.*drop --jobs"):
+    report.sweep(c, "v5p:2x2x1", 1.0, 32.0, jobs=2, first_fit=True)
 
 
 _HLO = """HloModule m

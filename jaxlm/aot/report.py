@@ -78,10 +78,13 @@ def sweep(config, topology: str, mfu: float, host_gbps: float, jobs: int = 1,
   """Every mesh x schedule's ladder walk, then the fitting plans ranked by predicted step time.
   first_fit: the meshes one at a time in `meshes` order, stopping at the first plan that fits (for
   models whose every compile takes minutes; that plan is not ranked against the rest)."""
+  if first_fit and jobs > 1:
+    raise ConfigError("--first_fit compiles one plan at a time, in order: drop --jobs, or drop "
+                      "--first_fit to rank every mesh")
   devices = tpu_devices(topology)
   tasks = [(mesh, schedule) for schedule in SCHEDULES for mesh in meshes(config, len(devices))]
   fitting = []
-  if jobs > 1 and not first_fit:
+  if jobs > 1:
     context = multiprocessing.get_context("spawn")  # a fresh JAX in each worker
     with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
       futures = [pool.submit(walk_ladder, config, topology, m, s, mfu, host_gbps) for m, s in tasks]
