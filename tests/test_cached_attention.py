@@ -30,7 +30,7 @@ def test_cached_attention_equals_the_reference_over_cache_and_new_keys(window):
   k_cache, v_cache = jax.random.normal(keys[3], (b, size, kvh, d)), jax.random.normal(keys[4], (b, size, kvh, d))
   start = jnp.array([0, 3, 6])
   slots = start[:, None] + jnp.arange(t)
-  got = cached_attention(q, k_new, v_new, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 3, 1),
+  got = cached_attention(q, k_new, v_new, k_cache.transpose(0, 2, 3, 1), v_cache.transpose(0, 2, 1, 3),
                          slots, start, window=window)
   # the reference over [cache, new keys]; a stale cache slot gets a slot past every query (hidden)
   cache_slots = jnp.where(jnp.arange(size)[None] < start[:, None], jnp.arange(size)[None], 10**6)
@@ -43,14 +43,14 @@ def test_cached_attention_equals_the_reference_over_cache_and_new_keys(window):
 @pytest.mark.fast
 def test_write_cache_puts_each_row_at_its_own_slots_and_drops_overflow():
   cache = nnx.eval_shape(tiny_model).init_cache(2, 4)  # needs the config only
-  layers, _, kvh, size, hd = cache["k"].shape
+  layers, _, kvh, hd, size = cache["k"].shape
   new = {n: jnp.ones((layers, 2, 2, kvh, hd)) * jnp.array([1.0, 2.0])[None, :, None, None, None]
          for n in ("k", "v")}
   out = write_cache(cache, new, jnp.array([1, 3]))  # row 1's second entry (slot 4) is past S = 4
   k, v = np.asarray(out["k"]), np.asarray(out["v"])
-  assert (k[:, 0, :, 1:3] == 1).all() and (k[:, 0, :, [0, 3]] == 0).all()
-  assert (k[:, 1, :, 3] == 2).all() and (k[:, 1, :, :3] == 0).all()
-  assert (v[:, 0, :, :, 1:3] == 1).all() and (v[:, 1, :, :, 3] == 2).all() and (v[:, 1, :, :, :3] == 0).all()
+  assert (v[:, 0, :, 1:3] == 1).all() and (v[:, 0, :, [0, 3]] == 0).all()
+  assert (v[:, 1, :, 3] == 2).all() and (v[:, 1, :, :3] == 0).all()
+  assert (k[:, 0, :, :, 1:3] == 1).all() and (k[:, 1, :, :, 3] == 2).all() and (k[:, 1, :, :, :3] == 0).all()
 
 
 def test_with_matmul_dtype_equals_a_model_built_with_it():

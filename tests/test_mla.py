@@ -62,8 +62,8 @@ def expanded_reference(layer, x, positions, slots, cache, start):
   q = jnp.concatenate([q_nope, q_rope], -1)
   d = max(q.shape[-1], v.shape[-1])
   pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, d - a.shape[-1]),))  # noqa: E731
-  out = cached_attention(pad(q), pad(k), pad(v), pad(cache_k).transpose(0, 2, 1, 3),
-                         pad(cache_v).transpose(0, 2, 3, 1), slots, start,
+  out = cached_attention(pad(q), pad(k), pad(v), pad(cache_k).transpose(0, 2, 3, 1),
+                         pad(cache_v).transpose(0, 2, 1, 3), slots, start,
                          scale=layer.score_scale)[..., :v.shape[-1]]
   return dense(out, layer.o[...], cp, contract=2)
 

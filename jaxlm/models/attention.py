@@ -81,23 +81,29 @@ def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
   """t new queries over a KV cache and over the t new keys themselves (KV-cached decoding).
 
   q: [batch, t, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim] the new entries, at q_slots
-  [batch, t] (consecutive from start [batch]); cache_k: [batch, kv_heads, S, head_dim] and cache_v:
-  [batch, kv_heads, head_dim, S], as they were before this call. Cache slot s of row b is seen iff
+  [batch, t] (consecutive from start [batch]); cache_k: [batch, kv_heads, head_dim, S] and cache_v:
+  [batch, kv_heads, S, head_dim], as they were before this call. Cache slot s of row b is seen iff
   s < start[b]: slots at or past it hold padding or a rejected draft's entries, which this call's
   new entries replace. (An unscanned layer writes its new entries into its cache first and passes
   k, v of length 0 with start + t: the same keys, read from the cache.) The cache is only read
-  here, and its layout puts the contracted dimension innermost in both products (scores contract
-  head_dim, the weighted sum contracts S): XLA:CPU's fast dot kernels
-  then take it without a transpose, where the [batch, S, kv_heads, head_dim] layout cost a
-  transpose of the whole cache per layer and step. Scores of the cache and of the new keys are joined before one
-  softmax, so the result is the reference `dot_product_attention` over [cache, new].
+  here, and its layout keeps the dimension each product does not contract innermost (S in the
+  keys, head_dim in the values): XLA:CPU's dot kernels then stream each row's cache once, vectorized
+  along it. At batch 32 attention took twice as long with the contracted dimension innermost, and
+  the [batch, S, kv_heads, head_dim] layout costs a transpose of the whole cache per layer and step
+  (benchmarks/README.md, "generate.py"). Scores of the cache and of the new keys are joined before
+  one softmax, so the result is the reference `dot_product_attention` over [cache, new].
   window, softcap, scale, local: as in `dot_product_attention`. Returns [batch, t, heads, head_dim].
   """
   b, t, h, d = q.shape
-  kvh, size = k.shape[2], cache_k.shape[2]
-  q = q.reshape(b, t, kvh, h // kvh, d)
+  kvh, size = k.shape[2], cache_k.shape[3]
+  g = h // kvh
+  q = q.reshape(b, t, kvh, g, d)
   scale = d**-0.5 if scale is None else scale
-  old = jnp.einsum("btkgd,bksd->bkgts", q, cache_k, preferred_element_type=jnp.float32)
+  # Over the cache: one batched [groups * t, head_dim] x [head_dim, S] product per (row, KV head),
+  # operands already in that order, so XLA moves only the (small) queries and scores around it.
+  rows_q = q.transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+  old = jnp.einsum("bkqd,bkds->bkqs", rows_q, cache_k,
+                   preferred_element_type=jnp.float32).reshape(b, kvh, g, t, size)
   new = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = jnp.concatenate([old, new], axis=-1) * scale  # [batch, kv_heads, groups, t, S + t]
   if softcap:
@@ -113,17 +119,18 @@ def cached_attention(q, k, v, cache_k, cache_v, q_slots, start, window: int = 0,
     mask &= in_window if local is None else (in_window | ~local)
   scores = jnp.where(mask[:, None, None], scores, MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = (jnp.einsum("bkgts,bkds->btkgd", probs[..., :size], cache_v,
-                    preferred_element_type=jnp.float32)
+  from_cache = jnp.einsum("bkqs,bksd->bkqd", probs[..., :size].reshape(b, kvh, g * t, size), cache_v,
+                          preferred_element_type=jnp.float32)  # [batch, kv_heads, groups * t, head_dim]
+  out = (from_cache.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4)
          + jnp.einsum("bkgts,bskd->btkgd", probs[..., size:], v, preferred_element_type=jnp.float32))
   return out.reshape(b, t, h, d).astype(v.dtype)
 
 
 # Where each cache entry keeps its slots: the axis of S in the cache array. Every entry's layout is
 # its new entries' [layers, batch, t, *features] with t moved to that axis (and grown to S).
-# Standard attention: "k" [layers, batch, kv_heads, S, head_dim], "v" [layers, batch, kv_heads,
-# head_dim, S]; MLA (jaxlm/models/mla.py): "latent", "k_rope" [layers, batch, S, width].
-CACHE_SLOT_AXES = {"k": 3, "v": 4, "latent": 2, "k_rope": 2}
+# Standard attention: "k" [layers, batch, kv_heads, head_dim, S], "v" [layers, batch, kv_heads,
+# S, head_dim]; MLA (jaxlm/models/mla.py): "latent", "k_rope" [layers, batch, S, width].
+CACHE_SLOT_AXES = {"k": 4, "v": 3, "latent": 2, "k_rope": 2}
 
 
 def write_cache(cache, new, start):
@@ -207,7 +214,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, slots, segment_ids=None, cache=None, cache_index=None, local=None):
     """x: [batch, t, embed]; positions, slots: [batch, t]; cache: this layer's {"k": [batch, kv_heads,
-    S, head_dim], "v": [batch, kv_heads, head_dim, S]} with cache_index: [batch], where each row's t
+    head_dim, S], "v": [batch, kv_heads, S, head_dim]} with cache_index: [batch], where each row's t
     new entries go. Returns (out [batch, t, embed], then: scanned layers (a slice of the stacked
     cache, read only) the new entries {"k","v": [batch, t, kv_heads, head_dim]} in the cache's
     dtype for the model to write after the loop; unscanned layers (their own buffers) the cache

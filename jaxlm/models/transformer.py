@@ -142,8 +142,8 @@ class Transformer(nnx.Module):
       self.score = ScoreParam(w, out_sharding=("embed", None))
 
   def init_cache(self, batch: int, max_len: int, cache_dtype=None) -> dict:
-    """An empty KV cache: {"k": [layers, batch, kv_heads, max_len, head_dim], "v": [layers, batch,
-    kv_heads, head_dim, max_len], "index": [batch]}, in the activations' dtype by default (decoding
+    """An empty KV cache: {"k": [layers, batch, kv_heads, head_dim, max_len], "v": [layers, batch,
+    kv_heads, max_len, head_dim], "index": [batch]}, in the activations' dtype by default (decoding
     attention computes in the cache's dtype). The layouts are the ones attention reads without a
     transpose (see attention.cached_attention).
 
@@ -164,7 +164,7 @@ class Transformer(nnx.Module):
     else:
       hd = cfg.head_dim or cfg.d_model // cfg.num_heads
       head = (cfg.num_layers, batch, cfg.num_kv_heads)
-      entries = {"k": jnp.zeros((*head, max_len, hd), cdt), "v": jnp.zeros((*head, hd, max_len), cdt)}
+      entries = {"k": jnp.zeros((*head, hd, max_len), cdt), "v": jnp.zeros((*head, max_len, hd), cdt)}
     if not self.compute.scan_layers:
       entries = {n: tuple(jnp.zeros(a.shape[1:], a.dtype) for _ in range(cfg.num_layers))
                  for n, a in entries.items()}
