@@ -4,7 +4,8 @@ Part 1 (throughput): one random Llama (transformers `LlamaForCausalLM`, float32,
 safetensors and loaded into jaxlm with `jaxlm.interop.hf.load_model`, so both run the same weights)
 decodes greedily in both stacks at batch 1 and batch 32: time to first token (a prompt of --prompt
 tokens, one new token) and decode tokens/s ((new - 1) x batch / (time for --new tokens - time to
-first token)); median of --reps after a warm-up (jaxlm's compile is not timed). Each stack runs
+first token)); median of --reps after a warm-up (jaxlm's compile is not timed), the whole set
+repeated --rounds times interleaved, ratios taken within a round. Each stack runs
 twice: in float32, and with bfloat16 matmul operands (jaxlm: `jaxlm.inference.precision.
 with_matmul_dtype`, float32 accumulation, activations and KV cache float32; transformers:
 `torch.autocast("cpu", bfloat16)`, which also runs its matmuls on bf16 operands and keeps the
@@ -40,6 +41,10 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--part", default="all", choices=("all", "throughput", "speculative"))
   p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=1,
+                 help="part 1: measure every stack this many times, interleaved (jaxlm, transformers, "
+                      "jaxlm, ...), and report the median of the per-round ratios with their range: "
+                      "on a shared host one stack's rate can move 2x between minutes")
   p.add_argument("--prompt", type=int, default=64, help="prompt tokens (part 1)")
   p.add_argument("--new", type=int, default=64, help="new tokens per row")
   p.add_argument("--vocab", type=int, default=4096)
@@ -121,20 +126,26 @@ def throughput(a):
     stacks = (("jaxlm", "float32", jax_run), ("transformers", "float32", torch_run),
               ("jaxlm", "bf16 matmul", lambda n: jax_run(n, low)),
               ("transformers", "bf16 autocast", lambda n: torch_run(n, True)))
-    for name, dtype, run in stacks:
-      first = timed(lambda: run(1), a.reps)
-      full = timed(lambda: run(a.new), a.reps)
-      rows.append((batch, name, dtype, first, (a.new - 1) * batch / (full - first)))
+    for r in range(a.rounds):
+      for name, dtype, run in stacks:
+        first = timed(lambda: run(1), a.reps)
+        full = timed(lambda: run(a.new), a.reps)
+        rows.append((batch, r, name, dtype, first, (a.new - 1) * batch / (full - first)))
     print(f"batch {batch}: greedy tokens identical in the first 8 steps: {agree:.0%} (float32 vs "
           f"transformers), {low_agree:.0%} (bf16 matmul vs float32)")
-  print(f"\n{'batch':>5} {'stack':>13} {'dtype':>14} {'first token ms':>15} {'decode tok/s':>13}")
-  for batch, name, dtype, first, rate in rows:
-    print(f"{batch:>5} {name:>13} {dtype:>14} {first * 1e3:>15.1f} {rate:>13.0f}")
+  print(f"\n{'batch':>5} {'round':>5} {'stack':>13} {'dtype':>14} {'first token ms':>15} "
+        f"{'decode tok/s':>13}")
+  for batch, r, name, dtype, first, rate in rows:
+    print(f"{batch:>5} {r:>5} {name:>13} {dtype:>14} {first * 1e3:>15.1f} {rate:>13.0f}")
   for batch in (1, 32):
-    mine = [r for r in rows if r[0] == batch]
-    for j, t in (mine[0:2], mine[2:4]):
-      print(f"batch {batch}, {j[2]} vs {t[2]}: jaxlm / transformers decode tokens/s = "
-            f"{j[4] / t[4]:.2f}x; time to first token {t[3] / j[3]:.2f}x faster")
+    for pair in ((0, 1), (2, 3)):  # float32 with float32, bf16 with bf16
+      mine = [[x for x in rows if x[0] == batch and x[1] == r] for r in range(a.rounds)]
+      ratios = [m[pair[0]][5] / m[pair[1]][5] for m in mine]
+      ttft = [m[pair[1]][4] / m[pair[0]][4] for m in mine]
+      spread = f" (rounds: {min(ratios):.2f}x to {max(ratios):.2f}x)" if a.rounds > 1 else ""
+      print(f"batch {batch}, {mine[0][pair[0]][3]} vs {mine[0][pair[1]][3]}: jaxlm / transformers "
+            f"decode tokens/s = {statistics.median(ratios):.2f}x{spread}; time to first token "
+            f"{statistics.median(ttft):.2f}x faster")
 
 
 def train(workdir, layers, steps):
