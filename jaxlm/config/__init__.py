@@ -4,8 +4,9 @@ Presets in `configs/` start from `base_config()` and override fields; the CLI ov
 with `--config.<section>.<field>=value`. `validate(config)` runs once at start-up and raises
 `ConfigError` naming the field and the fix. A field that is not defined here is an error, so a
 typo never silently falls back to a default. The fields and their meaning live in
-jaxlm/config/fields.py, the checks in jaxlm/config/checks.py (MoE and MLA fields in
-jaxlm/config/sparse_checks.py, LoRA and post-training fields in jaxlm/config/posttrain_checks.py); import them from here.
+jaxlm/config/fields.py (the model section in jaxlm/config/model_fields.py), the checks in
+jaxlm/config/checks.py (MoE and MLA fields in jaxlm/config/sparse_checks.py, LoRA and post-training
+fields in jaxlm/config/posttrain_checks.py); import them from here.
 """
 
 from jaxlm.config.checks import (LOGICAL_AXES, MESH_AXES, RUN_DIR_SCHEMES, check_location,
